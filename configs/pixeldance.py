@@ -1,0 +1,127 @@
+"""Paper-size PixelDance (arXiv 2311.10982): 16 frames at 4 fps, 256x256 pixels, ~1.5B U-Net.
+
+Every field is overridable from the command line, e.g.
+`--config.conditioning.last_frame_drop_prob=1.0` (the "without last frame" ablation).
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.seed = 0
+
+  # --- Data --------------------------------------------------------------
+  config.data = data = ml_collections.ConfigDict()
+  data.name = "moving_shapes"  # Key of pixeldance_jax.data.pipeline.DATASETS.
+  data.data_dir = ""  # Empty: <workdir>/data.
+  data.frames = 16
+  data.image_size = 256
+  data.fps = 4
+  data.num_train_clips = 20000
+  data.num_test_clips = 200
+  data.generator_seed = 0
+  data.second_object_prob = 0.25  # Moving shapes: probability of a static distractor.
+  data.background_color_prob = 0.25  # Moving shapes: probability of a non-black background.
+  data.worker_count = 2  # grain worker processes; 0 = in the main process.
+  data.shuffle_seed = 0
+
+  # --- Frozen encoders ---------------------------------------------------
+  config.autoencoder = ae = ml_collections.ConfigDict()
+  ae.kind = "kl"  # Registry key in pixeldance_jax.models.autoencoder (the SD KL VAE).
+  ae.patch_size = 8  # Downsampling factor (the SD VAE is 8x).
+  ae.latent_channels = 4
+  ae.scaling_factor = 1.0
+
+  config.text_encoder = text = ml_collections.ConfigDict()
+  text.vocab_size = 49408
+  text.max_length = 77
+  text.hidden_size = 768
+  text.intermediate_size = 3072
+  text.num_layers = 12
+  text.num_heads = 12
+  text.pad_token_id = 49407
+  text.hidden_act = "quick_gelu"
+  text.trainable = False  # The paper freezes CLIP.
+
+  # --- 3D U-Net ----------------------------------------------------------
+  config.unet = unet = ml_collections.ConfigDict()
+  unet.block_out_channels = (320, 640, 1280, 1280)
+  unet.attention_levels = (True, True, True, False)  # Per level: spatial + temporal attention.
+  unet.layers_per_block = 2
+  unet.attention_head_dim = 64
+  unet.norm_num_groups = 32
+  unet.cross_attention_dim = 768  # Must equal text_encoder.hidden_size.
+  unet.temporal_position_embedding = False  # Frame position embedding in temporal attention.
+  unet.dropout = 0.0
+  unet.dtype = "float32"  # Compute dtype; parameters stay float32.
+  unet.attention_impl = "xla"  # jax.nn.dot_product_attention implementation.
+
+  # --- Diffusion ---------------------------------------------------------
+  config.diffusion = diff = ml_collections.ConfigDict()
+  diff.num_train_timesteps = 1000
+  diff.beta_schedule = "scaled_linear"
+  diff.beta_start = 0.00085
+  diff.beta_end = 0.012
+  diff.prediction_type = "epsilon"  # or "v_prediction".
+
+  # --- PixelDance conditioning (training) --------------------------------
+  config.conditioning = cond = ml_collections.ConfigDict()
+  cond.use_first_frame = True  # False (with use_last_frame False): the T2V baseline.
+  cond.use_last_frame = True
+  cond.last_frame_candidates = 3  # The last frame is drawn from the clip's last N frames.
+  cond.noise_timestep = 100  # Forward-process noise level added to c_image.
+  cond.last_frame_drop_prob = 0.25  # eta in the paper.
+  cond.text_drop_prob = 0.1  # For classifier-free guidance.
+  cond.use_text = True  # False: the "without text" ablation (the empty prompt always).
+
+  # --- Optimisation ------------------------------------------------------
+  config.batch_size = 192  # Global batch.
+  config.num_train_steps = 200_000
+  config.learning_rate = 5e-5
+  config.warmup_steps = 1000
+  config.lr_schedule = "constant"  # or "cosine".
+  config.weight_decay = 0.01
+  config.adam_b1 = 0.9
+  config.adam_b2 = 0.999
+  config.grad_clip_norm = 1.0
+  config.ema_decay = 0.9999
+  config.ema_warmup = True  # decay_t = min(ema_decay, (1 + t) / (10 + t)).
+
+  # --- Parallelism -------------------------------------------------------
+  config.mesh = mesh = ml_collections.ConfigDict()
+  mesh.data = -1  # -1: all devices not used by the other axes.
+  mesh.fsdp = 1
+  mesh.tensor = 1
+  # Logical axis name -> mesh axes. Model code speaks only the logical names.
+  config.logical_axis_rules = (
+      ("batch", ("data", "fsdp")),
+      ("frames", None),
+      ("height", None),
+      ("width", None),
+      ("length", None),
+      ("embed", "fsdp"),
+      ("channels", None),
+      ("conv_in", None),
+      ("conv_out", "tensor"),
+      ("heads", "tensor"),
+      ("mlp", "tensor"),
+      ("vocab", "tensor"),
+      ("norm", None),
+  )
+
+  # --- Bookkeeping -------------------------------------------------------
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 2000
+  config.max_checkpoints_to_keep = 3
+
+  # --- Sampling ----------------------------------------------------------
+  config.sample = sample = ml_collections.ConfigDict()
+  sample.num_steps = 50
+  sample.tau = 25  # Leading sampler steps (from pure noise) that see the last frame.
+  sample.guidance_scale = 7.5  # Text-only classifier-free guidance.
+  sample.eta = 0.0  # DDIM eta (0: deterministic).
+  sample.timestep_spacing = "trailing"
+  sample.clip_denoised = False
+  sample.condition_noise = True  # Add cond.noise_timestep noise to c_image at inference too.
+  return config

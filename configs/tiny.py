@@ -1,0 +1,60 @@
+"""Tiny PixelDance that trains on CPU in minutes on generated moving shapes.
+
+Pixel space through an invertible space-to-depth "autoencoder" (32x32x3 -> 8x8x48), a small
+CLIP-architecture text encoder trained from scratch, attention only at 4x4 (and the mid block).
+On CPU the step is memory-bound, so activation volume (positions x channels) sets its cost.
+"""
+
+from configs import pixeldance
+
+
+def get_config():
+  config = pixeldance.get_config()
+  config.data.frames = 8
+  config.data.image_size = 32
+  config.data.num_train_clips = 8000
+  config.data.num_test_clips = 64
+  config.data.second_object_prob = 0.0
+  config.data.background_color_prob = 0.0
+  config.data.worker_count = 0
+
+  config.autoencoder.kind = "space_to_depth"
+  config.autoencoder.patch_size = 4
+  config.autoencoder.latent_channels = 48
+
+  text = config.text_encoder
+  text.max_length = 16
+  text.hidden_size = 64
+  text.intermediate_size = 128
+  text.num_layers = 2
+  text.num_heads = 2
+  text.trainable = True  # No pretrained CLIP here: learn it with the U-Net.
+
+  unet = config.unet
+  unet.block_out_channels = (48, 96)
+  unet.attention_levels = (False, True)
+  unet.layers_per_block = 1
+  unet.attention_head_dim = 48
+  unet.norm_num_groups = 8
+  unet.cross_attention_dim = 64
+
+  config.diffusion.beta_schedule = "linear"
+  config.diffusion.beta_start = 0.0001
+  config.diffusion.beta_end = 0.02
+
+  config.batch_size = 8
+  config.num_train_steps = 2000
+  config.learning_rate = 1e-3
+  config.warmup_steps = 100
+  config.lr_schedule = "cosine"
+  config.weight_decay = 0.0
+  config.ema_decay = 0.999
+
+  config.log_every_steps = 50
+  config.checkpoint_every_steps = 500
+
+  config.sample.num_steps = 25
+  config.sample.tau = 25
+  config.sample.guidance_scale = 2.0
+  config.sample.clip_denoised = True
+  return config

@@ -1,0 +1,1 @@
+"""PixelDance in JAX/Flax."""

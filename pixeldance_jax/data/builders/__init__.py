@@ -1,0 +1,1 @@
+"""TFDS dataset builders (array_record output, no TensorFlow needed)."""

@@ -1,0 +1,59 @@
+"""Autoencoders between pixels and the latent space the U-Net denoises.
+
+All take pixels in [-1, 1] shaped `[..., height, width, 3]` and latents shaped
+`[..., height / f, width / f, latent_channels]`; leading axes (batch, frames) pass through, so a
+video is encoded as a batch of images.
+"""
+
+import dataclasses
+
+import einops
+import jax
+import ml_collections
+
+Array = jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SpaceToDepth:
+  """A lossless, parameter-free 'autoencoder': pixel patches become latent channels.
+
+  It lets the tiny config denoise in pixel space at a quarter of the spatial positions.
+  """
+  patch_size: int
+  scaling_factor: float = 1.0
+
+  @property
+  def latent_channels(self) -> int:
+    return 3 * self.patch_size ** 2
+
+  def encode(self, pixels: Array) -> Array:
+    p = self.patch_size
+    latents = einops.rearrange(pixels, "... (h p) (w q) c -> ... h w (p q c)", p=p, q=p)
+    return latents * self.scaling_factor
+
+  def decode(self, latents: Array) -> Array:
+    p = self.patch_size
+    pixels = einops.rearrange(latents / self.scaling_factor, "... h w (p q c) -> ... (h p) (w q) c",
+                              p=p, q=p)
+    return pixels
+
+
+def _space_to_depth(config: ml_collections.ConfigDict) -> SpaceToDepth:
+  ae = config.autoencoder
+  autoencoder = SpaceToDepth(ae.patch_size, ae.scaling_factor)
+  if autoencoder.latent_channels != ae.latent_channels:
+    raise ValueError(
+        f"config.autoencoder.latent_channels={ae.latent_channels} but space_to_depth with "
+        f"patch_size={ae.patch_size} makes {autoencoder.latent_channels} channels (3 * p * p).")
+  return autoencoder
+
+
+AUTOENCODERS = {"space_to_depth": _space_to_depth}
+
+
+def make_autoencoder(config: ml_collections.ConfigDict):
+  kind = config.autoencoder.kind
+  if kind not in AUTOENCODERS:
+    raise ValueError(f"config.autoencoder.kind={kind!r} is not one of {sorted(AUTOENCODERS)}.")
+  return AUTOENCODERS[kind](config)

@@ -1,0 +1,243 @@
+"""Building blocks of the 3D U-Net, laid out like diffusers' UNet3DConditionModel.
+
+Activations are channels-last: videos are `[batch, frames, height, width, channels]`, images
+`[batch * frames, height, width, channels]`, token sequences `[batch, length, embed]`.
+Every parameter carries logical axis names; `pixeldance_jax.parallel` maps them to a mesh.
+"""
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+Dtype = Any
+
+zeros_init = nn.initializers.zeros_init()
+default_kernel_init = nn.initializers.lecun_normal()
+
+
+def logical(init, axes: tuple[str | None, ...]):
+  return nn.with_logical_partitioning(init, axes)
+
+
+def dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str,
+          use_bias: bool = True, zero_init: bool = False) -> nn.Dense:
+  """A Dense layer whose kernel `[in, out]` and bias `[out]` carry logical axis names."""
+  kernel_init = zeros_init if zero_init else default_kernel_init
+  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+                  kernel_init=logical(kernel_init, axes),
+                  bias_init=logical(zeros_init, (axes[1],)))
+
+
+def conv(features: int, kernel_size: tuple[int, ...], dtype: Dtype, name: str,
+         strides: int = 1, zero_init: bool = False) -> nn.Conv:
+  """A 'same'-padded convolution; kernel `[*window, in, out]` with logical axis names."""
+  window_axes = (None,) * len(kernel_size)
+  kernel_init = zeros_init if zero_init else default_kernel_init
+  padding = tuple((k // 2, k // 2) for k in kernel_size)
+  return nn.Conv(features, kernel_size, strides=strides, padding=padding, dtype=dtype,
+                 name=name, kernel_init=logical(kernel_init, window_axes + ("conv_in", "conv_out")),
+                 bias_init=logical(zeros_init, ("conv_out",)))
+
+
+def group_norm(groups: int, name: str, epsilon: float = 1e-5) -> nn.GroupNorm:
+  """GroupNorm over every non-batch axis, as torch does on `[N, C, *spatial]`; float32 stats."""
+  return nn.GroupNorm(num_groups=groups, epsilon=epsilon, dtype=jnp.float32, name=name,
+                      scale_init=logical(nn.initializers.ones_init(), ("norm",)),
+                      bias_init=logical(zeros_init, ("norm",)))
+
+
+def layer_norm(name: str, epsilon: float = 1e-5) -> nn.LayerNorm:
+  return nn.LayerNorm(epsilon=epsilon, dtype=jnp.float32, name=name,
+                      scale_init=logical(nn.initializers.ones_init(), ("norm",)),
+                      bias_init=logical(zeros_init, ("norm",)))
+
+
+def timestep_embedding(timesteps: Array, dim: int, max_period: float = 10000.0) -> Array:
+  """Sinusoidal embedding `[n, dim]` as diffusers' Timesteps(flip_sin_to_cos=True, shift=0)."""
+  half = dim // 2
+  exponent = -jnp.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half
+  angles = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+  return jnp.concatenate([jnp.cos(angles), jnp.sin(angles)], axis=-1)
+
+
+class TimestepEmbedding(nn.Module):
+  """Sinusoidal features -> linear_1 -> SiLU -> linear_2: `[batch]` -> `[batch, features]`."""
+  features: int
+  sinusoidal_dim: int
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, timesteps: Array) -> Array:
+    emb = timestep_embedding(timesteps, self.sinusoidal_dim).astype(self.dtype)
+    emb = dense(self.features, ("channels", "embed"), self.dtype, "linear_1")(emb)
+    return dense(self.features, ("embed", "mlp"), self.dtype, "linear_2")(nn.silu(emb))
+
+
+class ResnetBlock(nn.Module):
+  """diffusers ResnetBlock2D: `[n, h, w, c_in]`, time embedding `[n, e]` -> `[n, h, w, c_out]`."""
+  out_channels: int
+  groups: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, temb: Array, deterministic: bool = True) -> Array:
+    h = nn.silu(group_norm(self.groups, "norm1")(x)).astype(self.dtype)
+    h = conv(self.out_channels, (3, 3), self.dtype, "conv1")(h)
+    t = dense(self.out_channels, ("embed", "conv_out"), self.dtype, "time_emb_proj")(nn.silu(temb))
+    h = h + t[:, None, None, :]
+    h = nn.silu(group_norm(self.groups, "norm2")(h)).astype(self.dtype)
+    h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
+    h = conv(self.out_channels, (3, 3), self.dtype, "conv2")(h)
+    if x.shape[-1] != self.out_channels:
+      x = conv(self.out_channels, (1, 1), self.dtype, "conv_shortcut")(x)
+    return x + h
+
+
+class TemporalConvBlock(nn.Module):
+  """diffusers TemporalConvLayer: 4 x (GroupNorm, SiLU, Conv3d (3,1,1)), last conv zero-init.
+
+  `[b, f, h, w, c]` -> same shape. The residual plus a zero last conv makes it the identity at
+  init, so a pretrained 2D network keeps its behaviour when inflated.
+  """
+  groups: int
+  dropout: float = 0.0
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, deterministic: bool = True) -> Array:
+    channels = x.shape[-1]
+    h = x
+    for i in range(4):
+      h = nn.silu(group_norm(self.groups, f"conv{i + 1}_norm")(h)).astype(self.dtype)
+      if i > 0:
+        h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
+      h = conv(channels, (3, 1, 1), self.dtype, f"conv{i + 1}", zero_init=i == 3)(h)
+    return x + h
+
+
+class Attention(nn.Module):
+  """Multi-head attention with diffusers' to_q/to_k/to_v (no bias) and to_out.
+
+  x `[n, length, embed]`; context `[n, context_length, context_embed]` or None (self-attention).
+  """
+  heads: int
+  head_dim: int
+  impl: str | None = "xla"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array | None = None) -> Array:
+    context = x if context is None else context
+    inner = self.heads * self.head_dim
+    split = lambda t: t.reshape(t.shape[:-1] + (self.heads, self.head_dim))
+    q = split(dense(inner, ("embed", "heads"), self.dtype, "to_q", use_bias=False)(x))
+    k = split(dense(inner, ("embed", "heads"), self.dtype, "to_k", use_bias=False)(context))
+    v = split(dense(inner, ("embed", "heads"), self.dtype, "to_v", use_bias=False)(context))
+    out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+    out = out.reshape(out.shape[:-2] + (inner,))
+    return dense(x.shape[-1], ("heads", "embed"), self.dtype, "to_out")(out)
+
+
+class FeedForward(nn.Module):
+  """GEGLU feed-forward (diffusers FeedForward, activation 'geglu', mult 4)."""
+  mult: int = 4
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    inner = x.shape[-1] * self.mult
+    hidden, gate = jnp.split(dense(2 * inner, ("embed", "mlp"), self.dtype, "proj")(x), 2, -1)
+    hidden = hidden * nn.gelu(gate, approximate=False)
+    return dense(x.shape[-1], ("mlp", "embed"), self.dtype, "out")(hidden)
+
+
+class TransformerBlock(nn.Module):
+  """diffusers BasicTransformerBlock: pre-LN self-attention, second attention, feed-forward.
+
+  The second attention attends to `context` (text) when given, else to x itself (the
+  "double self-attention" of the temporal transformer).
+  """
+  heads: int
+  head_dim: int
+  attention_impl: str | None = "xla"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array | None = None) -> Array:
+    attn = lambda name: Attention(self.heads, self.head_dim, self.attention_impl, self.dtype,
+                                  name=name)
+    x = x + attn("attn1")(layer_norm("norm1")(x).astype(self.dtype))
+    x = x + attn("attn2")(layer_norm("norm2")(x).astype(self.dtype), context)
+    return x + FeedForward(dtype=self.dtype, name="ff")(layer_norm("norm3")(x).astype(self.dtype))
+
+
+class SpatialTransformer(nn.Module):
+  """diffusers Transformer2DModel: per-frame self-attention + cross-attention to text + FF.
+
+  x `[n, h, w, c]`, context `[n, length, d]` -> `[n, h, w, c]`.
+  """
+  head_dim: int
+  groups: int
+  attention_impl: str | None = "xla"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, context: Array) -> Array:
+    n, height, width, channels = x.shape
+    h = group_norm(self.groups, "norm", epsilon=1e-6)(x).astype(self.dtype)
+    h = conv(channels, (1, 1), self.dtype, "proj_in")(h)
+    h = h.reshape(n, height * width, channels)
+    h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
+    h = TransformerBlock(channels // self.head_dim, self.head_dim, self.attention_impl,
+                         self.dtype, name="transformer_blocks_0")(h, context)
+    h = h.reshape(n, height, width, channels)
+    return x + conv(channels, (1, 1), self.dtype, "proj_out")(h)
+
+
+class TemporalTransformer(nn.Module):
+  """diffusers TransformerTemporalModel: bidirectional self-attention over frames per pixel.
+
+  x `[b, f, h, w, c]` -> same shape. proj_out is zero-initialised, so the block starts as the
+  identity. `position_embedding` adds a sinusoidal frame-index embedding to the tokens.
+  """
+  head_dim: int
+  groups: int
+  position_embedding: bool = False
+  attention_impl: str | None = "xla"
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    b, f, height, width, channels = x.shape
+    h = group_norm(self.groups, "norm", epsilon=1e-6)(x).astype(self.dtype)
+    h = h.transpose(0, 2, 3, 1, 4).reshape(b * height * width, f, channels)
+    h = dense(channels, ("channels", "embed"), self.dtype, "proj_in")(h)
+    if self.position_embedding:
+      h = h + timestep_embedding(jnp.arange(f), channels).astype(self.dtype)[None]
+    h = TransformerBlock(channels // self.head_dim, self.head_dim, self.attention_impl,
+                         self.dtype, name="transformer_blocks_0")(h)
+    h = dense(channels, ("embed", "channels"), self.dtype, "proj_out", zero_init=True)(h)
+    h = h.reshape(b, height, width, f, channels).transpose(0, 3, 1, 2, 4)
+    return x + h
+
+
+class Downsample(nn.Module):
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    return conv(x.shape[-1], (3, 3), self.dtype, "conv", strides=2)(x)
+
+
+class Upsample(nn.Module):
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    n, height, width, channels = x.shape
+    x = jax.image.resize(x, (n, 2 * height, 2 * width, channels), "nearest")
+    return conv(channels, (3, 3), self.dtype, "conv")(x)

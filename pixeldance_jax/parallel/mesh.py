@@ -1,0 +1,48 @@
+"""Device mesh and batch sharding from config."""
+
+import math
+
+import jax
+import ml_collections
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+# The global batch is split over both data-parallel axes.
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tuple[int, ...]:
+  """Resolves `config.mesh` (one axis may be -1: 'the rest') against the device count."""
+  shape = [int(mesh_config[axis]) for axis in MESH_AXES]
+  if shape.count(-1) > 1:
+    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(zip(MESH_AXES, shape))}")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if num_devices % known:
+      raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))}: {num_devices} devices are "
+                       f"not divisible by {known}.")
+    shape[shape.index(-1)] = num_devices // known
+  if math.prod(shape) != num_devices:
+    raise ValueError(f"config.mesh {dict(zip(MESH_AXES, shape))} needs {math.prod(shape)} "
+                     f"devices but {num_devices} are available.")
+  return tuple(shape)
+
+
+def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
+  """A (data, fsdp, tensor) mesh with Auto axis types (jit shardings, not explicit types)."""
+  devices = jax.devices() if devices is None else devices
+  shape = mesh_shape(mesh_config, len(devices))
+  return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES),
+                       devices=devices)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) axis over data x fsdp; every other axis replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES))
+
+
+def global_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assembles global arrays from each process's slice of the batch."""
+  sharding = batch_sharding(mesh)
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, x), local_batch)

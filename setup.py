@@ -1,0 +1,46 @@
+"""pixeldance_jax: PixelDance video diffusion in JAX/Flax."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "jax[cpu]==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "ml-collections==1.1.0",
+    "einops==0.8.2",
+    "tensorflow-datasets==4.9.10",
+    "grain==0.2.18",
+    "array-record==0.8.6",
+    "importlib_resources==7.1.0",
+    "instant-clip-tokenizer==0.1.1",
+    "absl-py==2.5.1",
+    "numpy==2.4.6",
+    "pillow==13.0.0",
+    "imageio==2.38.1",
+    "imageio-ffmpeg==0.8.1",
+    "av==18.1.0",
+    "tensorboardX==2.6.5",
+    "tqdm==4.70.1",
+]
+
+DEV_REQUIRES = [
+    "pytest==9.2.0",
+    # Numeric references only; never imported by the library.
+    "torch==2.13.0",
+    "diffusers==0.42.1",
+    "transformers==5.24.0",
+    "safetensors==0.8.0",
+]
+
+setuptools.setup(
+    name="pixeldance_jax",
+    version="0.1.0",
+    description="PixelDance (Make Pixels Dance) video diffusion in JAX/Flax",
+    packages=setuptools.find_packages(include=["pixeldance_jax", "pixeldance_jax.*"]),
+    include_package_data=True,
+    python_requires=">=3.11,<3.12",
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"dev": DEV_REQUIRES},
+)

@@ -1,0 +1,104 @@
+"""U-Net and text encoder: shapes, image batches, zero-initialised temporal layers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import unit_test
+from pixeldance_jax.models import autoencoder, pixeldance, text_encoder, unet3d
+
+
+@pytest.fixture(scope="module")
+def setup():
+  config = unit_test.get_config()
+  model = pixeldance.make_model(config)
+  params = jax.jit(model.init)(jax.random.key(0), *pixeldance.dummy_inputs(config))
+  return config, model, params
+
+
+def _inputs(config, batch=2, frames=None):
+  frames = frames or config.data.frames
+  size = config.data.image_size // config.autoencoder.patch_size
+  channels = 2 * config.autoencoder.latent_channels
+  rng = np.random.default_rng(0)
+  sample = jnp.asarray(rng.normal(size=(batch, frames, size, size, channels)), jnp.float32)
+  timesteps = jnp.asarray([3, 700][:batch], jnp.int32)
+  context = jnp.asarray(rng.normal(size=(batch, config.text_encoder.max_length,
+                                         config.text_encoder.hidden_size)), jnp.float32)
+  return sample, timesteps, context
+
+
+def test_video_and_image_batch_shapes(setup):
+  config, model, params = setup
+  sample, timesteps, context = _inputs(config)
+  denoise = lambda x, temporal: model.apply(params, x, timesteps, context, temporal,
+                                            method=model.denoise)
+  video_out = denoise(sample, True)
+  assert video_out.shape == sample.shape[:-1] + (config.autoencoder.latent_channels,)
+  image_out = denoise(sample[:, :1], False)
+  assert image_out.shape == (2, 1) + video_out.shape[2:]
+  assert np.isfinite(np.asarray(video_out)).all()
+
+
+def test_temporal_layers_start_as_identity(setup):
+  """Zero-initialised temporal outputs: at init the video net equals the per-frame image net."""
+  config, model, params = setup
+  sample, timesteps, context = _inputs(config)
+  video = model.apply(params, sample, timesteps, context, True, method=model.denoise)
+  images = model.apply(params, sample, timesteps, context, False, method=model.denoise)
+  np.testing.assert_allclose(video, images, atol=1e-5)
+
+
+def test_temporal_layers_mix_frames_once_trained(setup):
+  config, model, params = setup
+  perturbed = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.1 if "temp_" in jax.tree_util.keystr(path) else x, params)
+  sample, timesteps, context = _inputs(config)
+  changed = sample.at[:, 0].add(1.0)
+  out = lambda p, x: np.asarray(model.apply(p, x, timesteps, context, True, method=model.denoise))
+  # Without temporal layers frame 1 ignores frame 0; with trained ones it does not.
+  np.testing.assert_allclose(out(params, sample)[:, 1], out(params, changed)[:, 1], atol=1e-5)
+  assert np.abs(out(perturbed, sample)[:, 1] - out(perturbed, changed)[:, 1]).max() > 1e-3
+
+
+def test_image_batches_create_no_temporal_parameters():
+  config = unit_test.get_config()
+  spec = unet3d.UNetSpec.from_config(config)
+  sample, timesteps, context = _inputs(config, frames=1)
+  params = unet3d.UNet3D(spec).init(jax.random.key(0), sample, timesteps, context, False)
+  names = jax.tree_util.keystr(params)
+  assert "temp_convs" not in names and "temp_attentions" not in names
+  assert "transformer_in" not in names
+
+
+def test_every_parameter_has_logical_axis_names(setup):
+  _, _, params = setup
+  leaves = jax.tree.leaves(params, is_leaf=lambda x: hasattr(x, "names"))
+  assert leaves and all(len(leaf.names) == leaf.value.ndim for leaf in leaves)
+
+
+def test_text_encoder_is_causal():
+  config = unit_test.get_config()
+  encoder = text_encoder.TextEncoder(text_encoder.TextEncoderSpec.from_config(config))
+  ids = jnp.arange(16, dtype=jnp.int32)[None] + 100
+  params = encoder.init(jax.random.key(0), ids)
+  changed = ids.at[0, 10].set(7)
+  a, b = encoder.apply(params, ids), encoder.apply(params, changed)
+  np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-6)
+  assert np.abs(a[:, 10:] - b[:, 10:]).max() > 1e-4
+
+
+def test_space_to_depth_round_trip():
+  ae = autoencoder.SpaceToDepth(patch_size=4)
+  pixels = jax.random.uniform(jax.random.key(0), (2, 3, 16, 16, 3), minval=-1, maxval=1)
+  latents = ae.encode(pixels)
+  assert latents.shape == (2, 3, 4, 4, 48)
+  np.testing.assert_array_equal(ae.decode(latents), pixels)
+
+
+def test_config_mismatch_is_explained():
+  config = unit_test.get_config()
+  config.unet.cross_attention_dim = 48
+  with pytest.raises(ValueError, match="cross_attention_dim"):
+    text_encoder.TextEncoderSpec.from_config(config)

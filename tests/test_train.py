@@ -1,0 +1,93 @@
+"""Train step, checkpoints, resume and failure handling on the unit-test config."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import unit_test
+from pixeldance_jax.data import pipeline
+from pixeldance_jax.parallel import mesh as mesh_lib
+from pixeldance_jax.train import checkpointing, trainer
+from pixeldance_jax.train import state as state_lib
+from pixeldance_jax.train import step as step_lib
+
+
+def _fixed_batch(config, data_dir):
+  loader = pipeline.make_train_loader(config, data_dir)
+  return next(iter(loader))
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_loss_decreases_on_a_fixed_batch(tmp_path):
+  config = unit_test.get_config()
+  config.learning_rate = 3e-3
+  config.warmup_steps = 1
+  config.lr_schedule = "constant"
+  mesh = mesh_lib.make_mesh(config.mesh)
+  state = state_lib.create_train_state(config, mesh, jax.random.key(0))
+  _, shardings = state_lib.abstract_state(config, mesh)
+  train_step = step_lib.jit_train_step(config, mesh, shardings)
+  batch = mesh_lib.global_batch(_fixed_batch(config, str(tmp_path)), mesh)
+  # The same rng every step: the same noise and timesteps, so the loss is comparable.
+  losses = []
+  for _ in range(30):
+    state, metrics = train_step(state.replace(step=state.step * 0), batch, jax.random.key(1))
+    losses.append(float(metrics["loss"]))
+  assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3]), losses
+
+
+def test_checkpoint_round_trip_is_exact(tmp_path):
+  config = unit_test.get_config()
+  mesh = mesh_lib.make_mesh(config.mesh)
+  state = state_lib.create_train_state(config, mesh, jax.random.key(0))
+  state = state.replace(step=state.step + 7,
+                        ema_params=jax.tree.map(lambda x: x + 1.0, state.ema_params))
+  iterator = iter(pipeline.make_train_loader(config, str(tmp_path / "data")))
+  next(iterator)
+  manager = checkpointing.make_manager(str(tmp_path), config)
+  checkpointing.save(manager, 7, state, config, iterator)
+  manager.wait_until_finished()
+  expected_next = next(iterator)
+
+  fresh_iterator = iter(pipeline.make_train_loader(config, str(tmp_path / "data")))
+  abstract, _ = state_lib.abstract_state(config, mesh)
+  restored = checkpointing.restore(manager, 7, abstract, fresh_iterator)
+  _assert_trees_equal(restored, state)
+  np.testing.assert_array_equal(next(fresh_iterator)["video"], expected_next["video"])
+  assert checkpointing.restore_config(manager, 7).unet.block_out_channels == [16, 32]
+
+
+def test_resume_matches_an_uninterrupted_run(tmp_path):
+  config = unit_test.get_config()
+  straight = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
+  config.num_train_steps = 2
+  trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+  config.num_train_steps = 4
+  resumed = trainer.train_and_evaluate(config, str(tmp_path / "resumed"))
+  assert int(resumed.step) == int(straight.step) == 4
+  _assert_trees_equal(resumed, straight)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = unit_test.get_config()
+  config.learning_rate = 1e30  # Adam moves every weight by ~1e30: the next loss is not finite.
+  config.warmup_steps = 0
+  config.log_every_steps = 1
+  config.checkpoint_every_steps = 1
+  with pytest.raises(FloatingPointError, match="step 2"):
+    trainer.train_and_evaluate(config, str(tmp_path))
+  manager = checkpointing.make_manager(str(tmp_path), read_only=True)
+  assert manager.all_steps() == [1]
+  mesh = mesh_lib.make_mesh(config.mesh)
+  abstract, _ = state_lib.abstract_state(config, mesh)
+  restored = checkpointing.restore(manager, 1, abstract)
+  assert int(restored.step) == 1
+
+
+def test_restore_without_checkpoint_names_the_path(tmp_path):
+  manager = checkpointing.make_manager(str(tmp_path), read_only=True)
+  with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+    checkpointing.latest_step(manager, str(tmp_path))

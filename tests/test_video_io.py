@@ -1,0 +1,221 @@
+"""Tests for pixeldance_jax.video_io: round trips, atomic writes, bad inputs."""
+
+import logging
+import os
+
+import numpy as np
+from PIL import Image
+from PIL import ImageSequence
+import pytest
+
+from pixeldance_jax import video_io
+
+_BACKGROUND = (20, 30, 40)
+_SHAPE = (230, 50, 40)
+
+
+def _moving_square(num_frames: int = 6, height: int = 16,
+                   width: int = 16) -> np.ndarray:
+  """uint8 `[F, H, W, 3]`: a 4x4 square moving right by 1 px per frame."""
+  frames = np.full((num_frames, height, width, 3), _BACKGROUND, np.uint8)
+  for index in range(num_frames):
+    frames[index, 4:8, 2 + index:6 + index] = _SHAPE
+  return frames
+
+
+def _read_gif(path: str) -> tuple[np.ndarray, list[int], dict]:
+  with Image.open(path) as image:
+    frames = [np.asarray(frame.convert("RGB"))
+              for frame in ImageSequence.Iterator(image)]
+    durations = []
+    for index in range(image.n_frames):
+      image.seek(index)
+      durations.append(image.info["duration"])
+    return np.stack(frames), durations, dict(image.info)
+
+
+def test_mp4_round_trip_with_upscale(tmp_path):
+  frames = _moving_square()
+  path = str(tmp_path / "video.mp4")
+  video_io.write_video(frames, path, fps=8, upscale=2)
+  decoded = video_io.read_video(path).astype(np.int32)
+  expected = np.repeat(np.repeat(frames, 2, axis=1), 2, axis=2)
+  assert decoded.shape == (6, 32, 32, 3)
+  # H.264 is lossy; with an even upscale each pixel covers whole 4:2:0 chroma
+  # samples, so only compression noise remains.
+  assert np.abs(decoded - expected).max() <= 40
+  assert np.abs(decoded - expected).mean() < 4
+
+
+def test_mp4_odd_size_is_padded_to_even(tmp_path):
+  frames = _moving_square(num_frames=3, height=15, width=17)
+  path = str(tmp_path / "odd.mp4")
+  video_io.write_video(frames, path, fps=4)
+  decoded = video_io.read_video(path)
+  assert decoded.shape == (3, 16, 18, 3)
+  error = np.abs(decoded[:, :15, :17].astype(np.int32) - frames)
+  assert error.mean() < 8
+
+
+def test_gif_round_trip_is_exact(tmp_path):
+  frames = _moving_square()
+  path = str(tmp_path / "video.gif")
+  video_io.write_video(frames, path, fps=10, upscale=3)
+  decoded, durations, info = _read_gif(path)
+  expected = np.repeat(np.repeat(frames, 3, axis=1), 3, axis=2)
+  np.testing.assert_array_equal(decoded, expected)
+  assert durations == [100] * 6
+  assert info["loop"] == 0
+
+
+def test_gif_merges_identical_frames_but_keeps_timing(tmp_path):
+  frames = _moving_square(num_frames=3)
+  frames[1] = frames[0]
+  path = str(tmp_path / "still.gif")
+  video_io.write_video(frames, path, fps=10)
+  decoded, durations, _ = _read_gif(path)
+  assert len(decoded) == 2
+  assert durations == [200, 100]
+
+
+def test_write_creates_folders_and_leaves_no_temp_files(tmp_path):
+  folder = tmp_path / "a" / "b"
+  for name in ("video.mp4", "video.gif"):
+    video_io.write_video(_moving_square(), str(folder / name), fps=8)
+    video_io.write_video(_moving_square(), str(folder / name), fps=8)  # Over.
+  assert sorted(os.listdir(folder)) == ["video.gif", "video.mp4"]
+
+
+def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
+  path = tmp_path / "video.mp4"
+  video_io.write_video(_moving_square(), str(path), fps=8)
+  previous = path.read_bytes()
+
+  def write_half_then_fail(frames, tmp_path_, fps):
+    del frames, fps
+    with open(tmp_path_, "wb") as f:
+      f.write(b"half a video")
+    raise RuntimeError("disk full")
+
+  monkeypatch.setitem(video_io._VIDEO_WRITERS, ".mp4", write_half_then_fail)
+  with pytest.raises(RuntimeError, match="disk full"):
+    video_io.write_video(_moving_square(), str(path), fps=8)
+  assert path.read_bytes() == previous
+  assert os.listdir(tmp_path) == ["video.mp4"]
+
+
+def test_unknown_suffix_is_named(tmp_path):
+  with pytest.raises(ValueError, match=r"'\.avi'"):
+    video_io.write_video(_moving_square(), str(tmp_path / "video.avi"), fps=8)
+  assert not os.listdir(tmp_path)
+
+
+@pytest.mark.parametrize("frames", [
+    np.zeros((4, 8, 8), np.uint8),
+    np.zeros((4, 8, 8, 3), np.float32),
+    np.zeros((0, 8, 8, 3), np.uint8),
+])
+def test_bad_frames_are_rejected(tmp_path, frames):
+  with pytest.raises(ValueError):
+    video_io.write_video(frames, str(tmp_path / "video.mp4"), fps=8)
+
+
+def test_contact_sheet_layout(tmp_path):
+  frames = np.stack([np.full((4, 4, 3), 10 * (i + 1), np.uint8)
+                     for i in range(5)])
+  path = str(tmp_path / "sheet.png")
+  video_io.write_contact_sheet(frames, path, upscale=2)
+  with Image.open(path) as image:
+    sheet = np.asarray(image)
+  # ceil(sqrt(5)) = 3 columns and 2 rows of 8x8 tiles with 2 px separators.
+  assert sheet.shape == (2 * 8 + 2, 3 * 8 + 2 * 2, 3)
+  assert (sheet[:8, :8] == 10).all() and (sheet[:8, 10:18] == 20).all()
+  assert (sheet[10:, :8] == 40).all() and (sheet[10:, 10:18] == 50).all()
+  assert (sheet[8:10] == 255).all() and (sheet[10:, 20:] == 255).all()
+
+
+def test_save_image_round_trip(tmp_path):
+  frame = _moving_square(num_frames=1)[0]
+  path = str(tmp_path / "frame.png")
+  video_io.save_image(frame, path, upscale=2)
+  expected = np.repeat(np.repeat(frame, 2, axis=0), 2, axis=1)
+  np.testing.assert_array_equal(video_io.read_image(path, 32), expected)
+
+
+def test_read_image_composites_rgba_onto_black(tmp_path, caplog):
+  rgba = np.zeros((8, 8, 4), np.uint8)
+  rgba[..., :3] = (200, 100, 50)
+  rgba[:4, :, 3] = 255  # Top half opaque, bottom half transparent.
+  path = str(tmp_path / "rgba.png")
+  Image.fromarray(rgba, "RGBA").save(path)
+  with caplog.at_level(logging.INFO):
+    image = video_io.read_image(path, 8)
+  assert image.dtype == np.uint8 and image.shape == (8, 8, 3)
+  assert (image[:4] == (200, 100, 50)).all()
+  assert (image[4:] == 0).all()
+  assert "alpha" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["L", "P"])
+def test_read_image_converts_grey_and_palette(tmp_path, mode):
+  grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+  path = str(tmp_path / f"{mode}.png")
+  Image.fromarray(grey, "L").convert(mode).save(path)
+  image = video_io.read_image(path, 8)
+  assert image.shape == (8, 8, 3)
+  np.testing.assert_array_equal(image, np.stack([grey] * 3, axis=-1))
+
+
+def _banded_image(path: str) -> None:
+  """Saves a 48x32 image: red centre square, blue/green side bands."""
+  image = np.zeros((32, 48, 3), np.uint8)
+  image[:, :8] = (0, 0, 255)
+  image[:, 8:40] = (255, 0, 0)
+  image[:, 40:] = (0, 255, 0)
+  Image.fromarray(image).save(path)
+
+
+def test_read_image_centre_crops_and_resizes(tmp_path, caplog):
+  path = str(tmp_path / "wide.png")
+  _banded_image(path)
+  with caplog.at_level(logging.WARNING):
+    image = video_io.read_image(path, 16)
+  assert image.shape == (16, 16, 3)
+  # The side bands are cropped away, so only red remains.
+  assert (image == (255, 0, 0)).all()
+  assert "48x32" in caplog.text and "16x16" in caplog.text
+
+
+def test_read_image_refuses_wrong_size(tmp_path):
+  path = str(tmp_path / "wide.png")
+  _banded_image(path)
+  with pytest.raises(ValueError, match="image is 48x32, the model needs 16x16"):
+    video_io.read_image(path, 16, resize=False)
+
+
+def test_read_image_missing_file(tmp_path):
+  path = str(tmp_path / "missing.png")
+  with pytest.raises(FileNotFoundError, match="missing.png"):
+    video_io.read_image(path, 16)
+
+
+@pytest.mark.parametrize("content", ["garbage", "truncated"])
+def test_read_image_corrupt_file(tmp_path, content):
+  path = tmp_path / "bad.png"
+  if content == "garbage":
+    path.write_bytes(b"this is not an image")
+  else:
+    Image.fromarray(np.random.default_rng(0).integers(
+        0, 255, (64, 64, 3), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+  with pytest.raises(ValueError, match="bad.png"):
+    video_io.read_image(str(path), 64)
+
+
+def test_read_video_corrupt_and_missing(tmp_path):
+  path = tmp_path / "bad.mp4"
+  path.write_bytes(b"\x00" * 100)
+  with pytest.raises(ValueError, match="bad.mp4"):
+    video_io.read_video(str(path))
+  with pytest.raises(FileNotFoundError, match="nope.mp4"):
+    video_io.read_video(str(tmp_path / "nope.mp4"))
