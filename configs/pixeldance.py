@@ -31,7 +31,12 @@ def get_config() -> ml_collections.ConfigDict:
   ae.kind = "kl"  # Registry key in pixeldance_jax.models.autoencoder (the SD KL VAE).
   ae.patch_size = 8  # Downsampling factor (the SD VAE is 8x).
   ae.latent_channels = 4
-  ae.scaling_factor = 1.0
+  ae.scaling_factor = 0.18215
+  # KL autoencoder (diffusers AutoencoderKL layout); weights come from a converted checkpoint.
+  ae.block_out_channels = (128, 256, 512, 512)
+  ae.layers_per_block = 2
+  ae.norm_num_groups = 32
+  ae.decode_chunk_frames = 8  # Frames decoded at once (bounds memory).
 
   config.text_encoder = text = ml_collections.ConfigDict()
   text.vocab_size = 49408
@@ -42,6 +47,7 @@ def get_config() -> ml_collections.ConfigDict:
   text.num_heads = 12
   text.pad_token_id = 49407
   text.hidden_act = "quick_gelu"
+  text.use_penultimate_layer = False  # SD 2.x-style penultimate hidden state.
   text.trainable = False  # The paper freezes CLIP.
 
   # --- 3D U-Net ----------------------------------------------------------
@@ -53,6 +59,7 @@ def get_config() -> ml_collections.ConfigDict:
   unet.norm_num_groups = 32
   unet.cross_attention_dim = 768  # Must equal text_encoder.hidden_size.
   unet.temporal_position_embedding = False  # Frame position embedding in temporal attention.
+  unet.pooled_text_embedding = False  # Add the mean text embedding to the time embedding.
   unet.dropout = 0.0
   unet.dtype = "float32"  # Compute dtype; parameters stay float32.
   unet.attention_impl = "xla"  # jax.nn.dot_product_attention implementation.
@@ -63,7 +70,7 @@ def get_config() -> ml_collections.ConfigDict:
   diff.beta_schedule = "scaled_linear"
   diff.beta_start = 0.00085
   diff.beta_end = 0.012
-  diff.prediction_type = "epsilon"  # or "v_prediction".
+  diff.prediction_type = "epsilon"  # or "v_prediction", or "sample" (z_0).
 
   # --- PixelDance conditioning (training) --------------------------------
   config.conditioning = cond = ml_collections.ConfigDict()

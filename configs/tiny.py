@@ -21,6 +21,7 @@ def get_config():
   config.autoencoder.kind = "space_to_depth"
   config.autoencoder.patch_size = 4
   config.autoencoder.latent_channels = 48
+  config.autoencoder.scaling_factor = 1.0
 
   text = config.text_encoder
   text.max_length = 16
@@ -37,18 +38,24 @@ def get_config():
   unet.attention_head_dim = 48
   unet.norm_num_groups = 8
   unet.cross_attention_dim = 64
+  unet.pooled_text_embedding = True  # A global path for the text, beside cross-attention.
 
   config.diffusion.beta_schedule = "linear"
   config.diffusion.beta_start = 0.0001
   config.diffusion.beta_end = 0.02
+  # Measured on this config after 1500 steps: epsilon-prediction samples pure noise (the z_0 it
+  # implies at t ~ T amplifies the error by 1/sqrt(alpha_bar) ~ 150); v-prediction draws the
+  # shape but leaves the background noisy (at small t it must predict the noise). Predicting
+  # z_0 itself gives clean frames in the same budget.
+  config.diffusion.prediction_type = "sample"
 
   config.batch_size = 8
-  config.num_train_steps = 2000
+  config.num_train_steps = 1500
   config.learning_rate = 1e-3
   config.warmup_steps = 100
   config.lr_schedule = "cosine"
   config.weight_decay = 0.0
-  config.ema_decay = 0.999
+  config.ema_decay = 0.995  # A horizon of ~200 steps suits a 1500-step run.
 
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500

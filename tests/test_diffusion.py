@@ -8,7 +8,7 @@ import pytest
 
 from configs import unit_test
 from pixeldance_jax.data import conditioning
-from pixeldance_jax.diffusion import samplers, schedules
+from pixeldance_jax.diffusion import losses, samplers, schedules
 
 
 def _diffusion_config(schedule="linear"):
@@ -29,14 +29,14 @@ def test_linear_schedule_matches_ddpm():
   np.testing.assert_allclose(alpha_bar, np.cumprod(1 - betas), rtol=1e-6)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
 def test_split_prediction_inverts_targets(prediction_type):
   alpha_bar = jnp.asarray(schedules.alphas_cumprod(_diffusion_config()))
   clean = jax.random.normal(jax.random.key(0), (3, 5))
   noise = jax.random.normal(jax.random.key(1), (3, 5))
   t = jnp.array([0, 500, 999])
   noisy = schedules.add_noise(alpha_bar, clean, noise, t)
-  target = noise if prediction_type == "epsilon" else schedules.velocity(alpha_bar, clean, noise, t)
+  target = losses.target(prediction_type, alpha_bar, clean, noise, t)
   eps, x0 = schedules.split_prediction(target, noisy, alpha_bar[t][:, None], prediction_type)
   np.testing.assert_allclose(eps, noise, atol=1e-4)
   np.testing.assert_allclose(x0, clean, atol=2e-3)

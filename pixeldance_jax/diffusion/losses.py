@@ -7,16 +7,18 @@ from pixeldance_jax.diffusion import schedules
 
 Array = jax.Array
 
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 def target(prediction_type: str, alpha_bar: Array, clean: Array, noise: Array,
            timesteps: Array) -> Array:
-  """What the network regresses: the noise, or the velocity."""
+  """What the network regresses: the noise, the velocity, or the clean latent ('sample')."""
   if prediction_type == "epsilon":
     return noise
   if prediction_type == "v_prediction":
     return schedules.velocity(alpha_bar, clean, noise, timesteps)
+  if prediction_type == "sample":
+    return clean
   raise ValueError(f"config.diffusion.prediction_type={prediction_type!r} is not one of "
                    f"{PREDICTION_TYPES}")
 

@@ -63,4 +63,7 @@ def split_prediction(prediction: Array, noisy: Array, alpha_bar_t: Array,
     return prediction, (noisy - sqrt_1ma * prediction) / sqrt_a
   if prediction_type == "v_prediction":
     return sqrt_a * prediction + sqrt_1ma * noisy, sqrt_a * noisy - sqrt_1ma * prediction
-  raise ValueError(f"prediction_type={prediction_type!r} is not 'epsilon' or 'v_prediction'")
+  if prediction_type == "sample":
+    return (noisy - sqrt_a * prediction) / sqrt_1ma, prediction
+  raise ValueError(f"prediction_type={prediction_type!r} is not 'epsilon', 'v_prediction' or "
+                   f"'sample'")

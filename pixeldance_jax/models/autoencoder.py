@@ -6,10 +6,13 @@ video is encoded as a batch of images.
 """
 
 import dataclasses
+from typing import Any
 
 import einops
 import jax
 import ml_collections
+
+from pixeldance_jax.models import autoencoder_kl
 
 Array = jax.Array
 
@@ -39,7 +42,8 @@ class SpaceToDepth:
     return pixels
 
 
-def _space_to_depth(config: ml_collections.ConfigDict) -> SpaceToDepth:
+def _space_to_depth(config: ml_collections.ConfigDict, params: Any = None) -> SpaceToDepth:
+  del params  # Parameter-free.
   ae = config.autoencoder
   autoencoder = SpaceToDepth(ae.patch_size, ae.scaling_factor)
   if autoencoder.latent_channels != ae.latent_channels:
@@ -49,11 +53,22 @@ def _space_to_depth(config: ml_collections.ConfigDict) -> SpaceToDepth:
   return autoencoder
 
 
-AUTOENCODERS = {"space_to_depth": _space_to_depth}
+def _kl(config: ml_collections.ConfigDict, params: Any = None) -> autoencoder_kl.KLAutoencoder:
+  if params is None:
+    raise ValueError(
+        "config.autoencoder.kind='kl' needs parameters: convert a diffusers checkpoint with "
+        "convert.vae_params_from_torch_state_dict(convert.load_safetensors_folder('<model>/vae'), "
+        "spec) and pass them as make_autoencoder(config, params=...).")
+  return autoencoder_kl.make_kl_autoencoder(autoencoder_kl.AutoencoderKLSpec.from_config(config),
+                                            params)
 
 
-def make_autoencoder(config: ml_collections.ConfigDict):
+AUTOENCODERS = {"space_to_depth": _space_to_depth, "kl": _kl}
+
+
+def make_autoencoder(config: ml_collections.ConfigDict, params: Any = None):
+  """The autoencoder `config.autoencoder.kind`; `params` are its weights if it has any."""
   kind = config.autoencoder.kind
   if kind not in AUTOENCODERS:
     raise ValueError(f"config.autoencoder.kind={kind!r} is not one of {sorted(AUTOENCODERS)}.")
-  return AUTOENCODERS[kind](config)
+  return AUTOENCODERS[kind](config, params)

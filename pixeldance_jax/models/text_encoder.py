@@ -2,9 +2,15 @@
 
 Token ids `[batch, length]` -> hidden states `[batch, length, hidden]`, the keys and values of the
 U-Net's cross-attention. Causal self-attention, pre-LayerNorm, quick-GELU MLP, as CLIP.
+
+`use_penultimate_layer` conditions on the second-to-last layer's output through
+`final_layer_norm`, as Stability's SD 2.x (`layer="penultimate"`) and diffusers' `clip_skip=1`
+do. diffusers' SD 2.x `text_encoder` checkpoints already have that last layer removed
+(`num_hidden_layers=23` of OpenCLIP ViT-H's 24): load those with the option off.
 """
 
 import dataclasses
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,6 +36,12 @@ class TextEncoderSpec:
   num_layers: int
   num_heads: int
   hidden_act: str = "quick_gelu"
+  use_penultimate_layer: bool = False
+
+  @property
+  def num_layers_run(self) -> int:
+    """Layers evaluated (and holding parameters): the last one is dropped for the penultimate."""
+    return self.num_layers - 1 if self.use_penultimate_layer else self.num_layers
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "TextEncoderSpec":
@@ -41,9 +53,15 @@ class TextEncoderSpec:
       raise ValueError(
           f"config.unet.cross_attention_dim ({config.unet.cross_attention_dim}) must equal "
           f"config.text_encoder.hidden_size ({text.hidden_size}).")
+    # Configs written before the option existed mean the last layer.
+    use_penultimate_layer = text.get("use_penultimate_layer", False)
+    if use_penultimate_layer and text.num_layers < 2:
+      raise ValueError("config.text_encoder.use_penultimate_layer needs num_layers >= 2, got "
+                       f"{text.num_layers}.")
     return cls(vocab_size=text.vocab_size, max_length=text.max_length,
                hidden_size=text.hidden_size, intermediate_size=text.intermediate_size,
-               num_layers=text.num_layers, num_heads=text.num_heads, hidden_act=text.hidden_act)
+               num_layers=text.num_layers, num_heads=text.num_heads, hidden_act=text.hidden_act,
+               use_penultimate_layer=use_penultimate_layer)
 
 
 class EncoderLayer(nn.Module):
@@ -67,20 +85,44 @@ class EncoderLayer(nn.Module):
 
 
 class TextEncoder(nn.Module):
-  """`[batch, length]` int token ids -> last hidden state `[batch, length, hidden]`."""
+  """`[batch, length]` int token ids -> hidden state `[batch, length, hidden]`.
+
+  The last layer's output (transformers' `last_hidden_state`) or, with `use_penultimate_layer`,
+  the one before it; either through `final_layer_norm`. Only a causal mask, no padding mask:
+  CLIP and Stable Diffusion run padded prompts this way.
+  """
   spec: TextEncoderSpec
 
   @nn.compact
   def __call__(self, token_ids: Array) -> Array:
     spec = self.spec
+    length = token_ids.shape[-1]
+    if length > spec.max_length:
+      raise ValueError(f"{length} tokens exceed the {spec.max_length} position embeddings.")
     init = layers.logical(nn.initializers.normal(0.02), ("vocab", "embed"))
     token_embedding = nn.Embed(spec.vocab_size, spec.hidden_size, embedding_init=init,
                                name="token_embedding")
     position_embedding = self.param(
         "position_embedding", layers.logical(nn.initializers.normal(0.01), ("length", "embed")),
         (spec.max_length, spec.hidden_size))
-    length = token_ids.shape[-1]
     x = token_embedding(token_ids) + position_embedding[None, :length]
-    for i in range(spec.num_layers):
+    for i in range(spec.num_layers_run):
       x = EncoderLayer(spec, name=f"layers_{i}")(x)
     return layers.layer_norm("final_layer_norm")(x)
+
+
+def pool_at_first_eos(hidden_states: Array, token_ids: Array, eos_token_id: int) -> Array:
+  """`[batch, length, hidden]` -> `[batch, hidden]` at each row's first `eos_token_id`.
+
+  transformers' `pooler_output`: the first match, because padding may reuse the EOS id. A row
+  without EOS pools position 0, as `argmax` of all-False does in transformers.
+  """
+  first_eos = jnp.argmax(token_ids == eos_token_id, axis=-1)
+  return jnp.take_along_axis(hidden_states, first_eos[:, None, None], axis=1)[:, 0]
+
+
+def param_shapes(spec: TextEncoderSpec) -> Any:
+  """The parameter tree as `jax.ShapeDtypeStruct`s, without allocating any weights."""
+  token_ids = jax.ShapeDtypeStruct((1, spec.max_length), jnp.int32)
+  variables = jax.eval_shape(TextEncoder(spec).init, jax.random.key(0), token_ids)
+  return nn.meta.unbox(variables["params"])

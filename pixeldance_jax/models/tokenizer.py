@@ -7,6 +7,7 @@ TensorFlow/PyTorch tokenizer is needed on the input hosts.
 import functools
 import logging
 import re
+import unicodedata
 from typing import Sequence
 
 import instant_clip_tokenizer
@@ -22,14 +23,39 @@ def clip_tokenizer() -> instant_clip_tokenizer.Tokenizer:
   return instant_clip_tokenizer.Tokenizer()
 
 
+# Unicode White_Space, as transformers' CLIPTokenizer (Rust regex) sees it: Python's `\s` also
+# matches the separators \x1c-\x1f, which CLIPTokenizer keeps as byte tokens.
+_WHITESPACE = re.compile(r"[^\S\x1c-\x1f]+")
+# A literal special-token string in a caption is that token, as in CLIPTokenizer and OpenAI CLIP.
+_SPECIAL_TOKENS = {"<|startoftext|>": START_OF_TEXT, "<|endoftext|>": END_OF_TEXT}
+_SPECIAL = re.compile("(" + "|".join(re.escape(token) for token in _SPECIAL_TOKENS) + ")")
+
+
 def normalize(text: str) -> str:
-  """CLIP's `whitespace_clean` + lower-casing (ftfy/html unescaping are not needed here)."""
-  return re.sub(r"\s+", " ", text).strip().lower()
+  """NFC + CLIP's `whitespace_clean` + lower-casing, as transformers' CLIPTokenizer.
+
+  Python's `lower()` maps a word-final capital sigma to "ς" as OpenAI CLIP's tokenizer (trained
+  with) does; CLIPTokenizer's Rust lower-casing gives "σ". ftfy fixes and HTML unescaping (OpenAI
+  only) are not done, as in CLIPTokenizer.
+  """
+  text = unicodedata.normalize("NFC", text)
+  return _WHITESPACE.sub(" ", text).strip().lower()
+
+
+def bpe_ids(text: str) -> list[int]:
+  """BPE ids of `text` without BOS/EOS; literal "<|startoftext|>"/"<|endoftext|>" map to theirs."""
+  ids = []
+  for piece in _SPECIAL.split(text):
+    if piece in _SPECIAL_TOKENS:
+      ids.append(_SPECIAL_TOKENS[piece])
+    elif piece:
+      ids.extend(clip_tokenizer().encode(normalize(piece)))
+  return ids
 
 
 def encode(text: str, max_length: int) -> tuple[list[int], bool]:
   """(BOS + BPE ids + EOS, truncated to `max_length` keeping EOS last; whether truncated)."""
-  ids = [START_OF_TEXT, *clip_tokenizer().encode(normalize(text)), END_OF_TEXT]
+  ids = [START_OF_TEXT, *bpe_ids(text), END_OF_TEXT]
   if len(ids) <= max_length:
     return ids, False
   return ids[:max_length - 1] + [END_OF_TEXT], True

@@ -28,6 +28,7 @@ class UNetSpec:
   attention_head_dim: int = 64
   norm_num_groups: int = 32
   temporal_position_embedding: bool = False
+  pooled_text_embedding: bool = False
   dropout: float = 0.0
   dtype: Any = jnp.float32
   attention_impl: str | None = "xla"
@@ -46,6 +47,7 @@ class UNetSpec:
                attention_head_dim=unet.attention_head_dim,
                norm_num_groups=unet.norm_num_groups,
                temporal_position_embedding=unet.temporal_position_embedding,
+               pooled_text_embedding=unet.pooled_text_embedding,
                dropout=unet.dropout, dtype=jnp.dtype(unet.dtype),
                attention_impl=unet.attention_impl or None)
 
@@ -157,6 +159,11 @@ class UNet3D(nn.Module):
         sample, ("batch", "frames", "height", "width", "channels"))
     temb = layers.TimestepEmbedding(4 * spec.block_out_channels[0], spec.block_out_channels[0],
                                     spec.dtype, name="time_embedding")(timesteps)
+    if spec.pooled_text_embedding:
+      # A global text signal for every ResNet, beside cross-attention (as Imagen and SDXL add).
+      pooled = context.astype(spec.dtype).mean(axis=1)
+      temb = temb + layers.dense(temb.shape[-1], ("channels", "embed"), spec.dtype,
+                                 "text_embedding")(pooled)
     inputs = _Inputs(temb=jnp.repeat(temb, frames, axis=0),
                      context=jnp.repeat(context.astype(spec.dtype), frames, axis=0),
                      frames=frames, use_temporal=use_temporal, deterministic=deterministic)

@@ -66,6 +66,8 @@ class _Logger:
 
 def _check_finite(pending: list[tuple[int, dict]], last_saved: int | None) -> dict[str, float]:
   """Fetches the pending metrics; stops the run at the first non-finite step."""
+  if not pending:
+    return {}
   fetched = [(step, jax.device_get(metrics)) for step, metrics in pending]
   for step, metrics in fetched:
     if not metrics["finite"]:
@@ -102,18 +104,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   train_step = step_lib.jit_train_step(config, mesh, shardings)
   logger = _Logger(workdir, config.num_train_steps)
   last_saved, pending = manager.latest_step(), []
-  for step in range(int(state.step) + 1, config.num_train_steps + 1):
-    batch = mesh_lib.global_batch(next(iterator), mesh)
-    state, metrics = train_step(state, batch, train_rng)
-    pending.append((step, metrics))
-    is_last = step == config.num_train_steps
-    if step % config.log_every_steps == 0 or is_last:
-      logger.log(step, _check_finite(pending, last_saved))
-      pending = []
-    if step % config.checkpoint_every_steps == 0 or is_last:
-      _check_finite(pending, last_saved)
-      pending = []
-      checkpointing.save(manager, step, state, config, iterator)
-      last_saved = step
-  manager.wait_until_finished()
+  try:
+    for step in range(int(state.step) + 1, config.num_train_steps + 1):
+      batch = mesh_lib.global_batch(next(iterator), mesh)
+      state, metrics = train_step(state, batch, train_rng)
+      pending.append((step, metrics))
+      is_last = step == config.num_train_steps
+      if step % config.log_every_steps == 0 or is_last:
+        logger.log(step, _check_finite(pending, last_saved))
+        pending = []
+      if step % config.checkpoint_every_steps == 0 or is_last:
+        _check_finite(pending, last_saved)
+        pending = []
+        checkpointing.save(manager, step, state, config, iterator)
+        last_saved = step
+  finally:
+    # Also on failure: the checkpoints already begun (asynchronously) must land.
+    manager.wait_until_finished()
   return state
