@@ -24,7 +24,7 @@ DIRECTIONS: dict[str, tuple[int, int]] = {
     "lower right": (1, 1),
 }
 # Fraction of the frame travelled (per moving axis) over the whole clip.
-SPEEDS: dict[str, float] = {"slow": 0.25, "fast": 0.5}
+SPEEDS: dict[str, float] = {"slow": 0.15, "fast": 0.3}
 SHAPES: tuple[str, ...] = ("square", "circle", "triangle")
 # Every colour has a saturated (255) channel, so it stays distinct from the dark backgrounds.
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -98,9 +98,14 @@ def trajectory_offsets(spec: MovingShapesSpec, vel: np.ndarray) -> np.ndarray:
 
 def sample_start(rng: np.random.Generator, spec: MovingShapesSpec, size: int,
                  offsets: np.ndarray) -> np.ndarray:
-  """`[2]` top-left corner at frame 0 such that the box stays inside the frame throughout."""
-  low = np.maximum(0, -offsets.min(axis=0))
-  high = spec.image_size - size - offsets.max(axis=0)  # Inclusive.
+  """`[2]` top-left corner at frame 0 such that the box stays inside the frame throughout.
+
+  The start is drawn from the box that is valid for every direction at this speed, so the first
+  frame does not reveal where the object goes: only the caption (or the last frame) does.
+  """
+  travel = int(np.abs(offsets).max())
+  low = np.full(2, travel)
+  high = np.full(2, spec.image_size - size - travel)  # Inclusive.
   if np.any(high < low):
     raise ValueError(f"Object of size {size} cannot travel {offsets[-1]} inside {spec}.")
   return rng.integers(low, high + 1)
