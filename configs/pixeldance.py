@@ -10,6 +10,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 0
+  # A converted pretrained checkpoint (python -m pixeldance_jax.convert) to start from; used
+  # only when the workdir has no checkpoint of its own yet.
+  config.init_from = ""
 
   # --- Data --------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
@@ -56,11 +59,20 @@ def get_config() -> ml_collections.ConfigDict:
   unet.attention_levels = (True, True, True, False)  # Per level: spatial + temporal attention.
   unet.layers_per_block = 2
   unet.attention_head_dim = 64
+  # Spatial transformer heads at every level; 0: channels // attention_head_dim (ModelScope,
+  # SD 2.x). Set 8 to load an SD 1.x UNet2DConditionModel (diffusers' "attention_head_dim" there).
+  unet.num_attention_heads = 0
+  unet.transformer_in_heads = 8  # Temporal attention after conv_in: heads of attention_head_dim.
   unet.norm_num_groups = 32
+  unet.norm_eps = 1e-5  # ResNet and conv_norm_out GroupNorms (diffusers' `norm_eps`).
   unet.cross_attention_dim = 768  # Must equal text_encoder.hidden_size.
   unet.temporal_position_embedding = False  # Frame position embedding in temporal attention.
   unet.pooled_text_embedding = False  # Add the mean text embedding to the time embedding.
-  unet.dropout = 0.0
+  unet.dropout = 0.0  # In the ResNets.
+  unet.temporal_conv_dropout = 0.1  # Before temporal convs 2-4 (ModelScope's value).
+  # Activation recomputation per layer (ResNet, temporal conv, transformers): "none", "full" or a
+  # jax.checkpoint_policies name such as "dots_saveable" (unet3d.REMAT_POLICIES).
+  unet.remat_policy = "none"
   unet.dtype = "float32"  # Compute dtype; parameters stay float32.
   unet.attention_impl = "xla"  # jax.nn.dot_product_attention implementation.
 
@@ -109,7 +121,9 @@ def get_config() -> ml_collections.ConfigDict:
       ("length", None),
       ("embed", "fsdp"),
       ("channels", None),
-      ("conv_in", None),
+      # Conv kernels [*window, in, out]: in over fsdp, out over tensor. Mapping conv_in to None
+      # replicated every conv kernel (~60% of the U-Net) under pure fsdp.
+      ("conv_in", "fsdp"),
       ("conv_out", "tensor"),
       ("heads", "tensor"),
       ("mlp", "tensor"),

@@ -38,6 +38,8 @@ def get_config():
   unet.attention_head_dim = 48
   unet.norm_num_groups = 8
   unet.cross_attention_dim = 64
+  unet.transformer_in_heads = 1  # One head of attention_head_dim (= the 48 channels).
+  unet.temporal_conv_dropout = 0.0
   unet.pooled_text_embedding = True  # A global path for the text, beside cross-attention.
 
   config.diffusion.beta_schedule = "linear"

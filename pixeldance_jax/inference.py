@@ -36,23 +36,24 @@ class Pipeline:
   """A restored model, ready to sample."""
   config: ml_collections.ConfigDict
   params: Any
+  frozen: Any  # Frozen pretrained weights, e.g. {"autoencoder": ...}; {} for space_to_depth.
   step: int
   generate_fn: Any  # The jitted program, see `_make_generate_fn`.
 
 
 def _make_generate_fn(config: ml_collections.ConfigDict, mesh):
   model = pixeldance.make_model(config)
-  autoencoder = autoencoder_lib.make_autoencoder(config)
   alpha_bar = jnp.asarray(schedules.alphas_cumprod(config.diffusion))
   frames, noise_timestep = config.data.frames, config.conditioning.noise_timestep
   if not config.sample.condition_noise:
     noise_timestep = 0
   rules = sharding.logical_rules(config)
 
-  def generate(params, rng, first_frame, last_frame, token_ids, null_token_ids, timesteps, tau,
-               guidance_scale, eta):
+  def generate(params, frozen, rng, first_frame, last_frame, token_ids, null_token_ids,
+               timesteps, tau, guidance_scale, eta):
     """uint8 first/last `[b, H, W, 3]`, ids `[b, length]` -> uint8 video `[b, F, H, W, 3]`."""
     variables = {"params": params}
+    autoencoder = autoencoder_lib.make_autoencoder(config, frozen.get("autoencoder"))
     noise_rng, first_rng, last_rng = jax.random.split(rng, 3)
     first = autoencoder.encode(first_frame.astype(jnp.float32) / 127.5 - 1.0)
     last = autoencoder.encode(last_frame.astype(jnp.float32) / 127.5 - 1.0)
@@ -91,11 +92,14 @@ def load_pipeline(workdir: str, step: int | None = None, use_ema: bool = True) -
   config = checkpointing.restore_config(manager, step)
   mesh = mesh_lib.make_mesh(config.mesh)
   abstract, _ = state_lib.abstract_state(config, mesh)
-  state = checkpointing.restore(manager, step, abstract)
-  params = state.ema_params if use_ema else state.params
-  logging.info("restored %s weights of step %d from %s", "EMA" if use_ema else "raw", step,
+  if checkpointing.is_pretrained(manager, step):  # Converted: one set of weights, no EMA.
+    params, frozen = checkpointing.restore_pretrained(workdir, abstract.params, abstract.frozen)
+  else:
+    state = checkpointing.restore(manager, step, abstract)
+    params, frozen = (state.ema_params if use_ema else state.params), state.frozen
+  logging.info("restored the %s weights of step %d from %s", "EMA" if use_ema else "raw", step,
                checkpointing.checkpoint_dir(workdir))
-  return Pipeline(config=config, params=params, step=step,
+  return Pipeline(config=config, params=params, frozen=frozen, step=step,
                   generate_fn=_make_generate_fn(config, mesh))
 
 
@@ -128,7 +132,7 @@ def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarra
   timesteps = samplers.sampling_timesteps(config.diffusion.num_train_timesteps, steps,
                                           sample.timestep_spacing)
   video = pipeline.generate_fn(
-      pipeline.params, jax.random.key(seed), jnp.asarray(first_frames),
+      pipeline.params, pipeline.frozen, jax.random.key(seed), jnp.asarray(first_frames),
       jnp.asarray(last_frames), jnp.asarray(token_ids), jnp.asarray(null_ids),
       jnp.asarray(timesteps), jnp.int32(tau),
       jnp.float32(sample.guidance_scale if guidance_scale is None else guidance_scale),

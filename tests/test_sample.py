@@ -17,12 +17,13 @@ def pipeline():
   # Random weights, with the zero-initialised temporal outputs perturbed so that every frame
   # (the last-frame slot included) influences every other.
   mesh = mesh_lib.make_mesh(config.mesh)
-  params = state_lib.create_train_state(config, mesh, jax.random.key(0)).params
+  state = state_lib.create_train_state(config, mesh, jax.random.key(0))
+  params = state.params
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(jax.random.key(1), len(leaves))
   params = jax.tree.unflatten(treedef, [x + 0.05 * jax.random.normal(k, x.shape)
                                         for x, k in zip(leaves, keys)])
-  return inference.Pipeline(config=config, params=params, step=0,
+  return inference.Pipeline(config=config, params=params, frozen=state.frozen, step=0,
                             generate_fn=inference._make_generate_fn(config, mesh))
 
 

@@ -30,7 +30,8 @@ class SpaceToDepth:
   def latent_channels(self) -> int:
     return 3 * self.patch_size ** 2
 
-  def encode(self, pixels: Array) -> Array:
+  def encode(self, pixels: Array, rng: Array | None = None) -> Array:
+    del rng  # Deterministic: there is no posterior to sample.
     p = self.patch_size
     latents = einops.rearrange(pixels, "... (h p) (w q) c -> ... h w (p q c)", p=p, q=p)
     return latents * self.scaling_factor

@@ -1,7 +1,8 @@
 """Conversion of PyTorch (diffusers / transformers) checkpoints to Flax parameter trees.
 
 Generic helpers come first; each model's converter is a self-contained group of functions with
-its own prefix (`vae_` for the KL autoencoder, `clip_` for the CLIP text encoder).
+its own prefix (`vae_` for the KL autoencoder, `clip_` for the CLIP text encoder, `unet_` for
+the 3D U-Net).
 """
 
 import dataclasses
@@ -11,12 +12,15 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax
 import numpy as np
 from flax import traverse_util
+from flax.core import meta as flax_meta
 from safetensors import numpy as safetensors_numpy
 
 from pixeldance_jax.models import autoencoder_kl
 from pixeldance_jax.models import text_encoder
+from pixeldance_jax.models import unet3d
 
 PathTuple = tuple[str, ...]
 
@@ -245,3 +249,150 @@ def clip_params_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
   if spec.use_penultimate_layer:
     del params[f"layers_{spec.num_layers - 1}"]
   return params
+
+
+# ---------------------------------------------------------------------------------------------
+# 3D U-Net (diffusers UNet3DConditionModel; UNet2DConditionModel for 2D -> 3D inflation).
+
+# Torch submodules whose Flax module is named otherwise: indices into nn.Sequential/ModuleList
+# wrappers that our modules do not have. TemporalConvLayer's convK is Sequential(GroupNorm, SiLU,
+# [Dropout,] Conv3d).
+_UNET_RENAMES = (
+    (re.compile(r"\.to_out\.0\."), ".to_out."),
+    (re.compile(r"\.ff\.net\.0\.proj\."), ".ff.proj."),
+    (re.compile(r"\.ff\.net\.2\."), ".ff.out."),
+    (re.compile(r"(temp_convs\.\d+\.conv\d)\.0\."), r"\1_norm."),
+    (re.compile(r"(temp_convs\.\d+\.conv\d)\.[23]\."), r"\1."),
+)
+_UNET_TEMPORAL_MODULE = re.compile(r"transformer_in|temp_convs_\d+|temp_attentions_\d+")
+
+
+def unet_canonical_name(torch_name: str) -> str:
+  """'...temp_convs.0.conv2.3.weight' -> '...temp_convs.0.conv2.weight' (our module names)."""
+  for pattern, replacement in _UNET_RENAMES:
+    torch_name = pattern.sub(replacement, torch_name)
+  return torch_name
+
+
+def unet_is_temporal(path: PathTuple) -> bool:
+  """Whether a Flax path lies in a temporal layer (absent from 2D checkpoints)."""
+  return any(_UNET_TEMPORAL_MODULE.fullmatch(part) for part in path)
+
+
+def unet_flax_leaf(torch_name: str, value: np.ndarray, expected_ndim: int) -> np.ndarray:
+  """As `torch_to_flax_leaf`, plus Conv3d `[out, in, t, h, w]` -> `[t, h, w, in, out]`."""
+  if torch_name.endswith(".weight") and value.ndim == 5:
+    return value.transpose(2, 3, 4, 1, 0)
+  return torch_to_flax_leaf(torch_name, value, expected_ndim)
+
+
+def _unet_convert(state_dict: Mapping[str, np.ndarray], expected: Mapping[PathTuple, Any],
+                  dtype: Any) -> tuple[dict[PathTuple, np.ndarray], dict[PathTuple, str],
+                                       list[str]]:
+  """Renames and lays out every tensor: (Flax path -> array, Flax path -> torch name, problems)."""
+  weight_ndim = {path[:-1]: len(shape.shape) for path, shape in expected.items()
+                 if path[-1] in ("kernel", "scale")}
+  converted: dict[PathTuple, np.ndarray] = {}
+  sources: dict[PathTuple, str] = {}
+  problems: list[str] = []
+  for torch_name, value in state_dict.items():
+    name, value = unet_canonical_name(torch_name), np.asarray(value)
+    module = flax_path_from_torch_name(name, 0)[:-1]
+    ndim = weight_ndim.get(module, value.ndim)  # Unknown modules are reported as unexpected.
+    path = flax_path_from_torch_name(name, ndim)
+    if path in converted:
+      problems.append(f"duplicate: {torch_name} and {sources[path]} both map to "
+                      f"{'/'.join(path)}")
+      continue
+    array = unet_flax_leaf(name, value, ndim)
+    converted[path] = array if dtype is None else array.astype(dtype)
+    sources[path] = torch_name
+  return converted, sources, problems
+
+
+def unet_zero_extend_conv_in(converted: dict[PathTuple, np.ndarray],
+                             expected: Mapping[PathTuple, Any], latent_channels: int) -> None:
+  """Pads a `latent_channels`-input conv_in kernel with zeros up to the expected inputs.
+
+  The model reads `concat([noisy, c_image], -1)`: the checkpoint's kernel keeps the noisy
+  latent's slots and c_image's new slots start at zero, so the network computes exactly what the
+  checkpoint did, whatever c_image holds, until training moves them. Any other mismatch is left
+  for `check_and_build` to report.
+  """
+  path = ("conv_in", "kernel")
+  kernel, want = converted.get(path), tuple(expected[path].shape)
+  if kernel is None or kernel.shape[2] != latent_channels or want[2] <= latent_channels:
+    return
+  if kernel.shape[:2] + kernel.shape[3:] != want[:2] + want[3:]:
+    return
+  padding = ((0, 0), (0, 0), (0, want[2] - latent_channels), (0, 0))
+  converted[path] = np.pad(kernel, padding)
+
+
+def unet_params_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
+                                      spec: unet3d.UNetSpec, in_channels: int | None = None,
+                                      dtype: Any = np.float32) -> dict[str, Any]:
+  """diffusers UNet3DConditionModel state dict -> params of `unet3d.UNet3D(spec)`.
+
+  Linear `[out, in]` -> `[in, out]`; Conv2d OIHW -> HWIO; the temporal convs' Conv3d
+  `[out, in, 3, 1, 1]` -> `[3, 1, 1, in, out]`; 1x1-conv projections (old exports) are
+  squeezed. A conv_in with `spec.out_channels` inputs (a text-to-video checkpoint) is zero-extended
+  to `in_channels` (see `unet_zero_extend_conv_in`).
+
+  Args:
+    state_dict: torch tensor name -> array (e.g. `load_safetensors_folder(".../unet")`).
+    spec: the architecture; the expected names and shapes come from it. Head counts do not show
+      in shapes: `spec` must split heads as the checkpoint's model did.
+    in_channels: the model's input channels; None: 2 * spec.out_channels (noisy latent ++ c_image).
+    dtype: cast every tensor to this (None keeps the checkpoint's dtype).
+
+  Returns:
+    The UNet3D parameter tree (what goes under `{"params": ...}`), without axis metadata.
+
+  Raises:
+    ValueError: listing every missing, unexpected or mis-shaped tensor (PixelDance's
+      `text_embedding`, with `spec.pooled_text_embedding`, is missing from any diffusers file).
+  """
+  expected = traverse_util.flatten_dict(unet3d.param_shapes(spec, in_channels))
+  converted, sources, problems = _unet_convert(state_dict, expected, dtype)
+  unet_zero_extend_conv_in(converted, expected, spec.out_channels)
+  return check_and_build(converted, expected, sources, "UNet3DConditionModel", tuple(problems))
+
+
+def unet_fresh_temporal_params(spec: unet3d.UNetSpec, rng: jax.Array,
+                               in_channels: int | None = None) -> dict[PathTuple, np.ndarray]:
+  """Our init of the temporal layers alone, flat; their output projections start at zero.
+
+  Only the temporal leaves leave the jitted init, so XLA never builds the spatial weights.
+  """
+  def temporal_init(key):
+    flat = traverse_util.flatten_dict(flax_meta.unbox(unet3d.init_params(spec, key, in_channels)))
+    return {"/".join(path): value for path, value in flat.items() if unet_is_temporal(path)}
+  fresh = jax.jit(temporal_init)(rng)
+  return {tuple(name.split("/")): np.asarray(value) for name, value in fresh.items()}
+
+
+def unet_params_from_2d_torch_state_dict(state_dict_2d: Mapping[str, np.ndarray],
+                                         spec: unet3d.UNetSpec, rng: jax.Array,
+                                         in_channels: int | None = None,
+                                         dtype: Any = np.float32) -> dict[str, Any]:
+  """Inflates a diffusers UNet2DConditionModel (Stable Diffusion) into `unet3d.UNet3D(spec)`.
+
+  Spatial layers come from the 2D checkpoint (as `unet_params_from_torch_state_dict` converts
+  them, conv_in zero-extended); transformer_in, temp_convs and temp_attentions are freshly
+  initialised from `rng` with zero output projections, so at init the 3D network equals the 2D
+  one on every frame. SD 1.x splits attention into 8 heads: use `spec.num_attention_heads=8`.
+
+  Raises:
+    ValueError: listing every missing, unexpected (temporal names included) or mis-shaped tensor.
+  """
+  full = traverse_util.flatten_dict(unet3d.param_shapes(spec, in_channels))
+  spatial = {path: shape for path, shape in full.items() if not unet_is_temporal(path)}
+  converted, sources, problems = _unet_convert(state_dict_2d, spatial, dtype)
+  unet_zero_extend_conv_in(converted, spatial, spec.out_channels)
+  params = traverse_util.flatten_dict(
+      check_and_build(converted, spatial, sources, "UNet2DConditionModel", tuple(problems)))
+  fresh = unet_fresh_temporal_params(spec, rng, in_channels)
+  params.update({path: value if dtype is None else value.astype(dtype)
+                 for path, value in fresh.items()})
+  return traverse_util.unflatten_dict(params)

@@ -81,15 +81,16 @@ class ResnetBlock(nn.Module):
   out_channels: int
   groups: int
   dropout: float = 0.0
+  epsilon: float = 1e-5  # The U-Net's `norm_eps`.
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, deterministic: bool = True) -> Array:
-    h = nn.silu(group_norm(self.groups, "norm1")(x)).astype(self.dtype)
+    h = nn.silu(group_norm(self.groups, "norm1", self.epsilon)(x)).astype(self.dtype)
     h = conv(self.out_channels, (3, 3), self.dtype, "conv1")(h)
     t = dense(self.out_channels, ("embed", "conv_out"), self.dtype, "time_emb_proj")(nn.silu(temb))
     h = h + t[:, None, None, :]
-    h = nn.silu(group_norm(self.groups, "norm2")(h)).astype(self.dtype)
+    h = nn.silu(group_norm(self.groups, "norm2", self.epsilon)(h)).astype(self.dtype)
     h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
     h = conv(self.out_channels, (3, 3), self.dtype, "conv2")(h)
     if x.shape[-1] != self.out_channels:
@@ -101,7 +102,9 @@ class TemporalConvBlock(nn.Module):
   """diffusers TemporalConvLayer: 4 x (GroupNorm, SiLU, Conv3d (3,1,1)), last conv zero-init.
 
   `[b, f, h, w, c]` -> same shape. The residual plus a zero last conv makes it the identity at
-  init, so a pretrained 2D network keeps its behaviour when inflated.
+  init, so a pretrained 2D network keeps its behaviour when inflated. GroupNorm statistics span
+  frames too (torch's GroupNorm on `[b, c, f, h, w]`), with torch's default eps: diffusers does
+  not pass the U-Net's `norm_eps` here. Dropout precedes convs 2-4, as in ModelScope.
   """
   groups: int
   dropout: float = 0.0
@@ -178,8 +181,11 @@ class TransformerBlock(nn.Module):
 class SpatialTransformer(nn.Module):
   """diffusers Transformer2DModel: per-frame self-attention + cross-attention to text + FF.
 
-  x `[n, h, w, c]`, context `[n, length, d]` -> `[n, h, w, c]`.
+  x `[n, h, w, c]`, context `[n, length, d]` -> `[n, h, w, c]`. proj_in/proj_out are linear
+  (`use_linear_projection`, as in UNet3DConditionModel and SD 2.x); a 1x1 conv (SD 1.x) is the
+  same map, so its checkpoints load squeezed.
   """
+  heads: int
   head_dim: int
   groups: int
   attention_impl: str | None = "xla"
@@ -188,22 +194,28 @@ class SpatialTransformer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, context: Array) -> Array:
     n, height, width, channels = x.shape
+    inner = self.heads * self.head_dim
     h = group_norm(self.groups, "norm", epsilon=1e-6)(x).astype(self.dtype)
-    h = conv(channels, (1, 1), self.dtype, "proj_in")(h)
     h = h.reshape(n, height * width, channels)
+    h = dense(inner, ("channels", "embed"), self.dtype, "proj_in")(h)
     h = nn.with_logical_constraint(h, ("batch", "length", "embed"))
-    h = TransformerBlock(channels // self.head_dim, self.head_dim, self.attention_impl,
-                         self.dtype, name="transformer_blocks_0")(h, context)
-    h = h.reshape(n, height, width, channels)
-    return x + conv(channels, (1, 1), self.dtype, "proj_out")(h)
+    h = TransformerBlock(self.heads, self.head_dim, self.attention_impl, self.dtype,
+                         name="transformer_blocks_0")(h, context)
+    h = dense(channels, ("embed", "channels"), self.dtype, "proj_out")(h)
+    return x + h.reshape(n, height, width, channels)
 
 
 class TemporalTransformer(nn.Module):
   """diffusers TransformerTemporalModel: bidirectional self-attention over frames per pixel.
 
-  x `[b, f, h, w, c]` -> same shape. proj_out is zero-initialised, so the block starts as the
-  identity. `position_embedding` adds a sinusoidal frame-index embedding to the tokens.
+  x `[b, f, h, w, c]` -> same shape. Tokens are the f frames of one pixel, projected to
+  `heads * head_dim` features, which may differ from c (ModelScope's `transformer_in` has 8 heads
+  of `attention_head_dim`). The block's second attention is self-attention too (diffusers'
+  `double_self_attention`). proj_out is zero-initialised, so the block starts as the identity
+  (diffusers initialises it randomly; ModelScope checkpoints overwrite it). `position_embedding`
+  adds a sinusoidal frame-index embedding to the tokens (not in diffusers).
   """
+  heads: int
   head_dim: int
   groups: int
   position_embedding: bool = False
@@ -213,13 +225,14 @@ class TemporalTransformer(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     b, f, height, width, channels = x.shape
+    inner = self.heads * self.head_dim
     h = group_norm(self.groups, "norm", epsilon=1e-6)(x).astype(self.dtype)
     h = h.transpose(0, 2, 3, 1, 4).reshape(b * height * width, f, channels)
-    h = dense(channels, ("channels", "embed"), self.dtype, "proj_in")(h)
+    h = dense(inner, ("channels", "embed"), self.dtype, "proj_in")(h)
     if self.position_embedding:
-      h = h + timestep_embedding(jnp.arange(f), channels).astype(self.dtype)[None]
-    h = TransformerBlock(channels // self.head_dim, self.head_dim, self.attention_impl,
-                         self.dtype, name="transformer_blocks_0")(h)
+      h = h + timestep_embedding(jnp.arange(f), inner).astype(self.dtype)[None]
+    h = TransformerBlock(self.heads, self.head_dim, self.attention_impl, self.dtype,
+                         name="transformer_blocks_0")(h)
     h = dense(channels, ("embed", "channels"), self.dtype, "proj_out", zero_init=True)(h)
     h = h.reshape(b, height, width, f, channels).transpose(0, 3, 1, 2, 4)
     return x + h

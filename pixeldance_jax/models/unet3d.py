@@ -2,7 +2,11 @@
 
 Module and parameter names follow diffusers' `UNet3DConditionModel` (conv_in, transformer_in,
 down_blocks_i/{resnets,temp_convs,attentions,temp_attentions}_j, mid_block, up_blocks_i,
-conv_norm_out, conv_out), so its checkpoints map onto this tree by renaming alone.
+conv_norm_out, conv_out), so its checkpoints map onto this tree by renaming alone
+(`convert.unet_params_from_torch_state_dict`; parity is tested in tests/test_unet_parity.py).
+Departures from diffusers, all PixelDance's: conv_in reads 2C channels (noisy latent ++ c_image),
+temporal layers are skipped for image batches, temporal proj_outs start at zero, and the options
+`pooled_text_embedding` and `temporal_position_embedding` (both off by default).
 """
 
 import dataclasses
@@ -18,6 +22,12 @@ from pixeldance_jax.models import layers
 Array = jax.Array
 
 
+# Names accepted by `config.unet.remat_policy` besides "none" (no remat) and "full" (save
+# nothing, recompute the whole layer): the policies of `jax.checkpoint_policies`.
+REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "nothing_saveable", "everything_saveable")
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetSpec:
   """Static hyper-parameters of the U-Net (a hashable copy of `config.unet`)."""
@@ -26,10 +36,18 @@ class UNetSpec:
   attention_levels: tuple[bool, ...]
   layers_per_block: int = 2
   attention_head_dim: int = 64
+  # Heads of the spatial transformers at every level; 0: channels // attention_head_dim
+  # (UNet3DConditionModel, SD 2.x). SD 1.x checkpoints need 8.
+  num_attention_heads: int = 0
+  transformer_in_heads: int = 8  # Heads of attention_head_dim features (ModelScope: 8).
+  cross_attention_dim: int = 768
   norm_num_groups: int = 32
+  norm_eps: float = 1e-5  # ResNet and output GroupNorms (diffusers' `norm_eps`).
   temporal_position_embedding: bool = False
   pooled_text_embedding: bool = False
-  dropout: float = 0.0
+  dropout: float = 0.0  # In the ResNets.
+  temporal_conv_dropout: float = 0.1  # In the temporal convs (ModelScope: 0.1).
+  remat_policy: str = "none"  # One of REMAT_POLICIES; applied to every layer module.
   dtype: Any = jnp.float32
   attention_impl: str | None = "xla"
 
@@ -40,15 +58,23 @@ class UNetSpec:
       raise ValueError(
           f"config.unet.attention_levels has {len(unet.attention_levels)} entries but "
           f"block_out_channels has {len(unet.block_out_channels)}; give one per level.")
+    if unet.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"config.unet.remat_policy={unet.remat_policy!r}; expected one of "
+                       f"{REMAT_POLICIES}.")
     return cls(out_channels=config.autoencoder.latent_channels,
                block_out_channels=tuple(unet.block_out_channels),
                attention_levels=tuple(unet.attention_levels),
                layers_per_block=unet.layers_per_block,
                attention_head_dim=unet.attention_head_dim,
+               num_attention_heads=unet.num_attention_heads,
+               transformer_in_heads=unet.transformer_in_heads,
+               cross_attention_dim=unet.cross_attention_dim,
                norm_num_groups=unet.norm_num_groups,
+               norm_eps=unet.norm_eps,
                temporal_position_embedding=unet.temporal_position_embedding,
                pooled_text_embedding=unet.pooled_text_embedding,
-               dropout=unet.dropout, dtype=jnp.dtype(unet.dtype),
+               dropout=unet.dropout, temporal_conv_dropout=unet.temporal_conv_dropout,
+               remat_policy=unet.remat_policy, dtype=jnp.dtype(unet.dtype),
                attention_impl=unet.attention_impl or None)
 
 
@@ -70,22 +96,65 @@ def _to_images(x: Array) -> Array:
   return x.reshape((-1,) + x.shape[2:])
 
 
+def _remat(module: type[nn.Module], spec: UNetSpec, static_argnums: tuple[int, ...] = ()):
+  """`module` recomputed in the backward pass under `spec.remat_policy` ("none": as is).
+
+  Wrapping the class keeps the module's name, so the parameter tree is the same either way.
+  `static_argnums` count `self` as 0 (Python bools such as `deterministic`).
+  """
+  if spec.remat_policy == "none":
+    return module
+  policy = None if spec.remat_policy == "full" else getattr(jax.checkpoint_policies,
+                                                            spec.remat_policy)
+  return nn.remat(module, policy=policy, static_argnums=static_argnums)
+
+
+def _spatial_heads(spec: UNetSpec, channels: int) -> tuple[int, int]:
+  """(heads, head_dim) of a spatial transformer on `channels`, as diffusers splits them."""
+  if spec.num_attention_heads:
+    return spec.num_attention_heads, channels // spec.num_attention_heads
+  return channels // spec.attention_head_dim, spec.attention_head_dim
+
+
+def _spatial_attention(spec: UNetSpec, name: str, h: Array, inputs: _Inputs) -> Array:
+  heads, head_dim = _spatial_heads(spec, h.shape[-1])
+  block = _remat(layers.SpatialTransformer, spec)
+  return block(heads, head_dim, spec.norm_num_groups, spec.attention_impl, spec.dtype,
+               name=name)(h, inputs.context)
+
+
+def _temporal_attention(spec: UNetSpec, name: str, h: Array, frames: int,
+                        heads: int | None = None) -> Array:
+  """TransformerTemporalModel on `[b * f, h, w, c]`; heads default to c // attention_head_dim."""
+  heads = heads or h.shape[-1] // spec.attention_head_dim
+  block = _remat(layers.TemporalTransformer, spec)
+  video = block(heads, spec.attention_head_dim, spec.norm_num_groups,
+                spec.temporal_position_embedding, spec.attention_impl, spec.dtype,
+                name=name)(_to_video(h, frames))
+  return _to_images(video)
+
+
+def _resnet(spec: UNetSpec, j: int, out_channels: int, h: Array, inputs: _Inputs) -> Array:
+  """ResNet -> temporal conv (skipped for image batches); names as diffusers."""
+  resnet = _remat(layers.ResnetBlock, spec, static_argnums=(3,))
+  h = resnet(out_channels, spec.norm_num_groups, spec.dropout, spec.norm_eps, spec.dtype,
+             name=f"resnets_{j}")(h, inputs.temb, inputs.deterministic)
+  if inputs.use_temporal:
+    temporal_conv = _remat(layers.TemporalConvBlock, spec, static_argnums=(2,))
+    h = _to_images(temporal_conv(spec.norm_num_groups, spec.temporal_conv_dropout, spec.dtype,
+                                 name=f"temp_convs_{j}")(
+                                     _to_video(h, inputs.frames), inputs.deterministic))
+  return h
+
+
 def _layer(spec: UNetSpec, j: int, out_channels: int, attention: bool, h: Array,
            inputs: _Inputs) -> Array:
   """ResNet -> temporal conv [-> spatial transformer -> temporal transformer]; names as diffusers."""
-  groups, dtype, impl = spec.norm_num_groups, spec.dtype, spec.attention_impl
-  h = layers.ResnetBlock(out_channels, groups, spec.dropout, dtype, name=f"resnets_{j}")(
-      h, inputs.temb, inputs.deterministic)
-  if inputs.use_temporal:
-    h = _to_images(layers.TemporalConvBlock(groups, spec.dropout, dtype, name=f"temp_convs_{j}")(
-        _to_video(h, inputs.frames), inputs.deterministic))
+  h = _resnet(spec, j, out_channels, h, inputs)
   if attention:
-    h = layers.SpatialTransformer(spec.attention_head_dim, groups, impl, dtype,
-                                  name=f"attentions_{j}")(h, inputs.context)
+    h = _spatial_attention(spec, f"attentions_{j}", h, inputs)
     if inputs.use_temporal:
-      h = _to_images(layers.TemporalTransformer(
-          spec.attention_head_dim, groups, spec.temporal_position_embedding, impl, dtype,
-          name=f"temp_attentions_{j}")(_to_video(h, inputs.frames)))
+      h = _temporal_attention(spec, f"temp_attentions_{j}", h, inputs.frames)
   return nn.with_logical_constraint(h, ("batch", "height", "width", "channels"))
 
 
@@ -107,20 +176,16 @@ class DownBlock(nn.Module):
 
 
 class MidBlock(nn.Module):
-  """ResNet -> temporal conv -> (spatial attn -> temporal attn -> ResNet -> temporal conv)."""
+  """ResNet -> temporal conv -> spatial attn -> temporal attn -> ResNet -> temporal conv.
+
+  The attentions are there whatever `attention_levels` says (UNetMidBlock3DCrossAttn).
+  """
   spec: UNetSpec
 
   @nn.compact
   def __call__(self, h: Array, inputs: _Inputs) -> Array:
     spec, channels = self.spec, self.spec.block_out_channels[-1]
-    h = _layer(spec, 0, channels, False, h, inputs)
-    h = layers.SpatialTransformer(spec.attention_head_dim, spec.norm_num_groups,
-                                  spec.attention_impl, spec.dtype, name="attentions_0")(
-                                      h, inputs.context)
-    if inputs.use_temporal:
-      h = _to_images(layers.TemporalTransformer(
-          spec.attention_head_dim, spec.norm_num_groups, spec.temporal_position_embedding,
-          spec.attention_impl, spec.dtype, name="temp_attentions_0")(_to_video(h, inputs.frames)))
+    h = _layer(spec, 0, channels, True, h, inputs)
     return _layer(spec, 1, channels, False, h, inputs)
 
 
@@ -155,6 +220,9 @@ class UNet3D(nn.Module):
                use_temporal: bool = True, deterministic: bool = True) -> Array:
     spec = self.spec
     batch, frames = sample.shape[:2]
+    if context.shape[-1] != spec.cross_attention_dim:
+      raise ValueError(f"context has {context.shape[-1]} features; the U-Net was built for "
+                       f"cross_attention_dim={spec.cross_attention_dim}.")
     sample = nn.with_logical_constraint(
         sample, ("batch", "frames", "height", "width", "channels"))
     temb = layers.TimestepEmbedding(4 * spec.block_out_channels[0], spec.block_out_channels[0],
@@ -171,9 +239,7 @@ class UNet3D(nn.Module):
     h = layers.conv(spec.block_out_channels[0], (3, 3), spec.dtype, "conv_in")(
         _to_images(sample.astype(spec.dtype)))
     if use_temporal:
-      h = _to_images(layers.TemporalTransformer(
-          spec.attention_head_dim, spec.norm_num_groups, spec.temporal_position_embedding,
-          spec.attention_impl, spec.dtype, name="transformer_in")(_to_video(h, frames)))
+      h = _temporal_attention(spec, "transformer_in", h, frames, spec.transformer_in_heads)
 
     skips = [h]
     for level in range(len(spec.block_out_channels)):
@@ -183,6 +249,26 @@ class UNet3D(nn.Module):
     for i, level in enumerate(reversed(range(len(spec.block_out_channels)))):
       h = UpBlock(spec, level, name=f"up_blocks_{i}")(h, skips, inputs)
 
-    h = nn.silu(layers.group_norm(spec.norm_num_groups, "conv_norm_out")(h)).astype(spec.dtype)
+    h = layers.group_norm(spec.norm_num_groups, "conv_norm_out", spec.norm_eps)(h)
+    h = nn.silu(h).astype(spec.dtype)
     h = layers.conv(spec.out_channels, (3, 3), spec.dtype, "conv_out")(h)
     return _to_video(h, frames).reshape(batch, frames, *h.shape[1:]).astype(jnp.float32)
+
+
+def init_params(spec: UNetSpec, rng: Array, in_channels: int | None = None) -> Any:
+  """Fresh parameters (logically boxed) for `in_channels` inputs (None: 2 * out_channels).
+
+  Traced on a one-frame video of the smallest size every level can halve, so the cost is that of
+  the weights alone.
+  """
+  in_channels = in_channels or 2 * spec.out_channels
+  size = 2 ** (len(spec.block_out_channels) - 1)
+  sample = jnp.zeros((1, 1, size, size, in_channels), jnp.float32)
+  context = jnp.zeros((1, 1, spec.cross_attention_dim), jnp.float32)
+  return UNet3D(spec).init(rng, sample, jnp.zeros((1,), jnp.int32), context)["params"]
+
+
+def param_shapes(spec: UNetSpec, in_channels: int | None = None) -> Any:
+  """The parameter tree as unboxed `jax.ShapeDtypeStruct`s, without allocating any weights."""
+  shapes = jax.eval_shape(lambda rng: init_params(spec, rng, in_channels), jax.random.key(0))
+  return nn.meta.unbox(shapes)

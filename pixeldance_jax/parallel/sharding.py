@@ -41,10 +41,14 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules: LogicalRules):
   """NamedShardings for a tree of (possibly logically boxed) abstract arrays.
 
   Boxed leaves (`nn.LogicallyPartitioned`) are sharded by their logical names; plain leaves
-  (step counters, scalars) are replicated. The result mirrors the unboxed tree.
+  (step counters, scalars) are replicated. A box around an empty node (optax's `MaskedNode`,
+  the optimiser state of a frozen subtree) has no array to shard and is passed through. The
+  result mirrors the unboxed tree.
   """
   def one(leaf):
     if isinstance(leaf, nn.LogicallyPartitioned):
+      if not jax.tree.leaves(leaf.value):
+        return leaf.value
       spec = nn.logical_to_mesh_axes(leaf.names, rules)
       return NamedSharding(mesh, _divisible_spec(spec, leaf.value.shape, mesh))
     return NamedSharding(mesh, PartitionSpec())

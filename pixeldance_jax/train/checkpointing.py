@@ -59,3 +59,38 @@ def _restore(manager: ocp.CheckpointManager, step: int, items: dict[str, Any]) -
   except (ValueError, KeyError, TypeError, FileNotFoundError) as error:
     raise RuntimeError(f"Could not restore {sorted(items)} from checkpoint {path}: "
                        f"{type(error).__name__}: {error}") from error
+
+
+# --- Pretrained (converted) checkpoints -------------------------------------------------------
+# Written by `python -m pixeldance_jax.convert` as step 0 of a CheckpointManager directory with
+# the items "pretrained" ({"params": trainable, "frozen": frozen weights}) and "config".
+
+
+def save_pretrained(directory: str, params: Any, frozen: Any,
+                    config: ml_collections.ConfigDict) -> None:
+  manager = make_manager(directory)
+  if manager.latest_step() is not None:
+    raise FileExistsError(f"{checkpoint_dir(directory)} already holds checkpoints "
+                          f"{manager.all_steps()}; choose an empty output directory.")
+  manager.save(0, args=ocp.args.Composite(
+      pretrained=ocp.args.StandardSave({"params": params, "frozen": frozen}),
+      config=ocp.args.JsonSave(config.to_dict())))
+  manager.wait_until_finished()
+
+
+def is_pretrained(manager: ocp.CheckpointManager, step: int) -> bool:
+  """True for a converted checkpoint (no optimiser state), False for a training one."""
+  return os.path.isdir(os.path.join(str(manager.directory), str(step), "pretrained"))
+
+
+def restore_pretrained(directory: str, abstract_params: Any, abstract_frozen: Any
+                       ) -> tuple[Any, Any]:
+  """(params, frozen) of a converted checkpoint, restored onto the given shardings."""
+  manager = make_manager(directory, read_only=True)
+  step = latest_step(manager, directory)
+  if not is_pretrained(manager, step):
+    raise ValueError(f"{checkpoint_dir(directory)}/{step} is not a converted checkpoint "
+                     f"(python -m pixeldance_jax.convert writes those).")
+  target = {"params": abstract_params, "frozen": abstract_frozen}
+  restored = _restore(manager, step, {"pretrained": ocp.args.StandardRestore(target)})
+  return restored["pretrained"]["params"], restored["pretrained"]["frozen"]

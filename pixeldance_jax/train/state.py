@@ -11,7 +11,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from pixeldance_jax.models import pixeldance
+from pixeldance_jax.models import autoencoder_kl, pixeldance
 from pixeldance_jax.parallel import sharding
 
 Array = jax.Array
@@ -24,6 +24,9 @@ class TrainState:
   params: Params
   ema_params: Params
   opt_state: optax.OptState
+  # Pretrained weights that are never trained (outside the optimiser and the EMA):
+  # {"autoencoder": KL VAE params} when config.autoencoder.kind == "kl", else {}.
+  frozen: Params
 
 
 def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -63,14 +66,25 @@ def ema_decay(config: ml_collections.ConfigDict, step: Array) -> Array:
   return jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
 
 
+def _init_frozen(rng: Array, config: ml_collections.ConfigDict) -> Params:
+  """Randomly initialised frozen weights: their shapes; the values come from `init_from`."""
+  if config.autoencoder.kind != "kl":
+    return {}
+  spec = autoencoder_kl.AutoencoderKLSpec.from_config(config)
+  size = 8 * spec.downsample_factor
+  variables = autoencoder_kl.AutoencoderKL(spec).init(rng, jnp.zeros((1, size, size, 3)))
+  return {"autoencoder": flax.core.unfreeze(variables["params"])}
+
+
 def _init_state(rng: Array, config: ml_collections.ConfigDict) -> TrainState:
   """Boxed (logically partitioned) state: the shapes and axis names of everything."""
+  model_rng, frozen_rng = jax.random.split(rng)
   model = pixeldance.make_model(config)
-  params = model.init(rng, *pixeldance.dummy_inputs(config))["params"]
+  params = model.init(model_rng, *pixeldance.dummy_inputs(config))["params"]
   params = flax.core.unfreeze(params)
   opt_state = make_optimizer(config).init(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=opt_state)
+                    opt_state=opt_state, frozen=_init_frozen(frozen_rng, config))
 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainState, Any]:
@@ -89,6 +103,16 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, rng: Array
   _, shardings = abstract_state(config, mesh)
   init = jax.jit(lambda r: nn.meta.unbox(_init_state(r, config)), out_shardings=shardings)
   return init(rng)
+
+
+def init_weights(config: ml_collections.ConfigDict, mesh: Mesh, rng: Array
+                 ) -> tuple[Params, Params]:
+  """(params, frozen) initialised into their shards, without the optimiser state."""
+  _, shardings = abstract_state(config, mesh)
+  def init(r):
+    state = nn.meta.unbox(_init_state(r, config))
+    return state.params, state.frozen
+  return jax.jit(init, out_shardings=(shardings.params, shardings.frozen))(rng)
 
 
 def count_params(params: Params) -> int:

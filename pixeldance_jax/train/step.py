@@ -33,15 +33,18 @@ def null_token_ids(config: ml_collections.ConfigDict) -> Array:
   return jnp.asarray(tokenizer.empty_prompt_tokens(text.max_length, text.pad_token_id))
 
 
-def loss_fn(params, batch: Batch, rng: Array, config: ml_collections.ConfigDict,
+def loss_fn(params, frozen, batch: Batch, rng: Array, config: ml_collections.ConfigDict,
             use_temporal: bool = True) -> tuple[Array, dict[str, Array]]:
-  """Denoising loss of one batch; conditions and noise are drawn from `rng`."""
-  model = pixeldance.make_model(config)
-  autoencoder = autoencoder_lib.make_autoencoder(config)
-  alpha_bar = jnp.asarray(schedules.alphas_cumprod(config.diffusion))
-  cond_rng, time_rng, noise_rng, dropout_rng = jax.random.split(rng, 4)
+  """Denoising loss of one batch; conditions and noise are drawn from `rng`.
 
-  latents = autoencoder.encode(video_to_pixels(batch["video"]))
+  `frozen` holds the pretrained weights that are not trained (the KL autoencoder's).
+  """
+  model = pixeldance.make_model(config)
+  autoencoder = autoencoder_lib.make_autoencoder(config, frozen.get("autoencoder"))
+  alpha_bar = jnp.asarray(schedules.alphas_cumprod(config.diffusion))
+  cond_rng, time_rng, noise_rng, dropout_rng, encode_rng = jax.random.split(rng, 5)
+
+  latents = autoencoder.encode(video_to_pixels(batch["video"]), encode_rng)
   image_condition, token_ids = conditioning.training_conditions(
       cond_rng, latents, batch["tokens"], null_token_ids(config), alpha_bar, config)
   batch_size = latents.shape[0]
@@ -81,8 +84,8 @@ def train_step(state: state_lib.TrainState, batch: Batch, base_rng: Array,
   """
   rng = jax.random.fold_in(base_rng, state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, metrics), grads = grad_fn(state.params, batch, rng, config, use_temporal)
-  grad_norm = optax.global_norm(grads)
+  (loss, metrics), grads = grad_fn(state.params, state.frozen, batch, rng, config, use_temporal)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   new_state = _update(state, grads, config)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)

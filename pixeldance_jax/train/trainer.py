@@ -5,6 +5,7 @@ import os
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
@@ -79,6 +80,23 @@ def _check_finite(pending: list[tuple[int, dict]], last_saved: int | None) -> di
           for name in ("loss", "grad_norm", "learning_rate")}
 
 
+def _initialise_from(state: state_lib.TrainState, abstract: state_lib.TrainState,
+                     config: ml_collections.ConfigDict) -> state_lib.TrainState:
+  """Pretrained weights from `config.init_from` (a converted checkpoint), if given."""
+  if not config.init_from:
+    if config.autoencoder.kind == "kl":
+      raise ValueError("config.autoencoder.kind='kl' needs pretrained VAE weights: convert a "
+                       "diffusers checkpoint with `python -m pixeldance_jax.convert` and pass "
+                       "--config.init_from=<its output directory>.")
+    return state
+  params, frozen = checkpointing.restore_pretrained(config.init_from, abstract.params,
+                                                    abstract.frozen)
+  logging.info("initialised parameters from %s", config.init_from)
+  # AdamW's moments start at zero whatever the weights, so the fresh optimiser state stands.
+  # The EMA gets its own buffers: the train step donates both trees.
+  return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), frozen=frozen)
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
   """Trains (or resumes) in `workdir`: checkpoints, TensorBoard logs and config.json go there."""
   workdir = os.path.abspath(workdir)
@@ -96,6 +114,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     state = checkpointing.restore(manager, manager.latest_step(), abstract, iterator)
   else:
     state = state_lib.create_train_state(config, mesh, init_rng)
+    state = _initialise_from(state, abstract, config)
   logging.info("parameters: U-Net %.2fM, text encoder %.2fM",
                state_lib.count_params(state.params["unet"]) / 1e6,
                state_lib.count_params(state.params["text_encoder"]) / 1e6)
