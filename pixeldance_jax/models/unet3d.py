@@ -28,6 +28,20 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
                   "nothing_saveable", "everything_saveable")
 
 
+ATTENTION_IMPLS = (None, "xla", "cudnn")  # jax.nn.dot_product_attention's implementations.
+
+
+def _attention_impl(unet: ml_collections.ConfigDict) -> str | None:
+  impl = unet.attention_impl or None
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"config.unet.attention_impl={unet.attention_impl!r} is not one of "
+                     f"{ATTENTION_IMPLS} (jax.nn.dot_product_attention implementations).")
+  if impl == "cudnn" and jnp.dtype(unet.dtype).itemsize != 2:
+    raise ValueError("config.unet.attention_impl='cudnn' needs a 16-bit config.unet.dtype "
+                     f"(bfloat16 or float16), got {unet.dtype!r}.")
+  return impl
+
+
 @dataclasses.dataclass(frozen=True)
 class UNetSpec:
   """Static hyper-parameters of the U-Net (a hashable copy of `config.unet`)."""
@@ -75,7 +89,7 @@ class UNetSpec:
                pooled_text_embedding=unet.pooled_text_embedding,
                dropout=unet.dropout, temporal_conv_dropout=unet.temporal_conv_dropout,
                remat_policy=unet.remat_policy, dtype=jnp.dtype(unet.dtype),
-               attention_impl=unet.attention_impl or None)
+               attention_impl=_attention_impl(unet))
 
 
 @dataclasses.dataclass

@@ -1,0 +1,154 @@
+"""Sharding, mixed precision and attention implementations.
+
+The 8-device checks run in a subprocess (tests/multi_device_checks.py): XLA fixes the device
+count at the first jax import, and the rest of the suite runs on one device.
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import unit_test
+from pixeldance_jax.models import pixeldance, unet3d
+from pixeldance_jax.parallel import mesh as mesh_lib
+from pixeldance_jax.train import state as state_lib
+from pixeldance_jax.train import step as step_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def eight_devices() -> dict:
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, str(REPO / "tests" / "multi_device_checks.py")],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+  if result.returncode:
+    raise AssertionError(f"multi_device_checks.py failed:\n{result.stderr[-5000:]}")
+  return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mesh", ["1x8x1", "2x2x2"])
+def test_no_large_state_leaf_is_replicated_at_paper_size(eight_devices, mesh):
+  offenders = eight_devices["replicated"][mesh]
+  assert not offenders, (f"{len(offenders)} state leaves over 1 MiB are fully replicated on "
+                         f"mesh data x fsdp x tensor = {mesh}:\n" + "\n".join(offenders))
+
+
+def test_replication_check_sees_replicated_convolutions(eight_devices):
+  """The control maps conv_in to None: every conv kernel must then be reported."""
+  offenders = eight_devices["replicated"]["control"]
+  assert any("['conv1']['kernel']" in leaf for leaf in offenders), offenders[:5]
+
+
+@pytest.mark.parametrize("name,spec,shard_shape", [
+    ("conv", [None, None, "fsdp", "tensor"], [3, 3, 8, 16]),
+    ("attention", ["fsdp", "tensor"], [16, 16]),
+    ("token_embedding", ["tensor", "fsdp"], [24704, 16]),
+    ("adam_mu_conv", [None, None, "fsdp", "tensor"], [3, 3, 8, 16]),
+])
+def test_create_train_state_shards_on_a_2x2x2_mesh(eight_devices, name, spec, shard_shape):
+  placement = eight_devices["step"]["placements"][name]
+  assert placement["spec"] == spec, placement
+  assert placement["shard_shape"] == shard_shape, placement
+
+
+def test_train_step_loss_does_not_depend_on_the_mesh(eight_devices):
+  data_parallel, mixed = eight_devices["step"]["8x1x1"], eight_devices["step"]["2x2x2"]
+  assert np.isfinite(data_parallel["loss"])
+  np.testing.assert_allclose(mixed["loss"], data_parallel["loss"], rtol=0, atol=1e-5)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "Known bug, not yet understood: on a (2, 2, 2) mesh the loss matches but some U-Net "
+    "attention gradients differ by O(1) relative; every mesh with an axis of size 1 agrees."))
+def test_train_step_gradients_do_not_depend_on_the_mesh(eight_devices):
+  data_parallel, mixed = eight_devices["step"]["8x1x1"], eight_devices["step"]["2x2x2"]
+  np.testing.assert_allclose(mixed["grad_norm"], data_parallel["grad_norm"], rtol=1e-4)
+
+
+def _fixed_batch(config) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  size, text = config.data.image_size, config.text_encoder
+  return {"video": rng.integers(0, 256, (config.batch_size, config.data.frames, size, size, 3),
+                                dtype=np.uint8),
+          "tokens": rng.integers(0, text.vocab_size, (config.batch_size, text.max_length),
+                                 dtype=np.int32)}
+
+
+def _one_step(dtype: str):
+  config = unit_test.get_config()
+  config.unet.dtype = dtype
+  mesh = mesh_lib.make_mesh(config.mesh)
+  state = state_lib.create_train_state(config, mesh, jax.random.key(0))
+  _, shardings = state_lib.abstract_state(config, mesh)
+  train_step = step_lib.jit_train_step(config, mesh, shardings)
+  batch = mesh_lib.global_batch(_fixed_batch(config), mesh)
+  return train_step(state, batch, jax.random.key(1))
+
+
+def test_bfloat16_compute_keeps_float32_master_weights():
+  state, metrics = _one_step("bfloat16")
+  _, reference = _one_step("float32")
+  trained = (state.params, state.ema_params, state.opt_state)
+  dtypes = {str(leaf.dtype) for leaf in jax.tree.leaves(trained) if leaf.ndim}
+  assert dtypes == {"float32"}, dtypes
+  assert bool(metrics["finite"])
+  loss, reference_loss = float(metrics["loss"]), float(reference["loss"])
+  assert loss != reference_loss, "unet.dtype=bfloat16 changed nothing: is it ignored?"
+  np.testing.assert_allclose(loss, reference_loss, rtol=0.03)
+
+
+# Implementations compared with "xla", and the backend each needs. Pallas flash/splash attention
+# (TPU) is not an option of jax.nn.dot_product_attention, which is what the model calls.
+ATTENTION_IMPLS = {None: None, "cudnn": "gpu"}
+
+
+@pytest.fixture(scope="module")
+def unet_inputs():
+  """Unit-test U-Net parameters with the zero-initialised temporal outputs perturbed.
+
+  Zero temporal outputs would hide the temporal attention from the comparison.
+  """
+  config = unit_test.get_config()
+  model = pixeldance.make_model(config)
+  params = jax.jit(model.init)(jax.random.key(0), *pixeldance.dummy_inputs(config))
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x: x + 0.1 if "temp_" in jax.tree_util.keystr(path) else x, params)
+  rng = np.random.default_rng(0)
+  sample, timesteps, token_ids = pixeldance.dummy_inputs(config, batch=2)
+  sample = jnp.asarray(rng.normal(size=sample.shape), jnp.float32)
+  token_ids = jnp.asarray(rng.integers(0, 1000, token_ids.shape), jnp.int32)
+  return config, params, (sample, jnp.asarray([3, 700], jnp.int32), token_ids)
+
+
+def _unet_output(config, params, inputs, impl: str | None, dtype: str) -> np.ndarray:
+  config = config.copy_and_resolve_references()
+  config.unet.attention_impl, config.unet.dtype = impl, dtype
+  return np.asarray(jax.jit(pixeldance.make_model(config).apply)(params, *inputs))
+
+
+@pytest.mark.parametrize("impl", list(ATTENTION_IMPLS))
+def test_attention_implementations_agree(unet_inputs, impl):
+  backend = ATTENTION_IMPLS[impl]
+  if backend and jax.default_backend() != backend:
+    pytest.skip(f"attention_impl={impl!r} needs a {backend} backend")
+  config, params, inputs = unet_inputs
+  # cuDNN's fused attention takes only 16-bit inputs: compare in bfloat16 at its precision.
+  dtype, atol = ("bfloat16", 3e-2) if impl == "cudnn" else ("float32", 1e-5)
+  expected = _unet_output(config, params, inputs, "xla", dtype)
+  np.testing.assert_allclose(_unet_output(config, params, inputs, impl, dtype), expected,
+                             atol=atol, rtol=0)
+
+
+def test_unknown_attention_implementation_is_a_config_error():
+  config = unit_test.get_config()
+  config.unet.attention_impl = "flash"
+  with pytest.raises(ValueError, match="attention_impl"):
+    unet3d.UNetSpec.from_config(config)
