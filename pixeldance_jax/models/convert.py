@@ -9,7 +9,7 @@ import dataclasses
 import os
 import pathlib
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -60,12 +60,15 @@ def load_safetensors_folder(path: str | os.PathLike, variant: str | None = None
 
 
 def torch_to_flax_leaf(torch_name: str, value: np.ndarray, expected_ndim: int) -> np.ndarray:
-  """Lays out a torch tensor as Flax expects: conv OIHW -> HWIO, linear (out, in) -> (in, out).
+  """Lays out a torch tensor as Flax expects: conv OIHW -> HWIO, Conv3d OITHW -> THWIO,
+  linear (out, in) -> (in, out).
 
   A 1x1 conv standing in for a linear layer (old checkpoints) is squeezed first.
   """
   if not torch_name.endswith(".weight"):
     return value
+  if value.ndim == 5:
+    return value.transpose(2, 3, 4, 1, 0)
   if value.ndim == 4 and expected_ndim == 2:
     if value.shape[2:] != (1, 1):
       return value  # Left as is so the shape check reports it.
@@ -91,6 +94,34 @@ def flax_path_from_torch_name(torch_name: str, weight_ndim: int) -> PathTuple:
   if parts[-1] == "weight":
     parts[-1] = "scale" if weight_ndim == 1 else "kernel"
   return tuple(parts)
+
+
+def convert_tensors(state_dict: Mapping[str, np.ndarray], expected: Mapping[PathTuple, Any],
+                    canonical_name: Callable[[str], str], dtype: Any
+                    ) -> tuple[dict[PathTuple, np.ndarray], dict[PathTuple, str], list[str]]:
+  """Renames and lays out every tensor: (Flax path -> array, Flax path -> torch name, problems).
+
+  `expected` (flat Flax path -> shape) gives each module's weight rank, which decides its Flax
+  name and layout; `canonical_name` maps legacy torch names to current ones first.
+  """
+  weight_ndim = {path[:-1]: len(shape.shape) for path, shape in expected.items()
+                 if path[-1] in ("kernel", "scale")}
+  converted: dict[PathTuple, np.ndarray] = {}
+  sources: dict[PathTuple, str] = {}
+  problems: list[str] = []
+  for torch_name, value in state_dict.items():
+    name, value = canonical_name(torch_name), np.asarray(value)
+    module = flax_path_from_torch_name(name, 0)[:-1]
+    ndim = weight_ndim.get(module, value.ndim)  # Unknown modules are reported as unexpected.
+    path = flax_path_from_torch_name(name, ndim)
+    if path in converted:  # E.g. both an old name (`query`) and its new one (`to_q`).
+      problems.append(f"duplicate: {torch_name} and {sources[path]} both map to "
+                      f"{'/'.join(path)}")
+      continue
+    array = torch_to_flax_leaf(name, value, ndim)
+    converted[path] = array if dtype is None else array.astype(dtype)
+    sources[path] = torch_name
+  return converted, sources, problems
 
 
 def check_and_build(converted: Mapping[PathTuple, np.ndarray],
@@ -150,25 +181,8 @@ def vae_params_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
     ValueError: listing every missing, unexpected or mis-shaped tensor.
   """
   expected = traverse_util.flatten_dict(autoencoder_kl.param_shapes(spec))
-  # Rank of each module's weight (kernel or scale), which decides its Flax name and layout.
-  weight_ndim = {path[:-1]: len(shape.shape) for path, shape in expected.items()
-                 if path[-1] in ("kernel", "scale")}
-  converted: dict[PathTuple, np.ndarray] = {}
-  sources: dict[PathTuple, str] = {}
-  duplicates: list[str] = []
-  for torch_name, value in state_dict.items():
-    name, value = vae_canonical_name(torch_name), np.asarray(value)
-    module = flax_path_from_torch_name(name, 0)[:-1]
-    ndim = weight_ndim.get(module, value.ndim)  # Unknown modules are reported as unexpected.
-    path = flax_path_from_torch_name(name, ndim)
-    if path in converted:  # E.g. both the old `query` and the new `to_q`.
-      duplicates.append(f"duplicate: {torch_name} and {sources[path]} both map to "
-                        f"{'/'.join(path)}")
-      continue
-    array = torch_to_flax_leaf(name, value, ndim)
-    converted[path] = array if dtype is None else array.astype(dtype)
-    sources[path] = torch_name
-  return check_and_build(converted, expected, sources, "AutoencoderKL", tuple(duplicates))
+  converted, sources, problems = convert_tensors(state_dict, expected, vae_canonical_name, dtype)
+  return check_and_build(converted, expected, sources, "AutoencoderKL", tuple(problems))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,37 +293,6 @@ def unet_is_temporal(path: PathTuple) -> bool:
   return any(_UNET_TEMPORAL_MODULE.fullmatch(part) for part in path)
 
 
-def unet_flax_leaf(torch_name: str, value: np.ndarray, expected_ndim: int) -> np.ndarray:
-  """As `torch_to_flax_leaf`, plus Conv3d `[out, in, t, h, w]` -> `[t, h, w, in, out]`."""
-  if torch_name.endswith(".weight") and value.ndim == 5:
-    return value.transpose(2, 3, 4, 1, 0)
-  return torch_to_flax_leaf(torch_name, value, expected_ndim)
-
-
-def _unet_convert(state_dict: Mapping[str, np.ndarray], expected: Mapping[PathTuple, Any],
-                  dtype: Any) -> tuple[dict[PathTuple, np.ndarray], dict[PathTuple, str],
-                                       list[str]]:
-  """Renames and lays out every tensor: (Flax path -> array, Flax path -> torch name, problems)."""
-  weight_ndim = {path[:-1]: len(shape.shape) for path, shape in expected.items()
-                 if path[-1] in ("kernel", "scale")}
-  converted: dict[PathTuple, np.ndarray] = {}
-  sources: dict[PathTuple, str] = {}
-  problems: list[str] = []
-  for torch_name, value in state_dict.items():
-    name, value = unet_canonical_name(torch_name), np.asarray(value)
-    module = flax_path_from_torch_name(name, 0)[:-1]
-    ndim = weight_ndim.get(module, value.ndim)  # Unknown modules are reported as unexpected.
-    path = flax_path_from_torch_name(name, ndim)
-    if path in converted:
-      problems.append(f"duplicate: {torch_name} and {sources[path]} both map to "
-                      f"{'/'.join(path)}")
-      continue
-    array = unet_flax_leaf(name, value, ndim)
-    converted[path] = array if dtype is None else array.astype(dtype)
-    sources[path] = torch_name
-  return converted, sources, problems
-
-
 def unet_zero_extend_conv_in(converted: dict[PathTuple, np.ndarray],
                              expected: Mapping[PathTuple, Any], latent_channels: int) -> None:
   """Pads a `latent_channels`-input conv_in kernel with zeros up to the expected inputs.
@@ -354,7 +337,7 @@ def unet_params_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
       `text_embedding`, with `spec.pooled_text_embedding`, is missing from any diffusers file).
   """
   expected = traverse_util.flatten_dict(unet3d.param_shapes(spec, in_channels))
-  converted, sources, problems = _unet_convert(state_dict, expected, dtype)
+  converted, sources, problems = convert_tensors(state_dict, expected, unet_canonical_name, dtype)
   unet_zero_extend_conv_in(converted, expected, spec.out_channels)
   return check_and_build(converted, expected, sources, "UNet3DConditionModel", tuple(problems))
 
@@ -388,7 +371,7 @@ def unet_params_from_2d_torch_state_dict(state_dict_2d: Mapping[str, np.ndarray]
   """
   full = traverse_util.flatten_dict(unet3d.param_shapes(spec, in_channels))
   spatial = {path: shape for path, shape in full.items() if not unet_is_temporal(path)}
-  converted, sources, problems = _unet_convert(state_dict_2d, spatial, dtype)
+  converted, sources, problems = convert_tensors(state_dict_2d, spatial, unet_canonical_name, dtype)
   unet_zero_extend_conv_in(converted, spatial, spec.out_channels)
   params = traverse_util.flatten_dict(
       check_and_build(converted, spatial, sources, "UNet2DConditionModel", tuple(problems)))
