@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from pixeldance_jax.models.layers import conv, default_kernel_init, dense, group_norm, logical
-from pixeldance_jax.models.layers import zeros_init
+from pixeldance_jax.models.layers import Upsample, zeros_init
 
 Array = jax.Array
 Dtype = Any
@@ -156,18 +156,8 @@ class UpDecoderBlock(nn.Module):
     for i in range(self.num_layers):
       x = ResnetBlock(self.out_channels, self.groups, self.dtype, name=f"resnets_{i}")(x)
     if self.upsample:
-      x = Upsample(self.dtype, name="upsamplers_0")(x)
+      x = Upsample(self.dtype, name="upsamplers_0")(x)  # The U-Net's: same layout.
     return x
-
-
-class Upsample(nn.Module):
-  """diffusers Upsample2D: nearest 2x (exactly a repeat, so no resize kernel), then a conv."""
-  dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)
-    return conv(x.shape[-1], (3, 3), self.dtype, "conv")(x)
 
 
 class Encoder(nn.Module):
