@@ -16,8 +16,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from pixeldance_jax.models.layers import conv, default_kernel_init, dense, group_norm, logical
-from pixeldance_jax.models.layers import Upsample, zeros_init
+from pixeldance_jax.models.layers import Upsample, conv, dense, group_norm
 
 Array = jax.Array
 Dtype = Any
@@ -62,9 +61,7 @@ class AutoencoderKLSpec:
 
 def _downsample_conv(features: int, dtype: Dtype, name: str) -> nn.Conv:
   """Stride-2 3x3 conv padded (0, 1) per spatial axis, as diffusers' Downsample2D(padding=0)."""
-  return nn.Conv(features, (3, 3), strides=2, padding=((0, 1), (0, 1)), dtype=dtype, name=name,
-                 kernel_init=logical(default_kernel_init, (None, None, "conv_in", "conv_out")),
-                 bias_init=logical(zeros_init, ("conv_out",)))
+  return conv(features, (3, 3), dtype, name, strides=2, padding=((0, 1), (0, 1)))
 
 
 def _norm_silu(groups: int, name: str, x: Array, dtype: Dtype) -> Array:

@@ -11,6 +11,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from pixeldance_jax.models import splash
+
 Array = jax.Array
 Dtype = Any
 
@@ -31,15 +33,35 @@ def dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str,
                   bias_init=logical(zeros_init, (axes[1],)))
 
 
+# Logical names of the activation axes a convolution sees: images or videos, channels last.
+_CONV_INPUT_AXES = {4: ("batch", "height", "width", "channels"),
+                    5: ("batch", "frames", "height", "width", "channels")}
+
+
+class Conv(nn.Conv):
+  """nn.Conv whose input is pinned to the activation layout (batch split, channels whole).
+
+  Without the pin, XLA's SPMD partitioner (jax 0.10.2, CPU; Shardy and GSPMD alike) computes
+  wrong input gradients for a chain of 3x3 convolutions on a mesh with data, fsdp and tensor
+  all > 1 (kernels `[.., fsdp, tensor]`, batch over data x fsdp): three 3x3 convs in a row
+  already give O(1) errors in the first kernel's gradient, while 1x1 convs and every mesh with
+  an axis of size 1 agree. tests/test_parallel.py checks the gradients across meshes.
+  """
+
+  def __call__(self, inputs: Array) -> Array:
+    return super().__call__(nn.with_logical_constraint(inputs, _CONV_INPUT_AXES[inputs.ndim]))
+
+
 def conv(features: int, kernel_size: tuple[int, ...], dtype: Dtype, name: str,
-         strides: int = 1, zero_init: bool = False) -> nn.Conv:
-  """A 'same'-padded convolution; kernel `[*window, in, out]` with logical axis names."""
+         strides: int | tuple[int, ...] = 1, zero_init: bool = False,
+         padding: tuple[tuple[int, int], ...] | None = None) -> Conv:
+  """A convolution, 'same'-padded unless `padding` is given; kernel `[*window, in, out]`."""
   window_axes = (None,) * len(kernel_size)
   kernel_init = zeros_init if zero_init else default_kernel_init
-  padding = tuple((k // 2, k // 2) for k in kernel_size)
-  return nn.Conv(features, kernel_size, strides=strides, padding=padding, dtype=dtype,
-                 name=name, kernel_init=logical(kernel_init, window_axes + ("conv_in", "conv_out")),
-                 bias_init=logical(zeros_init, ("conv_out",)))
+  padding = tuple((k // 2, k // 2) for k in kernel_size) if padding is None else padding
+  return Conv(features, kernel_size, strides=strides, padding=padding, dtype=dtype,
+              name=name, kernel_init=logical(kernel_init, window_axes + ("conv_in", "conv_out")),
+              bias_init=logical(zeros_init, ("conv_out",)))
 
 
 def group_norm(groups: int, name: str, epsilon: float = 1e-5) -> nn.GroupNorm:
@@ -122,6 +144,20 @@ class TemporalConvBlock(nn.Module):
     return x + h
 
 
+def attention(q: Array, k: Array, v: Array, impl: str | None) -> Array:
+  """Softmax attention `[n, length, heads, head_dim]`; `impl` is config.unet.attention_impl.
+
+  "splash" runs Pallas splash attention on sequences of at least one 128-position block (the
+  spatial self-attention, and its cross-attention to the text); shorter ones (the temporal
+  attention over frames) would be mostly padding there and go to XLA.
+  """
+  if impl == "splash":
+    if q.shape[1] >= splash.BLOCK:
+      return splash.splash_attention(q, k, v)
+    impl = "xla"
+  return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+
+
 class Attention(nn.Module):
   """Multi-head attention with diffusers' to_q/to_k/to_v (no bias) and to_out.
 
@@ -140,7 +176,7 @@ class Attention(nn.Module):
     q = split(dense(inner, ("embed", "heads"), self.dtype, "to_q", use_bias=False)(x))
     k = split(dense(inner, ("embed", "heads"), self.dtype, "to_k", use_bias=False)(context))
     v = split(dense(inner, ("embed", "heads"), self.dtype, "to_v", use_bias=False)(context))
-    out = jax.nn.dot_product_attention(q, k, v, implementation=self.impl)
+    out = attention(q, k, v, self.impl)
     out = out.reshape(out.shape[:-2] + (inner,))
     return dense(x.shape[-1], ("heads", "embed"), self.dtype, "to_out")(out)
 

@@ -28,14 +28,16 @@ REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_save
                   "nothing_saveable", "everything_saveable")
 
 
-ATTENTION_IMPLS = (None, "xla", "cudnn")  # jax.nn.dot_product_attention's implementations.
+# jax.nn.dot_product_attention's implementations, and Pallas splash attention (TPU; see
+# layers.attention for which sequences it takes).
+ATTENTION_IMPLS = (None, "xla", "cudnn", "splash")
 
 
 def _attention_impl(unet: ml_collections.ConfigDict) -> str | None:
   impl = unet.attention_impl or None
   if impl not in ATTENTION_IMPLS:
     raise ValueError(f"config.unet.attention_impl={unet.attention_impl!r} is not one of "
-                     f"{ATTENTION_IMPLS} (jax.nn.dot_product_attention implementations).")
+                     f"{ATTENTION_IMPLS}.")
   if impl == "cudnn" and jnp.dtype(unet.dtype).itemsize != 2:
     raise ValueError("config.unet.attention_impl='cudnn' needs a 16-bit config.unet.dtype "
                      f"(bfloat16 or float16), got {unet.dtype!r}.")
