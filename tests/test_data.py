@@ -180,17 +180,23 @@ def test_loader_yields_typed_batches(data_dir: str):
   np.testing.assert_array_equal(batch["tokens"][:, 0], tokenizer.START_OF_TEXT)
 
 
-def test_process_shards_of_one_epoch_are_disjoint(data_dir: str):
+@pytest.mark.parametrize("process_count", [2, 4])
+def test_process_shards_of_one_epoch_are_disjoint_and_complete(data_dir: str,
+                                                               process_count: int):
   config = _tiny_config()
   all_videos = pipeline.build_dataset(config.data, data_dir).as_data_source("train")
-  assert len(set(_video_keys(np.stack([r["video"] for r in all_videos])))) == 40
+  everything = set(_video_keys(np.stack([r["video"] for r in all_videos])))
+  assert len(everything) == 40
   shards = []
-  for process_index in range(2):
-    iterator = iter(pipeline.make_train_loader(config, data_dir, process_index, 2))
-    # 20 clips per process, 4 per process batch: one epoch is 5 batches.
-    shards.append(set(sum((_video_keys(next(iterator)["video"]) for _ in range(5)), [])))
-  assert len(shards[0]) == len(shards[1]) == 20
-  assert not shards[0] & shards[1]
+  per_process = 40 // process_count
+  batches_per_epoch = per_process // (config.batch_size // process_count)
+  for process_index in range(process_count):
+    iterator = iter(pipeline.make_train_loader(config, data_dir, process_index, process_count))
+    shard = sum((_video_keys(next(iterator)["video"]) for _ in range(batches_per_epoch)), [])
+    assert len(set(shard)) == len(shard) == per_process  # One epoch: no repeats.
+    shards.append(set(shard))
+  assert set().union(*shards) == everything
+  assert sum(len(shard) for shard in shards) == len(everything)  # Hence pairwise disjoint.
 
 
 def test_batch_size_must_divide_over_processes(data_dir: str):

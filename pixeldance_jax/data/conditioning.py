@@ -1,7 +1,12 @@
 """PixelDance's image and text conditions (PAPER.md, Training).
 
-These run on device inside the jitted train step: they need the VAE latents (computed there),
-and drawing them from `fold_in(rng, step)` makes them part of the exactly reproducible step.
+These run on device inside the jitted train step: they need the VAE latents (computed there,
+or sampled there from cached moments), and drawing them from `fold_in(rng, step)` makes them
+part of the exactly reproducible step. Against PAPER.md: the last frame is drawn uniformly from
+the clip's last 3 frames; "noise corresponding to 100 timesteps" is the forward process
+q(z_100 | z_0) applied to both condition latents; the last frame is zeroed with probability eta
+(0.25); the text becomes the empty prompt with probability text_drop_prob (the paper gives no
+value; 0.1). On the host (`pipeline.SampleClip`) only the clip window is picked.
 
 c_image = [first, 0, ..., 0, last] along frames, concatenated with z_t on channels.
 """
@@ -38,19 +43,28 @@ def noise_condition(rng: Array, frame_latent: Array, alpha_bar: Array, timestep:
   return schedules.add_noise(alpha_bar, frame_latent, noise, steps)
 
 
-def training_conditions(rng: Array, latents: Array, token_ids: Array, null_token_ids: Array,
+def training_conditions(rng: Array, latents: Array, text: Array, null_text: Array,
                         alpha_bar: Array, config: ml_collections.ConfigDict
                         ) -> tuple[Array, Array]:
-  """Draws (c_image `[b, f, h, w, c]`, token ids `[b, length]`) for one training batch.
+  """Draws (c_image `[b, f, h, w, c]`, text) for one training batch.
 
-  latents: the clip `[b, f, h, w, c]`. The last frame is drawn uniformly from the clip's last
+  latents: the clip `[b, f, h, w, c]`. text: token ids `[b, length]` with `null_text` the empty
+  prompt's `[length]`, or (latent cache) embeddings `[b, length, hidden]` with the empty
+  prompt's `[length, hidden]`. The last frame is drawn uniformly from the clip's last
   `cond.last_frame_candidates` frames; first and last get `cond.noise_timestep` noise; the last
   frame is dropped (zeros) with probability eta; the text is replaced by the empty prompt with
   probability `cond.text_drop_prob`. The `use_*` switches turn a condition off entirely.
+
+  A single frame (the image batches of joint training) has no other frame to condition on:
+  its c_image is zeros, so image steps train text-to-image, with text dropout as for videos.
   """
   cond = config.conditioning
   batch, frames = latents.shape[:2]
   last_rng, first_noise_rng, last_noise_rng, drop_rng, text_rng = jax.random.split(rng, 5)
+  keep_text = ~_bernoulli(text_rng, cond.text_drop_prob, batch) & cond.use_text
+  text = _where_batch(keep_text, text, jnp.broadcast_to(null_text, text.shape))
+  if frames == 1:
+    return jnp.zeros_like(latents), text
   candidates = min(cond.last_frame_candidates, frames - 1)
   last_index = frames - 1 - jax.random.randint(last_rng, (batch,), 0, candidates)
   last = jnp.take_along_axis(latents, last_index[:, None, None, None, None], axis=1)[:, 0]
@@ -60,6 +74,4 @@ def training_conditions(rng: Array, latents: Array, token_ids: Array, null_token
   keep_last = ~_bernoulli(drop_rng, cond.last_frame_drop_prob, batch) & cond.use_last_frame
   last = _where_batch(keep_last, last, jnp.zeros_like(last))
   first = first if cond.use_first_frame else jnp.zeros_like(first)
-  keep_text = ~_bernoulli(text_rng, cond.text_drop_prob, batch) & cond.use_text
-  token_ids = _where_batch(keep_text, token_ids, jnp.broadcast_to(null_token_ids, token_ids.shape))
-  return image_condition(first, last, frames), token_ids
+  return image_condition(first, last, frames), text

@@ -1,0 +1,160 @@
+"""Listing local collections: which files to read and their captions (no decoding here).
+
+Three layouts (the `source` of a local dataset):
+
+- `video_folder`: videos anywhere under a folder. Captions from a CSV (default
+  `<folder>/captions.csv`; columns `file` and `caption`, `file` relative to the folder) or, for a
+  video without a row there, a side file with the same stem and `.txt` (`clip.mp4` ->
+  `clip.txt`).
+- `webvid_csv`: a WebVid-style CSV (`videoid`, `name`, optional `duration` as seconds or
+  `PT00H00M12S`, optional `page_dir`) or the same with `path` / `caption` columns; videos are found
+  under the folder as `<videoid>.<ext>` (at any depth) or at `path`.
+- `image_folder`: images with captions, exactly like `video_folder`.
+
+Rows with no usable file or caption stay in the listing with `path` or `caption` None: the
+build counts and reports them instead of dropping them silently.
+"""
+
+import csv
+import dataclasses
+import hashlib
+import os
+import re
+from typing import Iterable
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".mov", ".avi", ".m4v")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_FILE_COLUMNS = ("file", "path", "filename", "video", "image", "videoid")
+_CAPTION_COLUMNS = ("caption", "text", "name", "prompt")
+_ISO_DURATION = re.compile(r"^PT(?:(\d+)H)?(?:(\d+)M)?(?:(\d+(?:\.\d+)?)S)?$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+  """One listed example. `path` None: no such file; `caption` None: no caption found."""
+  key: str
+  path: str | None
+  caption: str | None
+  duration: float | None = None
+
+
+def _files_under(folder: str, extensions: tuple[str, ...]) -> list[str]:
+  """Paths relative to `folder` (posix separators, sorted) of files with these extensions."""
+  if not os.path.isdir(folder):
+    raise FileNotFoundError(f"Folder not found: {folder!r}.")
+  found = []
+  for root, dirs, files in os.walk(folder):
+    dirs.sort()
+    for name in files:
+      if name.lower().endswith(extensions) and not name.startswith("."):
+        found.append(os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/"))
+  return sorted(found)
+
+
+def _pick_column(fieldnames: Iterable[str], candidates: tuple[str, ...], csv_path: str,
+                 what: str) -> str:
+  names = {name.strip().lower(): name for name in fieldnames}
+  for candidate in candidates:
+    if candidate in names:
+      return names[candidate]
+  raise ValueError(f"{csv_path}: no {what} column; expected one of {list(candidates)}, "
+                   f"found {sorted(names)}.")
+
+
+def _read_csv(csv_path: str) -> tuple[list[dict[str, str]], list[str]]:
+  if not os.path.isfile(csv_path):
+    raise FileNotFoundError(f"Captions file not found: {csv_path!r}.")
+  with open(csv_path, newline="", encoding="utf-8") as f:
+    reader = csv.DictReader(f)
+    return list(reader), list(reader.fieldnames or [])
+
+
+def _clean_caption(text: str | None) -> str | None:
+  text = " ".join((text or "").split())
+  return text or None
+
+
+def read_captions_csv(csv_path: str) -> dict[str, str | None]:
+  """`file` (relative path) -> caption, from a CSV with a file and a caption column."""
+  rows, fieldnames = _read_csv(csv_path)
+  file_column = _pick_column(fieldnames, _FILE_COLUMNS, csv_path, "file")
+  caption_column = _pick_column(fieldnames, _CAPTION_COLUMNS, csv_path, "caption")
+  return {os.path.normpath(row[file_column].strip()).replace(os.sep, "/"):
+          _clean_caption(row[caption_column]) for row in rows}
+
+
+def _side_caption(path: str) -> str | None:
+  side_file = os.path.splitext(path)[0] + ".txt"
+  if not os.path.isfile(side_file):
+    return None
+  with open(side_file, encoding="utf-8") as f:
+    return _clean_caption(f.read())
+
+
+def list_folder(folder: str, captions: str, extensions: tuple[str, ...]) -> list[Entry]:
+  """Every media file under `folder` with its caption (CSV row first, then `.txt` file).
+
+  `captions` is the CSV path; empty means `<folder>/captions.csv` when it exists. CSV rows
+  naming a file that is not there are listed with `path=None`.
+  """
+  csv_path = captions or os.path.join(folder, "captions.csv")
+  if captions and not os.path.isfile(captions):
+    raise FileNotFoundError(f"Captions file not found: {captions!r}.")
+  by_file = read_captions_csv(csv_path) if os.path.isfile(csv_path) else {}
+  files = _files_under(folder, extensions)
+  entries = []
+  for relative in files:
+    path = os.path.join(folder, relative)
+    caption = by_file[relative] if relative in by_file else _side_caption(path)
+    entries.append(Entry(key=relative, path=path, caption=caption))
+  present = set(files)
+  entries += [Entry(key=relative, path=None, caption=caption)
+              for relative, caption in by_file.items() if relative not in present]
+  return entries
+
+
+def parse_duration(text: str | None) -> float | None:
+  """Seconds from `12.5` or WebVid's `PT00H00M12S`; None when absent or unparseable."""
+  text = (text or "").strip()
+  match = _ISO_DURATION.match(text)
+  if match and any(match.groups()):
+    hours, minutes, seconds = (float(group or 0) for group in match.groups())
+    return 3600 * hours + 60 * minutes + seconds
+  try:
+    return float(text)
+  except ValueError:
+    return None
+
+
+def list_webvid_csv(csv_path: str, video_dir: str) -> list[Entry]:
+  """One entry per CSV row; the video is `path` (relative to `video_dir`) or `<videoid>.*`."""
+  rows, fieldnames = _read_csv(csv_path)
+  file_column = _pick_column(fieldnames, ("path", "videoid", "file", "video"), csv_path,
+                             "video id or path")
+  caption_column = _pick_column(fieldnames, _CAPTION_COLUMNS, csv_path, "caption")
+  by_stem = {}
+  if file_column.strip().lower() != "path":
+    # One walk instead of probing every extension for every row.
+    for relative in _files_under(video_dir, VIDEO_EXTENSIONS):
+      by_stem.setdefault(os.path.splitext(os.path.basename(relative))[0], relative)
+  entries = []
+  for row in rows:
+    key = row[file_column].strip()
+    relative = key if file_column.strip().lower() == "path" else by_stem.get(key)
+    path = os.path.join(video_dir, relative) if relative else None
+    if path is not None and not os.path.isfile(path):
+      path = None
+    entries.append(Entry(key=key, path=path, caption=_clean_caption(row[caption_column]),
+                         duration=parse_duration(row.get("duration"))))
+  return entries
+
+
+def path_digest(*paths: str) -> str:
+  """Short hash of absolute paths, for dataset names: collections never share files."""
+  joined = "|".join(os.path.abspath(path) if path else "" for path in paths)
+  return hashlib.sha1(joined.encode("utf-8")).hexdigest()[:10]
+
+
+def hash_order(entry: Entry) -> str:
+  """A sort key that spreads entries over folders and is stable when files are added."""
+  return hashlib.sha1(entry.key.encode("utf-8")).hexdigest()
