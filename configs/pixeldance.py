@@ -28,6 +28,24 @@ def get_config() -> ml_collections.ConfigDict:
   data.background_color_prob = 0.25  # Moving shapes: probability of a non-black background.
   data.worker_count = 2  # grain worker processes; 0 = in the main process.
   data.shuffle_seed = 0
+  # Local videos (name "video_folder" or "webvid_csv"; README "Training on your own videos").
+  data.video_dir = ""  # Folder of videos (searched recursively).
+  data.captions = ""  # video_folder: CSV (file, caption), default <video_dir>/captions.csv,
+  # else <video>.txt side files. webvid_csv: the WebVid-style CSV (videoid, name, duration).
+  data.frame_stride = 0.0  # Source frames between kept frames; 0: source fps / data.fps.
+  data.max_stored_frames = 64  # Frames stored per video (at data.fps) to pick windows from.
+  data.random_start = True  # Training window: random start in the stored frames, else first.
+  data.frame_format = "jpeg"  # Stored frames: "jpeg" (quality 95) or "png" (lossless).
+  data.build_workers = 8  # Decoding processes while building; 0 or 1 = in this process.
+  # Joint image training (PAPER.md): every k-th step is an image batch, temporal layers off.
+  data.image_every_k_steps = 8  # 0 disables.
+  data.image_dataset = "video_frames"  # "image_folder" (data.image_dir) or "video_frames".
+  data.image_dir = ""  # Folder of images (captions as for video_folder).
+  data.image_captions = ""  # CSV for image_dir; default <image_dir>/captions.csv.
+  data.image_batch_size = 0  # Global images per image step; 0: batch_size * frames.
+  # Train from pre-encoded VAE latent moments (and text embeddings when the text encoder is
+  # frozen): `python -m pixeldance_jax.data.cache` writes them once (pixeldance_jax/data/cache.py).
+  data.cache_latents = False
 
   # --- Frozen encoders ---------------------------------------------------
   config.autoencoder = ae = ml_collections.ConfigDict()
@@ -74,7 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
   # jax.checkpoint_policies name such as "dots_saveable" (unet3d.REMAT_POLICIES).
   unet.remat_policy = "none"
   unet.dtype = "float32"  # Compute dtype; parameters stay float32.
-  unet.attention_impl = "xla"  # jax.nn.dot_product_attention implementation.
+  # "xla", "cudnn" (GPU, 16-bit dtype) or "splash" (Pallas, for TPU; interpreted elsewhere).
+  unet.attention_impl = "xla"
 
   # --- Diffusion ---------------------------------------------------------
   config.diffusion = diff = ml_collections.ConfigDict()
@@ -106,6 +125,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.grad_clip_norm = 1.0
   config.ema_decay = 0.9999
   config.ema_warmup = True  # decay_t = min(ema_decay, (1 + t) / (10 + t)).
+  # Microbatches per optimiser step (gradients averaged); each holds batch_size / this.
+  config.grad_accum_steps = 1
 
   # --- Parallelism -------------------------------------------------------
   config.mesh = mesh = ml_collections.ConfigDict()
@@ -135,12 +156,17 @@ def get_config() -> ml_collections.ConfigDict:
   config.log_every_steps = 50
   config.checkpoint_every_steps = 2000
   config.max_checkpoints_to_keep = 3
+  config.keep_checkpoint_every_steps = 0  # Steps kept for good (multiples of this); 0 = none.
+  config.sample_every_steps = 0  # Sample a held-out clip into samples/ and TensorBoard; 0 = off.
+  config.peak_flops_per_device = 0.0  # For MFU when the device kind is not in metrics' table.
 
   # --- Sampling ----------------------------------------------------------
   config.sample = sample = ml_collections.ConfigDict()
+  sample.sampler = "ddim"  # Key of samplers.SAMPLERS: "ddim", "ddpm" or "dpmpp_2m".
   sample.num_steps = 50
   sample.tau = 25  # Leading sampler steps (from pure noise) that see the last frame.
   sample.guidance_scale = 7.5  # Text-only classifier-free guidance.
+  sample.guidance_rescale = 0.0  # Lin et al. 2023 rescale phi (DynamiCrafter: 0.7); 0 = off.
   sample.eta = 0.0  # DDIM eta (0: deterministic).
   sample.timestep_spacing = "trailing"
   sample.clip_denoised = False

@@ -1,6 +1,7 @@
 """Orbax checkpoints: train state (params, EMA, optimiser, step), config and data iterator."""
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import grain
@@ -14,18 +15,22 @@ def checkpoint_dir(workdir: str) -> str:
 
 def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None,
                  read_only: bool = False) -> ocp.CheckpointManager:
-  """Keeps the newest `config.max_checkpoints_to_keep`; saves asynchronously."""
+  """Keeps the newest `config.max_checkpoints_to_keep`, and for good every step that is a
+  multiple of `config.keep_checkpoint_every_steps` (when > 0); saves asynchronously."""
+  keep_period = config.get("keep_checkpoint_every_steps", 0) if config else 0
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.max_checkpoints_to_keep if config else None,
+      keep_period=keep_period or None,
       create=not read_only, read_only=read_only, enable_async_checkpointing=not read_only)
   return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
-         config: ml_collections.ConfigDict, data_iterator: Any | None = None) -> None:
+         config: ml_collections.ConfigDict, iterators: Mapping[str, Any] | None = None) -> None:
+  """State, config and the data iterators' states (one item each: "data", "image_data")."""
   items = {"state": ocp.args.StandardSave(state), "config": ocp.args.JsonSave(config.to_dict())}
-  if data_iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+  for name, iterator in (iterators or {}).items():
+    items[name] = grain.checkpoint.CheckpointSave(iterator)
   manager.save(step, args=ocp.args.Composite(**items))
 
 
@@ -43,13 +48,72 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.
   return ml_collections.ConfigDict(restored["config"])
 
 
+def has_data_state(manager: ocp.CheckpointManager, step: int, name: str, process_index: int,
+                   process_count: int) -> bool:
+  """Whether checkpoint `step` holds this process's state of data iterator `name`.
+
+  grain writes one file per process, so a run restarted with another number of processes
+  cannot take up the old data order.
+  """
+  return os.path.exists(os.path.join(str(manager.directory), str(step), name,
+                                     f"process_{process_index}-of-{process_count}.json"))
+
+
+# Config sections that shape the parameters or what they mean: a checkpoint trained with other
+# values cannot be resumed with these.
+MODEL_SECTIONS = ("unet", "text_encoder", "autoencoder", "diffusion")
+
+
+def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = ""
+                       ) -> list[tuple[str, Any, Any]]:
+  """(dotted key, saved value, current value) for every leaf that differs or exists in one."""
+  differences = []
+  for key in sorted(set(saved) | set(current)):
+    name, old, new = prefix + key, saved.get(key, "<absent>"), current.get(key, "<absent>")
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+      differences.extend(config_differences(old, new, name + "."))
+    elif _normalise(old) != _normalise(new):
+      differences.append((name, old, new))
+  return differences
+
+
+def _normalise(value: Any) -> Any:
+  """JSON turns tuples into lists: compare them as equal."""
+  return [_normalise(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def check_resume_config(manager: ocp.CheckpointManager, step: int,
+                        config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
+  """Raises if the model sections of the checkpoint's config differ from `config`, naming
+  each key; returns the other (allowed) differences, e.g. a longer schedule or another mesh."""
+  saved = restore_config(manager, step).to_dict()
+  differences = config_differences(saved, config.to_dict())
+  model = [d for d in differences if d[0].split(".")[0] in MODEL_SECTIONS]
+  if model:
+    lines = "\n".join(f"  {key}: checkpoint {old!r}, config {new!r}" for key, old, new in model)
+    raise ValueError(f"The config does not match the model in checkpoint "
+                     f"{os.path.join(str(manager.directory), str(step))}:\n{lines}\n"
+                     "Use the checkpoint's config (config.json in the workdir), or a new "
+                     "--workdir to train a different model.")
+  return differences
+
+
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
-            data_iterator: Any | None = None) -> Any:
-  """Restores the state onto the shardings in `abstract_state` (any mesh), and the iterator."""
+            iterators: Mapping[str, Any] | None = None) -> Any:
+  """Restores the state onto the shardings in `abstract_state` (any mesh), and the named
+  data iterators in place."""
   items = {"state": ocp.args.StandardRestore(abstract_state)}
-  if data_iterator is not None:
-    items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+  for name, iterator in (iterators or {}).items():
+    items[name] = grain.checkpoint.CheckpointRestore(iterator)
   return _restore(manager, step, items)["state"]
+
+
+def restore_iterators(manager: ocp.CheckpointManager, step: int,
+                      iterators: Mapping[str, Any]) -> None:
+  """Restores only the named data iterators (made after the state, e.g. the latent cache's)."""
+  if iterators:
+    _restore(manager, step, {name: grain.checkpoint.CheckpointRestore(iterator)
+                             for name, iterator in iterators.items()})
 
 
 def _restore(manager: ocp.CheckpointManager, step: int, items: dict[str, Any]) -> Any:

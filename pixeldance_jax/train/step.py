@@ -1,7 +1,8 @@
 """The jitted PixelDance train step."""
 
 import functools
-from typing import Any
+import time
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -20,6 +21,8 @@ from pixeldance_jax.train import state as state_lib
 
 Array = jax.Array
 Batch = dict[str, Array]
+# (params, frozen, batch, rng, config, use_temporal) -> (loss, metrics).
+LossFn = Callable[..., tuple[Array, dict[str, Array]]]
 
 
 def video_to_pixels(video: Array) -> Array:
@@ -38,6 +41,7 @@ def loss_fn(params, frozen, batch: Batch, rng: Array, config: ml_collections.Con
   """Denoising loss of one batch; conditions and noise are drawn from `rng`.
 
   `frozen` holds the pretrained weights that are not trained (the KL autoencoder's).
+  `data.cache.cached_loss_fn` is the same loss on pre-encoded batches.
   """
   model = pixeldance.make_model(config)
   autoencoder = autoencoder_lib.make_autoencoder(config, frozen.get("autoencoder"))
@@ -47,21 +51,86 @@ def loss_fn(params, frozen, batch: Batch, rng: Array, config: ml_collections.Con
   latents = autoencoder.encode(video_to_pixels(batch["video"]), encode_rng)
   image_condition, token_ids = conditioning.training_conditions(
       cond_rng, latents, batch["tokens"], null_token_ids(config), alpha_bar, config)
-  batch_size = latents.shape[0]
-  timesteps = jax.random.randint(time_rng, (batch_size,), 0, config.diffusion.num_train_timesteps)
-  noise = jax.random.normal(noise_rng, latents.shape, latents.dtype)
-  noisy = schedules.add_noise(alpha_bar, latents, noise, timesteps)
-
-  variables = {"params": params}
-  context = model.apply(variables, token_ids, method=pixeldance.PixelDance.encode_text)
+  context = model.apply({"params": params}, token_ids, method=pixeldance.PixelDance.encode_text)
   if not config.text_encoder.trainable:
     context = jax.lax.stop_gradient(context)
-  prediction = model.apply(variables, jnp.concatenate([noisy, image_condition], axis=-1),
+  return denoising_loss(params, model, latents, image_condition, context,
+                        (time_rng, noise_rng, dropout_rng), alpha_bar, config, use_temporal)
+
+
+def denoising_loss(params, model, latents: Array, image_condition: Array, context: Array,
+                   rngs: tuple[Array, Array, Array], alpha_bar: Array,
+                   config: ml_collections.ConfigDict, use_temporal: bool
+                   ) -> tuple[Array, dict[str, Array]]:
+  """The epsilon / v / z_0 regression from clean latents, c_image and the text context.
+
+  rngs: the (timestep, noise, dropout) keys. Metrics: the loss and its timestep buckets.
+  """
+  time_rng, noise_rng, dropout_rng = rngs
+  timesteps = jax.random.randint(time_rng, (latents.shape[0],), 0,
+                                 config.diffusion.num_train_timesteps)
+  noise = jax.random.normal(noise_rng, latents.shape, latents.dtype)
+  noisy = schedules.add_noise(alpha_bar, latents, noise, timesteps)
+  prediction = model.apply({"params": params}, jnp.concatenate([noisy, image_condition], -1),
                            timesteps, context, use_temporal, False,
                            method=pixeldance.PixelDance.denoise, rngs={"dropout": dropout_rng})
   target = losses.target(config.diffusion.prediction_type, alpha_bar, latents, noise, timesteps)
   per_example = losses.per_example_mse(prediction, target)
-  return per_example.mean(), {"loss": per_example.mean()}
+  return per_example.mean(), {"loss": per_example.mean(),
+                              **timestep_buckets(per_example, timesteps, config)}
+
+
+TIMESTEP_BUCKETS = 4
+
+
+def timestep_buckets(per_example: Array, timesteps: Array, config: ml_collections.ConfigDict
+                     ) -> dict[str, Array]:
+  """Sum and count of the loss in each quarter of [0, num_train_timesteps), for the logs."""
+  bucket = timesteps * TIMESTEP_BUCKETS // config.diffusion.num_train_timesteps
+  one_hot = jax.nn.one_hot(bucket, TIMESTEP_BUCKETS, dtype=jnp.float32)
+  return {"bucket_loss_sum": one_hot.T @ per_example, "bucket_count": one_hot.sum(axis=0)}
+
+
+def _microbatches(batch: Batch, count: int) -> Batch:
+  """`[batch, ...]` -> `[count, batch // count, ...]`, microbatch i holding examples i, i +
+  count, ...: each microbatch stays spread over every data-parallel device."""
+  def split(x):
+    if x.shape[0] % count:
+      raise ValueError(f"config.grad_accum_steps={count} does not divide the batch of "
+                       f"{x.shape[0]}.")
+    return jnp.swapaxes(x.reshape((x.shape[0] // count, count) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def loss_and_grads(params, frozen, batch: Batch, rng: Array, config: ml_collections.ConfigDict,
+                   use_temporal: bool = True, loss: LossFn = loss_fn):
+  """Mean loss, metrics and gradients, over `config.grad_accum_steps` microbatches.
+
+  Microbatch i draws its conditions and noise from `fold_in(rng, i)`; with one microbatch the
+  step's own rng is used. Gradients are averaged in float32 inside a `lax.scan`, so only one
+  microbatch's activations are alive at a time.
+  """
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
+  count = config.get("grad_accum_steps", 1)
+  if count == 1:
+    (_, metrics), grads = grad_fn(params, frozen, batch, rng, config, use_temporal)
+    return metrics, grads
+
+  def accumulate(grads_sum, inputs):
+    index, microbatch = inputs
+    microbatch = jax.tree.map(
+        lambda x: nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1)),
+        microbatch)
+    (_, metrics), grads = grad_fn(params, frozen, microbatch, jax.random.fold_in(rng, index),
+                                  config, use_temporal)
+    return jax.tree.map(jnp.add, grads_sum, grads), metrics
+
+  zeros = jax.tree.map(jnp.zeros_like, params)
+  grads_sum, metrics = jax.lax.scan(accumulate, zeros,
+                                    (jnp.arange(count), _microbatches(batch, count)))
+  metrics = {"loss": metrics["loss"].mean(), "bucket_loss_sum": metrics["bucket_loss_sum"].sum(0),
+             "bucket_count": metrics["bucket_count"].sum(0)}
+  return metrics, jax.tree.map(lambda g: g / count, grads_sum)
 
 
 def _update(state: state_lib.TrainState, grads, config: ml_collections.ConfigDict
@@ -76,17 +145,17 @@ def _update(state: state_lib.TrainState, grads, config: ml_collections.ConfigDic
 
 
 def train_step(state: state_lib.TrainState, batch: Batch, base_rng: Array,
-               config: ml_collections.ConfigDict, use_temporal: bool = True
-               ) -> tuple[state_lib.TrainState, dict[str, Array]]:
+               config: ml_collections.ConfigDict, use_temporal: bool = True,
+               loss: LossFn = loss_fn) -> tuple[state_lib.TrainState, dict[str, Array]]:
   """One optimiser step. A non-finite loss or gradient leaves the state unchanged.
 
   The step's randomness is `fold_in(base_rng, step)`, so a resumed run replays it exactly.
   """
   rng = jax.random.fold_in(base_rng, state.step)
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-  (loss, metrics), grads = grad_fn(state.params, state.frozen, batch, rng, config, use_temporal)
+  metrics, grads = loss_and_grads(state.params, state.frozen, batch, rng, config, use_temporal,
+                                  loss)
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   new_state = _update(state, grads, config)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   metrics.update(grad_norm=grad_norm, finite=finite,
@@ -94,10 +163,41 @@ def train_step(state: state_lib.TrainState, batch: Batch, base_rng: Array,
   return new_state, metrics
 
 
+class CompiledStep:
+  """A jitted step compiled ahead of time on its first call, under the mesh.
+
+  Compiling explicitly gives the compile time and XLA's FLOP count of the program (per device,
+  as partitioned), which the trainer turns into TFLOP/s and MFU.
+  """
+
+  def __init__(self, jitted, mesh: Mesh):
+    self._jitted, self._mesh = jitted, mesh
+    self.compiled = None
+    self.compile_seconds = 0.0
+    self.flops_per_device = 0.0
+
+  def __call__(self, *args):
+    # The mesh context lets activation constraints (logical names) resolve while tracing.
+    with jax.set_mesh(self._mesh):
+      if self.compiled is None:
+        start = time.perf_counter()
+        self.compiled = self._jitted.lower(*args).compile()
+        self.compile_seconds = time.perf_counter() - start
+        cost = self.compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        self.flops_per_device = float((cost or {}).get("flops", 0.0))
+      return self.compiled(*args)
+
+
 def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state_shardings: Any,
-                   use_temporal: bool = True):
-  """`train_step` jitted over the mesh with the state donated."""
-  step = functools.partial(train_step, config=config, use_temporal=use_temporal)
+                   use_temporal: bool = True, loss: LossFn = loss_fn) -> CompiledStep:
+  """`train_step` jitted over the mesh with the state donated.
+
+  `use_temporal=False` is the image step of joint training: the same weights, temporal layers
+  skipped, batches of single frames. `loss` is `loss_fn`, or `data.cache.cached_loss_fn` for
+  pre-encoded batches.
+  """
+  step = functools.partial(train_step, config=config, use_temporal=use_temporal, loss=loss)
   rules = sharding.logical_rules(config)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
@@ -108,10 +208,4 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state_sharding
   jitted = jax.jit(step_in_mesh, donate_argnums=0,
                    in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), replicated),
                    out_shardings=(state_shardings, replicated))
-
-  def run(state, batch, rng):
-    # The mesh context lets activation constraints (logical names) resolve while tracing.
-    with jax.set_mesh(mesh):
-      return jitted(state, batch, rng)
-
-  return run
+  return CompiledStep(jitted, mesh)

@@ -1,0 +1,199 @@
+"""Preemption and exact resume, several processes, gradient accumulation, resume checks.
+
+The process-level tests run train.py as users do (subprocesses on CPU, unit-test config).
+"""
+
+import os
+import pathlib
+import signal
+import socket
+import struct
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from tensorboardX.proto import event_pb2
+
+from configs import unit_test
+from pixeldance_jax.data import pipeline
+from pixeldance_jax.parallel import mesh as mesh_lib
+from pixeldance_jax.train import checkpointing, trainer
+from pixeldance_jax.train import state as state_lib
+from pixeldance_jax.train import step as step_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _train_command(workdir, *flags: str) -> list[str]:
+  return [sys.executable, "train.py", "--config=configs/unit_test.py", f"--workdir={workdir}",
+          *flags]
+
+
+def _env(devices: int = 1) -> dict[str, str]:
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def _assert_trees_equal(a, b):
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+
+
+def test_preempted_run_resumes_bitwise_identically(tmp_path):
+  """SIGTERM mid-run saves and exits; resuming gives the uninterrupted run's state and data."""
+  steps = 40
+  config = unit_test.get_config()
+  config.num_train_steps = steps
+  config.checkpoint_every_steps = 1000  # Only the preemption and the last step save.
+  config.log_every_steps = 1
+  straight = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
+
+  workdir = tmp_path / "preempted"
+  flags = [f"--config.num_train_steps={steps}", "--config.checkpoint_every_steps=1000",
+           "--config.log_every_steps=1"]
+  process = subprocess.Popen(_train_command(workdir, *flags), cwd=REPO, env=_env(),
+                             stderr=subprocess.PIPE, text=True)
+  log = []
+  for line in process.stderr:
+    log.append(line)
+    if f"step 2/{steps}" in line:
+      process.send_signal(signal.SIGTERM)
+      break
+  log.extend(process.stderr)
+  assert process.wait(timeout=300) == 0, "".join(log[-50:])
+  saved = checkpointing.make_manager(str(workdir), read_only=True).all_steps()
+  assert len(saved) == 1 and 2 <= saved[0] < steps, (saved, "".join(log[-20:]))
+  assert any("preempted: saved step" in line for line in log)
+
+  resumed = trainer.train_and_evaluate(config, str(workdir))
+  assert int(resumed.step) == int(straight.step) == steps
+  _assert_trees_equal(resumed, straight)  # params, EMA, Adam moments, step.
+  # The data order too: both iterators, restored from their last checkpoints, agree.
+  next_batches = []
+  for run in ("straight", "preempted"):
+    loader = pipeline.make_train_loader(config, str(tmp_path / run / "data"))
+    iterator = iter(loader)
+    manager = checkpointing.make_manager(str(tmp_path / run), read_only=True)
+    abstract, _ = state_lib.abstract_state(config, mesh_lib.make_mesh(config.mesh))
+    checkpointing.restore(manager, steps, abstract, {"data": iterator})
+    next_batches.append(next(iterator))
+  np.testing.assert_array_equal(next_batches[0]["video"], next_batches[1]["video"])
+
+
+def _free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
+
+
+def test_two_processes_train_and_a_different_topology_resumes(tmp_path):
+  """2 processes x 2 CPU devices (mesh data 2 x fsdp 2) train and checkpoint; 1 process with
+  4 devices on a fsdp 2 x tensor 2 mesh restores that checkpoint and continues."""
+  address = f"127.0.0.1:{_free_port()}"
+  flags = ["--config.num_train_steps=2", "--config.mesh.data=2", "--config.mesh.fsdp=2",
+           f"--coordinator_address={address}", "--num_processes=2"]
+  processes = [subprocess.Popen(_train_command(tmp_path, *flags, f"--process_id={index}"),
+                                cwd=REPO, env=_env(2), stderr=subprocess.PIPE, text=True)
+               for index in range(2)]
+  logs = [process.communicate(timeout=600)[1] for process in processes]
+  for index, process in enumerate(processes):
+    assert process.returncode == 0, f"process {index}:\n{logs[index][-4000:]}"
+  assert "process 0 of 2; 2 local devices, 4 in all" in logs[0]
+  assert checkpointing.make_manager(str(tmp_path), read_only=True).all_steps() == [2]
+
+  result = subprocess.run(
+      _train_command(tmp_path, "--config.num_train_steps=4", "--config.mesh.data=1",
+                     "--config.mesh.fsdp=2", "--config.mesh.tensor=2"),
+      cwd=REPO, env=_env(4), capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-4000:]
+  assert "resuming from checkpoint step 2" in result.stderr
+  assert "the data order restarts" in result.stderr  # 1 process cannot take up 2's order.
+  assert "resuming with mesh.tensor changed: 1 -> 2" in result.stderr
+  assert checkpointing.make_manager(str(tmp_path), read_only=True).all_steps() == [2, 4]
+
+
+def test_resuming_with_another_model_lists_every_mismatched_key(tmp_path):
+  config = unit_test.get_config()
+  manager = checkpointing.make_manager(str(tmp_path), config)
+  checkpointing.save(manager, 1, {"step": np.int32(1)}, config)
+  manager.wait_until_finished()
+  config.unet.block_out_channels = (16, 48)
+  config.text_encoder.num_layers = 2
+  config.num_train_steps = 8  # Not a model key: allowed, and reported.
+  with pytest.raises(ValueError) as error:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  message = str(error.value)
+  assert "unet.block_out_channels: checkpoint [16, 32], config (16, 48)" in message, message
+  assert "text_encoder.num_layers: checkpoint 1, config 2" in message, message
+  assert "num_train_steps" not in message and str(tmp_path) in message
+
+
+def _scalars(workdir) -> set[str]:
+  """Tags in the TensorBoard event files (TFRecords of Event protos) under workdir."""
+  tags = set()
+  for path in (workdir / "tensorboard").glob("events*"):
+    data = path.read_bytes()
+    offset = 0
+    while offset < len(data):
+      length = struct.unpack("<Q", data[offset:offset + 8])[0]
+      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+      tags.update(value.tag for value in event.summary.value)
+      offset += 12 + length + 4
+  return tags
+
+
+def test_joint_image_training_interleaves_image_steps_and_resumes(tmp_path):
+  """Every 2nd step is an image batch (temporal layers off); both iterators are checkpointed."""
+  config = unit_test.get_config()
+  config.data.image_every_k_steps = 2
+  config.data.image_batch_size = 4
+  config.log_every_steps = 1  # Rates need two logged steps in one run.
+  config.num_train_steps = 2
+  trainer.train_and_evaluate(config, str(tmp_path))
+  config.num_train_steps = 4
+  state = trainer.train_and_evaluate(config, str(tmp_path))
+  assert int(state.step) == 4
+  assert {"train/loss", "train/image_loss", "train/clips_per_sec"} <= _scalars(tmp_path)
+  assert os.path.isdir(tmp_path / "checkpoints" / "4" / "image_data")
+
+
+def test_gradient_accumulation_averages_the_microbatch_gradients():
+  """Two microbatches: the mean of their gradients, each with its own fold of the step rng."""
+  config = unit_test.get_config()
+  config.batch_size = 4
+  mesh = mesh_lib.make_mesh(config.mesh)
+  state = state_lib.create_train_state(config, mesh, jax.random.key(0))
+  rng = np.random.default_rng(0)
+  batch = {"video": rng.integers(0, 256, (4, config.data.frames, 16, 16, 3), dtype=np.uint8),
+           "tokens": rng.integers(0, 100, (4, config.text_encoder.max_length), dtype=np.int32)}
+  step_rng = jax.random.key(3)
+
+  config.grad_accum_steps = 2
+  metrics, grads = jax.jit(lambda b: step_lib.loss_and_grads(
+      state.params, state.frozen, b, step_rng, config))(batch)
+  config.grad_accum_steps = 1
+  expected_grads, expected_losses = [], []
+  for index in range(2):
+    microbatch = {key: value[index::2] for key, value in batch.items()}
+    micro_metrics, micro_grads = jax.jit(lambda b, r: step_lib.loss_and_grads(
+        state.params, state.frozen, b, r, config))(microbatch, jax.random.fold_in(step_rng, index))
+    expected_grads.append(micro_grads)
+    expected_losses.append(float(micro_metrics["loss"]))
+  expected = jax.tree.map(lambda a, b: (a + b) / 2, *expected_grads)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), grads,
+               expected)
+  np.testing.assert_allclose(float(metrics["loss"]), np.mean(expected_losses), rtol=1e-6)
+  assert float(metrics["bucket_count"].sum()) == 4
+
+
+def test_keep_period_keeps_multiples_beyond_max_to_keep(tmp_path):
+  config = unit_test.get_config()
+  config.max_checkpoints_to_keep = 1
+  config.keep_checkpoint_every_steps = 2
+  manager = checkpointing.make_manager(str(tmp_path), config)
+  for step in range(1, 6):
+    manager.save(step, args=checkpointing.ocp.args.Composite(
+        state=checkpointing.ocp.args.StandardSave({"step": np.int32(step)})))
+  manager.wait_until_finished()
+  assert manager.all_steps() == [2, 4, 5]
