@@ -207,6 +207,8 @@ def _to_rgb(image: Image.Image, path: str) -> Image.Image:
     rgba = image.convert("RGBA")
     black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
     return Image.alpha_composite(black, rgba).convert("RGB")
+  if image.mode != "RGB":
+    logging.info("Image %s is in mode %s; converting to RGB.", path, image.mode)
   return image.convert("RGB")
 
 
@@ -247,6 +249,32 @@ def read_image(path: str, size: int, resize: bool = True) -> np.ndarray:
     image = _center_crop_square(image).resize(
         (size, size), Image.Resampling.BICUBIC)
   return np.asarray(image, np.uint8)
+
+
+def edge_map(image: np.ndarray, threshold: float = 0.2) -> np.ndarray:
+  """A sketch of an image: its Sobel edges as black lines on white, for the sketch mode.
+
+  Args:
+    image: uint8 `[H, W, 3]`.
+    threshold: fraction of the strongest gradient above which a pixel is an edge.
+
+  Returns:
+    uint8 `[H, W, 3]`, 0 on edges and 255 elsewhere.
+  """
+  grey = np.asarray(image, np.float64) @ np.array([0.299, 0.587, 0.114])
+  height, width = grey.shape
+  padded = np.pad(grey, 1, mode="edge")
+
+  def shifted(dy: int, dx: int) -> np.ndarray:
+    return padded[1 + dy:1 + dy + height, 1 + dx:1 + dx + width]
+
+  # Sobel: a [1, 2, 1] smoothing across each central difference.
+  across = lambda dy: shifted(dy, -1) + 2 * shifted(dy, 0) + shifted(dy, 1)
+  down = lambda dx: shifted(-1, dx) + 2 * shifted(0, dx) + shifted(1, dx)
+  magnitude = np.hypot(down(1) - down(-1), across(1) - across(-1))
+  edges = magnitude > threshold * magnitude.max()
+  sketch = np.where(edges, 0, 255).astype(np.uint8)
+  return np.repeat(sketch[..., None], 3, axis=-1)
 
 
 def read_video(path: str) -> np.ndarray:

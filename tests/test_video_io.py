@@ -219,3 +219,14 @@ def test_read_video_corrupt_and_missing(tmp_path):
     video_io.read_video(str(path))
   with pytest.raises(FileNotFoundError, match="nope.mp4"):
     video_io.read_video(str(tmp_path / "nope.mp4"))
+
+
+def test_edge_map_draws_a_shapes_outline():
+  image = np.zeros((12, 12, 3), np.uint8)
+  image[3:9, 3:9] = (200, 40, 40)
+  sketch = video_io.edge_map(image)
+  assert sketch.shape == (12, 12, 3) and sketch.dtype == np.uint8
+  lines = sketch[..., 0] == 0
+  assert lines[3, 5] and lines[8, 5] and lines[5, 3] and lines[5, 8]  # The outline.
+  assert not lines[0, 0] and not lines[5, 5]  # Flat background and interior stay white.
+  assert (video_io.edge_map(np.full((8, 8, 3), 90, np.uint8)) == 255).all()

@@ -55,7 +55,7 @@ def evaluate(workdir: str, num_clips: int = 32, steps: int | None = None, seed: 
       videos.append(inference.generate(
           pipeline, prompts, np.stack([c["video"][0] for c in batch]),
           np.stack([c["video"][-1] for c in batch]), tau=variant["tau"], steps=steps,
-          seed=seed))
+          seed=seed + start))  # Clip i gets seed + i, whatever the batch size.
     results[name] = _variant_metrics(np.concatenate(videos), clips)
     logging.info("%s: %s", name, results[name])
   return results
