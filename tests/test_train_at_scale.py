@@ -129,7 +129,7 @@ def test_resuming_with_another_model_lists_every_mismatched_key(tmp_path):
   assert "num_train_steps" not in message and str(tmp_path) in message
 
 
-def _scalars(workdir) -> set[str]:
+def _tags(workdir) -> set[str]:
   """Tags in the TensorBoard event files (TFRecords of Event protos) under workdir."""
   tags = set()
   for path in (workdir / "tensorboard").glob("events*"):
@@ -144,18 +144,22 @@ def _scalars(workdir) -> set[str]:
 
 
 def test_joint_image_training_interleaves_image_steps_and_resumes(tmp_path):
-  """Every 2nd step is an image batch (temporal layers off); both iterators are checkpointed."""
+  """Every 2nd step is an image batch (temporal layers off); both iterators are checkpointed;
+  the periodic sample lands as a gif."""
   config = unit_test.get_config()
   config.data.image_every_k_steps = 2
   config.data.image_batch_size = 4
   config.log_every_steps = 1  # Rates need two logged steps in one run.
+  config.sample_every_steps = 4
   config.num_train_steps = 2
   trainer.train_and_evaluate(config, str(tmp_path))
   config.num_train_steps = 4
   state = trainer.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 4
-  assert {"train/loss", "train/image_loss", "train/clips_per_sec"} <= _scalars(tmp_path)
+  assert {"train/loss", "train/image_loss", "train/clips_per_sec",
+          "samples/heldout"} <= _tags(tmp_path)
   assert os.path.isdir(tmp_path / "checkpoints" / "4" / "image_data")
+  assert os.path.getsize(tmp_path / "samples" / "step_4.gif") > 0
 
 
 def test_gradient_accumulation_averages_the_microbatch_gradients():

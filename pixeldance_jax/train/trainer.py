@@ -13,7 +13,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 from tensorboardX import SummaryWriter
+from tensorboardX.proto import summary_pb2
 
+from pixeldance_jax import inference, video_io
 from pixeldance_jax.data import cache, pipeline
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.train import checkpointing
@@ -81,6 +83,16 @@ class _Logger:
                  metrics["learning_rate"], f"{rate:.2f}" if rate else "?",
                  f"{metrics['clips_per_sec']:.1f}" if rate else "?", mfu, eta)
 
+  def log_gif(self, tag: str, gif: bytes, height: int, width: int, step: int) -> None:
+    """An animated gif in TensorBoard's images tab."""
+    if self.writer is None:
+      return
+    image = summary_pb2.Summary.Image(height=height, width=width, colorspace=3,
+                                      encoded_image_string=gif)
+    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, image=image)])
+    self.writer.file_writer.add_summary(summary, step)
+    self.writer.flush()
+
   def log_compile(self, step_fn: step_lib.CompiledStep, name: str) -> None:
     logging.info("%s compiled in %.1f s; %.3f TFLOP per device per step", name,
                  step_fn.compile_seconds, step_fn.flops_per_device / 1e12)
@@ -137,6 +149,35 @@ def _initialise_from(state: state_lib.TrainState, abstract: state_lib.TrainState
   # AdamW's moments start at zero whatever the weights, so the fresh optimiser state stands.
   # The EMA gets its own buffers: the train step donates both trees.
   return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), frozen=frozen)
+
+
+class _Preview:
+  """Every `config.sample_every_steps`, samples the first held-out clip (its caption, first and
+  last frame) with the EMA weights into `<workdir>/samples/step_<N>.gif` and TensorBoard."""
+
+  def __init__(self, config: ml_collections.ConfigDict, mesh, directory: str, workdir: str):
+    self.config, self.mesh, self.every = config, mesh, config.get("sample_every_steps", 0)
+    self.directory, self.folder = directory, os.path.join(workdir, "samples")
+    self.clip, self.generate_fn = None, None
+
+  def __call__(self, state: state_lib.TrainState, step: int, logger: _Logger) -> None:
+    if not self.every or step % self.every:
+      return
+    if self.clip is None:
+      self.clip = pipeline.load_test_clips(self.config, self.directory, 1)[0]
+      self.generate_fn = inference.make_generate_fn(self.config, self.mesh)
+    sampler = inference.Pipeline(config=self.config, params=state.ema_params,
+                                 frozen=state.frozen, step=step, generate_fn=self.generate_fn,
+                                 mesh=self.mesh)
+    video = self.clip["video"]
+    frames = inference.generate(sampler, [self.clip["caption"]], video[None, 0],
+                                video[None, -1], seed=0)[0]
+    if jax.process_index() == 0:
+      path = os.path.join(self.folder, f"step_{step}.gif")
+      video_io.write_video(frames, path, fps=self.config.data.fps)
+      with open(path, "rb") as f:
+        logger.log_gif("samples/heldout", f.read(), frames.shape[1], frames.shape[2], step)
+      logging.info("step %d: sampled %s", step, path)
 
 
 class _Preemption:
@@ -245,6 +286,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
     # layers off; always from decoded images (the cache holds video clips).
     steps["image_step"] = step_lib.jit_train_step(config, mesh, shardings, use_temporal=False)
   logger = _Logger(workdir, config)
+  preview = _Preview(config, mesh, directory, workdir)
   last_saved, pending = manager.latest_step(), []
   timesteps = config.diffusion.num_train_timesteps
   preemption = _Preemption(manager)
@@ -270,6 +312,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
         pending = []
         checkpointing.save(manager, step, state, config, iterators)
         last_saved = step
+      preview(state, step, logger)
       if preempted:
         manager.wait_until_finished()
         logging.warning("preempted: saved step %d in %s; rerun the same command to resume.",
