@@ -163,7 +163,8 @@ def sharded_steps() -> dict:
 
 
 def splash_error() -> float:
-  """Max |splash - xla| over the outputs and gradients of an attention layer on a 2x2x2 mesh."""
+  """Max over the outputs and gradients of an attention layer on a 2x2x2 mesh of
+  |splash - xla| / max |xla| (gradients of the test's sum-of-sines loss reach ~1e2)."""
   mesh = mesh_lib.make_mesh(_unit_test_config((2, 2, 2)).mesh)
   rng = np.random.default_rng(0)
   x = jax.numpy.asarray(rng.normal(size=(8, 128, 32)), np.float32)
@@ -176,7 +177,7 @@ def splash_error() -> float:
       x_sharded = jax.device_put(x, mesh_lib.batch_sharding(mesh))
       results.append(jax.jit(lambda p, x, m=module: (m.apply(p, x), jax.grad(loss, (0, 1))(p, x)))(
           params, x_sharded))
-  return max(float(np.max(np.abs(np.asarray(a) - np.asarray(b))))
+  return max(float(np.max(np.abs(np.asarray(b) - np.asarray(a))) / np.max(np.abs(np.asarray(a))))
              for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])))
 
 
@@ -184,7 +185,7 @@ def main() -> None:
   assert jax.device_count() == 8, jax.devices()
   results = {"replicated": paper_replication(),
              "step": sharded_steps(),
-             "splash_2x2x2_max_error": splash_error()}
+             "splash_2x2x2_relative_error": splash_error()}
   print(json.dumps(results))
 
 

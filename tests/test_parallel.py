@@ -186,7 +186,7 @@ def test_splash_attention_agrees_with_xla(context_length):
 
 def test_splash_attention_shards_over_the_mesh(eight_devices):
   """On a 2x2x2 mesh splash attention runs per shard (shard_map) and still agrees with XLA."""
-  assert eight_devices["splash_2x2x2_max_error"] < 2e-5
+  assert eight_devices["splash_2x2x2_relative_error"] < 1e-5
 
 
 def test_unknown_attention_implementation_is_a_config_error():
