@@ -17,6 +17,7 @@ from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_ma
 from jax.sharding import PartitionSpec
 
 from pixeldance_jax.parallel import mesh as mesh_lib
+from pixeldance_jax.parallel import sharding
 
 Array = jax.Array
 
@@ -43,19 +44,6 @@ def _per_shard(q: Array, k: Array, v: Array, kv_length: int) -> Array:
   return jax.vmap(kernel, in_axes=(0, 0, 0, None))(q, k, v, segment_ids)
 
 
-def _shard_spec(batch: int, heads: int) -> PartitionSpec:
-  """Batch over data x fsdp and heads over tensor, as far as the current mesh divides them."""
-  mesh = jax.sharding.get_abstract_mesh()
-  batch_axes, size = [], 1
-  for axis in mesh_lib.BATCH_AXES:
-    if axis in mesh.shape and batch % (size * mesh.shape[axis]) == 0:
-      batch_axes.append(axis)
-      size *= mesh.shape[axis]
-  tensor = mesh.shape.get("tensor", 1)
-  head_axis = "tensor" if tensor > 1 and heads % tensor == 0 else None
-  return PartitionSpec(tuple(batch_axes) or None, head_axis, None, None)
-
-
 def splash_attention(q: Array, k: Array, v: Array) -> Array:
   """Softmax attention, `[n, q_length, heads, head_dim]` x `[n, kv_length, ...]` -> like q.
 
@@ -67,8 +55,10 @@ def splash_attention(q: Array, k: Array, v: Array) -> Array:
   q = to_kernel(q * jnp.asarray(head_dim ** -0.5, q.dtype), q_length)
   k, v = to_kernel(k, kv_length), to_kernel(v, kv_length)
   attend = lambda q, k, v: _per_shard(q, k, v, kv_length)
-  if not jax.sharding.get_abstract_mesh().empty:
-    spec = _shard_spec(q.shape[0], q.shape[1])
+  mesh = jax.sharding.get_abstract_mesh()
+  if not mesh.empty:
+    # Batch over data x fsdp and heads over tensor, as far as the mesh divides them.
+    spec = sharding.divisible_spec(PartitionSpec(mesh_lib.BATCH_AXES, "tensor"), q.shape, mesh)
     attend = jax.shard_map(attend, in_specs=(spec, spec, spec), out_specs=spec,
                            check_vma=False)
   return attend(q, k, v).transpose(0, 2, 1, 3)[:, :q_length]

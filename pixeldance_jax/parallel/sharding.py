@@ -22,7 +22,7 @@ def logical_rules(config: ml_collections.ConfigDict) -> LogicalRules:
   return tuple((str(name), mesh_axes(axes)) for name, axes in config.logical_axis_rules)
 
 
-def _divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+def divisible_spec(spec: PartitionSpec, shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
   """Drops mesh axes from dimensions they do not divide evenly, or that an earlier one uses."""
   entries, used = [], set()
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -50,6 +50,6 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules: LogicalRules):
       if not jax.tree.leaves(leaf.value):
         return leaf.value
       spec = nn.logical_to_mesh_axes(leaf.names, rules)
-      return NamedSharding(mesh, _divisible_spec(spec, leaf.value.shape, mesh))
+      return NamedSharding(mesh, divisible_spec(spec, leaf.value.shape, mesh))
     return NamedSharding(mesh, PartitionSpec())
   return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

@@ -17,7 +17,7 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None,
                  read_only: bool = False) -> ocp.CheckpointManager:
   """Keeps the newest `config.max_checkpoints_to_keep`, and for good every step that is a
   multiple of `config.keep_checkpoint_every_steps` (when > 0); saves asynchronously."""
-  keep_period = config.get("keep_checkpoint_every_steps", 0) if config else 0
+  keep_period = config.keep_checkpoint_every_steps if config else 0
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.max_checkpoints_to_keep if config else None,
       keep_period=keep_period or None,

@@ -111,7 +111,7 @@ def loss_and_grads(params, frozen, batch: Batch, rng: Array, config: ml_collecti
   microbatch's activations are alive at a time.
   """
   grad_fn = jax.value_and_grad(loss, has_aux=True)
-  count = config.get("grad_accum_steps", 1)
+  count = config.grad_accum_steps
   if count == 1:
     (_, metrics), grads = grad_fn(params, frozen, batch, rng, config, use_temporal)
     return metrics, grads

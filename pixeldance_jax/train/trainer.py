@@ -56,7 +56,7 @@ class _Logger:
     self.total_steps = config.num_train_steps
     self.clips_per_step = config.batch_size
     self.peak_flops = throughput.peak_flops_per_device(jax.devices()[0],
-                                                       config.get("peak_flops_per_device", 0.0))
+                                                       config.peak_flops_per_device)
     self.writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if (
         jax.process_index() == 0) else None
     self.last_time, self.last_step = time.time(), None
@@ -156,7 +156,7 @@ class _Preview:
   last frame) with the EMA weights into `<workdir>/samples/step_<N>.gif` and TensorBoard."""
 
   def __init__(self, config: ml_collections.ConfigDict, mesh, directory: str, workdir: str):
-    self.config, self.mesh, self.every = config, mesh, config.get("sample_every_steps", 0)
+    self.config, self.mesh, self.every = config, mesh, config.sample_every_steps
     self.directory, self.folder = directory, os.path.join(workdir, "samples")
     self.clip, self.generate_fn = None, None
 
@@ -220,9 +220,14 @@ def _make_iterators(config: ml_collections.ConfigDict, directory: str,
   else:
     videos = pipeline.make_train_loader(config, directory, index, count)
   iterators = {"data": iter(videos)}
-  if config.data.image_every_k_steps:
+  if "image_data" in _iterator_names(config):
     iterators["image_data"] = iter(pipeline.make_image_loader(config, directory, index, count))
   return iterators
+
+
+def _iterator_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The checkpoint items of the data iterators a run with `config` has."""
+  return ["data"] + (["image_data"] if config.data.image_every_k_steps else [])
 
 
 def _restore_or_initialise(config: ml_collections.ConfigDict, manager, mesh, abstract,
@@ -244,8 +249,8 @@ def _restore_or_initialise(config: ml_collections.ConfigDict, manager, mesh, abs
   logging.info("resuming from checkpoint step %d", step)
   state = checkpointing.restore(manager, step, abstract)
   index, count = jax.process_index(), jax.process_count()
-  names = ["data"] + (["image_data"] if config.data.image_every_k_steps else [])
-  if all(checkpointing.has_data_state(manager, step, name, index, count) for name in names):
+  if all(checkpointing.has_data_state(manager, step, name, index, count)
+         for name in _iterator_names(config)):
     iterators = _make_iterators(config, directory, state)
     checkpointing.restore_iterators(manager, step, iterators)
     return state, iterators
