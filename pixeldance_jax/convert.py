@@ -25,7 +25,7 @@ from pixeldance_jax.models import autoencoder_kl
 from pixeldance_jax.models import convert as convert_lib
 from pixeldance_jax.models import text_encoder, unet3d
 from pixeldance_jax.parallel import mesh as mesh_lib
-from pixeldance_jax.train import checkpointing
+from pixeldance_jax import checkpoints
 from pixeldance_jax.train import state as state_lib
 
 
@@ -106,7 +106,7 @@ def convert(config: ml_collections.ConfigDict, model_dir: str, output: str, seed
     converted.append(part)
   if os.path.isdir(os.path.join(model_dir, "tokenizer")):
     _check_tokenizer(os.path.join(model_dir, "tokenizer"), config)
-  checkpointing.save_pretrained(output, params, frozen, config)
+  checkpoints.save_pretrained(output, params, frozen, config)
   return converted
 
 
@@ -122,7 +122,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   converted = convert(_CONFIG.value, _MODEL_DIR.value, _OUTPUT.value, _SEED.value)
   print(f"converted {', '.join(converted) or 'nothing'} -> "
-        f"{checkpointing.checkpoint_dir(_OUTPUT.value)}")
+        f"{checkpoints.checkpoint_dir(_OUTPUT.value)}")
 
 
 if __name__ == "__main__":

@@ -33,10 +33,11 @@ from pixeldance_jax import video_io
 from pixeldance_jax.data import conditioning
 from pixeldance_jax.diffusion import samplers, schedules
 from pixeldance_jax.models import autoencoder as autoencoder_lib
-from pixeldance_jax.models import pixeldance, tokenizer
+from pixeldance_jax import tokenizer
+from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.parallel import sharding
-from pixeldance_jax.train import checkpointing
+from pixeldance_jax import checkpoints
 from pixeldance_jax.train import state as state_lib
 
 Array = jax.Array
@@ -188,12 +189,12 @@ def _shape_mismatches(item_dir: str, expected: dict[str, Any]) -> list[str]:
 def _check_fits(workdir: str, step: int, item: str, expected: dict[str, Any]) -> None:
   """Refuses, listing what differs, a checkpoint whose arrays do not fit the model: cheaper and
   clearer than Orbax failing mid-restore."""
-  problems = _shape_mismatches(os.path.join(checkpointing.checkpoint_dir(workdir), str(step),
+  problems = _shape_mismatches(os.path.join(checkpoints.checkpoint_dir(workdir), str(step),
                                             item), expected)
   if problems:
     shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8
                                        else "")
-    raise ValueError(f"Checkpoint {step} in {checkpointing.checkpoint_dir(workdir)} does not fit "
+    raise ValueError(f"Checkpoint {step} in {checkpoints.checkpoint_dir(workdir)} does not fit "
                      f"the model its own config describes ({len(problems)} arrays): {shown}")
 
 
@@ -204,18 +205,18 @@ def _restore_weights(manager, workdir: str, step: int, config: ml_collections.Co
     abstract, _ = state_lib.abstract_state(config, mesh)
   except (AttributeError, KeyError, TypeError, ValueError) as error:
     raise ValueError(f"The config saved with checkpoint {step} in "
-                     f"{checkpointing.checkpoint_dir(workdir)} does not build a model with this "
+                     f"{checkpoints.checkpoint_dir(workdir)} does not build a model with this "
                      f"code ({type(error).__name__}: {error}).") from error
-  if checkpointing.is_pretrained(manager, step):  # Converted: one set of weights, no EMA.
+  if checkpoints.is_pretrained(manager, step):  # Converted: one set of weights, no EMA.
     if not use_ema:
       logging.info("A converted checkpoint has one set of weights; --raw_weights changes nothing.")
     _check_fits(workdir, step, "pretrained",
                 {"params": abstract.params, "frozen": abstract.frozen})
-    params, frozen = checkpointing.restore_pretrained(workdir, abstract.params, abstract.frozen)
+    params, frozen = checkpoints.restore_pretrained(workdir, abstract.params, abstract.frozen)
     return params, frozen, "converted"
   _check_fits(workdir, step, "state", {"ema_params" if use_ema else "params": abstract.params,
                                        "frozen": abstract.frozen})
-  state = checkpointing.restore(manager, step, abstract)
+  state = checkpoints.restore(manager, step, abstract)
   weights = "ema" if use_ema else "raw"
   return (state.ema_params if use_ema else state.params), state.frozen, weights
 
@@ -226,18 +227,18 @@ def load_pipeline(workdir: str, step: int | None = None, use_ema: bool = True) -
   `workdir` is a training workdir or a converted checkpoint (python -m pixeldance_jax.convert).
   use_ema: the EMA weights (what training evaluates) or the raw ones.
   """
-  if not os.path.isdir(checkpointing.checkpoint_dir(workdir)):
-    raise FileNotFoundError(f"No checkpoint in {checkpointing.checkpoint_dir(workdir)}: train "
+  if not os.path.isdir(checkpoints.checkpoint_dir(workdir)):
+    raise FileNotFoundError(f"No checkpoint in {checkpoints.checkpoint_dir(workdir)}: train "
                             f"first, or point --workdir at a directory that train.py or "
                             f"pixeldance_jax.convert wrote.")
-  manager = checkpointing.make_manager(workdir, read_only=True)
+  manager = checkpoints.make_manager(workdir, read_only=True)
   try:
-    step = checkpointing.latest_step(manager, workdir) if step is None else step
+    step = checkpoints.latest_step(manager, workdir) if step is None else step
     if step not in manager.all_steps():
       raise FileNotFoundError(f"No checkpoint for step {step} in "
-                              f"{checkpointing.checkpoint_dir(workdir)}; there are "
+                              f"{checkpoints.checkpoint_dir(workdir)}; there are "
                               f"{sorted(manager.all_steps())}.")
-    config = _with_sample_defaults(checkpointing.restore_config(manager, step))
+    config = _with_sample_defaults(checkpoints.restore_config(manager, step))
     mesh = mesh_lib.make_mesh(config.mesh)
     params, frozen, weights = _restore_weights(manager, workdir, step, config, mesh, use_ema)
   finally:
@@ -245,7 +246,7 @@ def load_pipeline(workdir: str, step: int | None = None, use_ema: bool = True) -
     # ("RuntimeError: Event loop is closed" printed after the real error).
     manager.close()
   logging.info("Restored the %s weights of step %d from %s.", weights, step,
-               checkpointing.checkpoint_dir(workdir))
+               checkpoints.checkpoint_dir(workdir))
   return Pipeline(config=config, params=params, frozen=frozen, step=step,
                   generate_fn=make_generate_fn(config, mesh), mesh=mesh, weights=weights,
                   workdir=os.path.abspath(workdir))
@@ -470,8 +471,7 @@ def _resolve_settings(config: ml_collections.ConfigDict, prompt: str | Sequence[
 
 def _heldout_clip(config: ml_collections.ConfigDict, workdir: str, index: int) -> dict[str, Any]:
   from pixeldance_jax.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
-  from pixeldance_jax.train import trainer  # pylint: disable=g-import-not-at-top
-  return data_pipeline.load_test_clips(config, trainer.data_dir(config, workdir), index + 1)[index]
+  return data_pipeline.load_test_clips(config, data_pipeline.data_dir(config, workdir), index + 1)[index]
 
 
 def _resolve_inputs(pipeline: Pipeline, prompt: str | Sequence[str] | None,

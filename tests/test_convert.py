@@ -11,7 +11,8 @@ import pytest
 from configs import unit_test
 from pixeldance_jax import convert, inference
 from pixeldance_jax.parallel import mesh as mesh_lib
-from pixeldance_jax.train import checkpointing, trainer
+from pixeldance_jax import checkpoints
+from pixeldance_jax.train import trainer
 from pixeldance_jax.train import state as state_lib
 
 torch = pytest.importorskip("torch")
@@ -96,7 +97,7 @@ def test_train_initialises_from_the_converted_checkpoint(converted, tmp_path):
   abstract, _ = state_lib.abstract_state(config, mesh)
   fresh = state_lib.create_train_state(config, mesh, jax.random.key(0))
   state = trainer._initialise_from(fresh, abstract, config)  # pylint: disable=protected-access
-  params, frozen = checkpointing.restore_pretrained(str(converted), abstract.params,
+  params, frozen = checkpoints.restore_pretrained(str(converted), abstract.params,
                                                     abstract.frozen)
   jax.tree.map(np.testing.assert_array_equal, (state.params, state.ema_params, state.frozen),
                (params, params, frozen))

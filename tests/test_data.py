@@ -11,7 +11,7 @@ from configs import tiny
 from pixeldance_jax.data import moving_shapes
 from pixeldance_jax.data import pipeline
 from pixeldance_jax.data.builders.moving_shapes import MovingShapes
-from pixeldance_jax.models import tokenizer
+from pixeldance_jax import tokenizer
 
 _SPEC = moving_shapes.MovingShapesSpec(
     frames=4, image_size=16, second_object_prob=0.5, background_color_prob=0.5, seed=3)

@@ -359,5 +359,5 @@ def test_train_on_a_folder_of_mp4s(video_dir: pathlib.Path, tmp_path: pathlib.Pa
   state = trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert int(state.step) == config.num_train_steps == 4
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
-  heldout = pipeline.load_test_clips(config, trainer.data_dir(config, str(tmp_path / "run")), 1)
+  heldout = pipeline.load_test_clips(config, pipeline.data_dir(config, str(tmp_path / "run")), 1)
   assert heldout[0]["video"].shape == (4, 16, 16, 3)

@@ -16,7 +16,8 @@ import torch
 import transformers
 
 from configs import unit_test
-from pixeldance_jax.models import convert, text_encoder, tokenizer
+from pixeldance_jax import tokenizer
+from pixeldance_jax.models import convert, text_encoder
 
 TOLERANCE = 1e-4  # float32 max abs error.
 VOCAB, LENGTH, EOS = 1000, 16, 999

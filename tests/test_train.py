@@ -7,7 +7,8 @@ import pytest
 from configs import unit_test
 from pixeldance_jax.data import pipeline
 from pixeldance_jax.parallel import mesh as mesh_lib
-from pixeldance_jax.train import checkpointing, trainer
+from pixeldance_jax import checkpoints
+from pixeldance_jax.train import trainer
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
 
@@ -47,17 +48,17 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
                         ema_params=jax.tree.map(lambda x: x + 1.0, state.ema_params))
   iterator = iter(pipeline.make_train_loader(config, str(tmp_path / "data")))
   next(iterator)
-  manager = checkpointing.make_manager(str(tmp_path), config)
-  checkpointing.save(manager, 7, state, config, {"data": iterator})
+  manager = checkpoints.make_manager(str(tmp_path), config)
+  checkpoints.save(manager, 7, state, config, {"data": iterator})
   manager.wait_until_finished()
   expected_next = next(iterator)
 
   fresh_iterator = iter(pipeline.make_train_loader(config, str(tmp_path / "data")))
   abstract, _ = state_lib.abstract_state(config, mesh)
-  restored = checkpointing.restore(manager, 7, abstract, {"data": fresh_iterator})
+  restored = checkpoints.restore(manager, 7, abstract, {"data": fresh_iterator})
   _assert_trees_equal(restored, state)
   np.testing.assert_array_equal(next(fresh_iterator)["video"], expected_next["video"])
-  assert checkpointing.restore_config(manager, 7).unet.block_out_channels == [16, 32]
+  assert checkpoints.restore_config(manager, 7).unet.block_out_channels == [16, 32]
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
@@ -68,15 +69,15 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config.checkpoint_every_steps = 1
   with pytest.raises(FloatingPointError, match="step 2"):
     trainer.train_and_evaluate(config, str(tmp_path))
-  manager = checkpointing.make_manager(str(tmp_path), read_only=True)
+  manager = checkpoints.make_manager(str(tmp_path), read_only=True)
   assert manager.all_steps() == [1]
   mesh = mesh_lib.make_mesh(config.mesh)
   abstract, _ = state_lib.abstract_state(config, mesh)
-  restored = checkpointing.restore(manager, 1, abstract)
+  restored = checkpoints.restore(manager, 1, abstract)
   assert int(restored.step) == 1
 
 
 def test_restore_without_checkpoint_names_the_path(tmp_path):
-  manager = checkpointing.make_manager(str(tmp_path), read_only=True)
+  manager = checkpoints.make_manager(str(tmp_path), read_only=True)
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
-    checkpointing.latest_step(manager, str(tmp_path))
+    checkpoints.latest_step(manager, str(tmp_path))

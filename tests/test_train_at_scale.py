@@ -19,7 +19,8 @@ from tensorboardX.proto import event_pb2
 from configs import unit_test
 from pixeldance_jax.data import pipeline
 from pixeldance_jax.parallel import mesh as mesh_lib
-from pixeldance_jax.train import checkpointing, trainer
+from pixeldance_jax import checkpoints
+from pixeldance_jax.train import trainer
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
 
@@ -62,7 +63,7 @@ def test_preempted_run_resumes_bitwise_identically(tmp_path):
       break
   log.extend(process.stderr)
   assert process.wait(timeout=300) == 0, "".join(log[-50:])
-  saved = checkpointing.make_manager(str(workdir), read_only=True).all_steps()
+  saved = checkpoints.make_manager(str(workdir), read_only=True).all_steps()
   assert len(saved) == 1 and 2 <= saved[0] < steps, (saved, "".join(log[-20:]))
   assert any("preempted: saved step" in line for line in log)
 
@@ -74,9 +75,9 @@ def test_preempted_run_resumes_bitwise_identically(tmp_path):
   for run in ("straight", "preempted"):
     loader = pipeline.make_train_loader(config, str(tmp_path / run / "data"))
     iterator = iter(loader)
-    manager = checkpointing.make_manager(str(tmp_path / run), read_only=True)
+    manager = checkpoints.make_manager(str(tmp_path / run), read_only=True)
     abstract, _ = state_lib.abstract_state(config, mesh_lib.make_mesh(config.mesh))
-    checkpointing.restore(manager, steps, abstract, {"data": iterator})
+    checkpoints.restore(manager, steps, abstract, {"data": iterator})
     next_batches.append(next(iterator))
   np.testing.assert_array_equal(next_batches[0]["video"], next_batches[1]["video"])
 
@@ -100,7 +101,7 @@ def test_two_processes_train_and_a_different_topology_resumes(tmp_path):
   for index, process in enumerate(processes):
     assert process.returncode == 0, f"process {index}:\n{logs[index][-4000:]}"
   assert "process 0 of 2; 2 local devices, 4 in all" in logs[0]
-  assert checkpointing.make_manager(str(tmp_path), read_only=True).all_steps() == [2]
+  assert checkpoints.make_manager(str(tmp_path), read_only=True).all_steps() == [2]
 
   result = subprocess.run(
       _train_command(tmp_path, "--config.num_train_steps=4", "--config.mesh.data=1",
@@ -110,13 +111,13 @@ def test_two_processes_train_and_a_different_topology_resumes(tmp_path):
   assert "resuming from checkpoint step 2" in result.stderr
   assert "the data order restarts" in result.stderr  # 1 process cannot take up 2's order.
   assert "resuming with mesh.tensor changed: 1 -> 2" in result.stderr
-  assert checkpointing.make_manager(str(tmp_path), read_only=True).all_steps() == [2, 4]
+  assert checkpoints.make_manager(str(tmp_path), read_only=True).all_steps() == [2, 4]
 
 
 def test_resuming_with_another_model_lists_every_mismatched_key(tmp_path):
   config = unit_test.get_config()
-  manager = checkpointing.make_manager(str(tmp_path), config)
-  checkpointing.save(manager, 1, {"step": np.int32(1)}, config)
+  manager = checkpoints.make_manager(str(tmp_path), config)
+  checkpoints.save(manager, 1, {"step": np.int32(1)}, config)
   manager.wait_until_finished()
   config.unet.block_out_channels = (16, 48)
   config.text_encoder.num_layers = 2
@@ -195,9 +196,9 @@ def test_keep_period_keeps_multiples_beyond_max_to_keep(tmp_path):
   config = unit_test.get_config()
   config.max_checkpoints_to_keep = 1
   config.keep_checkpoint_every_steps = 2
-  manager = checkpointing.make_manager(str(tmp_path), config)
+  manager = checkpoints.make_manager(str(tmp_path), config)
   for step in range(1, 6):
-    manager.save(step, args=checkpointing.ocp.args.Composite(
-        state=checkpointing.ocp.args.StandardSave({"step": np.int32(step)})))
+    manager.save(step, args=checkpoints.ocp.args.Composite(
+        state=checkpoints.ocp.args.StandardSave({"step": np.int32(step)})))
   manager.wait_until_finished()
   assert manager.all_steps() == [2, 4, 5]

@@ -24,9 +24,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from pixeldance_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = _CONFIG.value
-  data_dir = trainer.data_dir(config, _WORKDIR.value)
+  data_dir = pipeline.data_dir(config, _WORKDIR.value)
   data_configs = [config.data]
   if config.data.image_every_k_steps and config.data.image_dataset in pipeline.IMAGE_DATASETS:
     data_configs.append(pipeline.image_data_config(config))

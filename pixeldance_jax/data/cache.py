@@ -32,7 +32,8 @@ from pixeldance_jax.data import conditioning, media, pipeline
 from pixeldance_jax.data.builders.latent_cache import LatentCache, LatentCacheConfig
 from pixeldance_jax.diffusion import schedules
 from pixeldance_jax.models import autoencoder as autoencoder_lib
-from pixeldance_jax.models import autoencoder_kl, pixeldance, tokenizer
+from pixeldance_jax import tokenizer
+from pixeldance_jax.models import autoencoder_kl, pixeldance
 from pixeldance_jax.train import step as step_lib
 
 Array = jax.Array
@@ -263,12 +264,12 @@ def cached_loss_fn(params, frozen, batch: dict[str, Array], rng: Array,
 def _pretrained_weights(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
   """(params, frozen) the training run will start from: `config.init_from`'s weights."""
   from pixeldance_jax.parallel import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
-  from pixeldance_jax.train import checkpointing  # pylint: disable=g-import-not-at-top
+  from pixeldance_jax import checkpoints  # pylint: disable=g-import-not-at-top
   from pixeldance_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   mesh = mesh_lib.make_mesh(config.mesh)
   abstract, _ = state_lib.abstract_state(config, mesh)
   if config.init_from:
-    return checkpointing.restore_pretrained(config.init_from, abstract.params, abstract.frozen)
+    return checkpoints.restore_pretrained(config.init_from, abstract.params, abstract.frozen)
   if config.autoencoder.kind == "kl" or caches_text(config):
     raise ValueError("Caching a KL autoencoder's latents or a frozen text encoder's embeddings "
                      "needs their pretrained weights: set --config.init_from.")
@@ -278,9 +279,8 @@ def _pretrained_weights(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from pixeldance_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = flags.FLAGS.config
-  data_dir = trainer.data_dir(config, flags.FLAGS.workdir)
+  data_dir = pipeline.data_dir(config, flags.FLAGS.workdir)
   builder = build_cache(config, data_dir, *_pretrained_weights(config))
   logging.info("Latent cache ready: %s", builder.data_dir)
 

@@ -18,6 +18,7 @@ need the VAE latents, and `fold_in(rng, step)` makes a resumed run draw exactly 
 """
 
 import dataclasses
+import os
 from typing import Any, Callable
 
 import grain
@@ -32,12 +33,17 @@ from pixeldance_jax.data.builders.local_videos import LocalVideos
 from pixeldance_jax.data.builders.local_videos import LocalVideosConfig
 from pixeldance_jax.data.builders.moving_shapes import MovingShapes
 from pixeldance_jax.data.builders.moving_shapes import MovingShapesConfig
-from pixeldance_jax.models import tokenizer
+from pixeldance_jax import tokenizer
 
 BuilderFactory = Callable[[ml_collections.ConfigDict, str], tfds.core.DatasetBuilder]
 # Image sources for joint training besides DATASETS' image datasets: single frames of the
 # video dataset itself.
 VIDEO_FRAMES = "video_frames"
+
+
+def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """Where the run's datasets live: `config.data.data_dir`, else `<workdir>/data`."""
+  return config.data.data_dir or os.path.join(os.path.abspath(workdir), "data")
 
 
 def moving_shapes_builder(data_config: ml_collections.ConfigDict,

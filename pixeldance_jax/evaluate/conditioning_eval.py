@@ -20,7 +20,6 @@ from absl import app, flags, logging
 from pixeldance_jax import inference
 from pixeldance_jax.data import pipeline as data_pipeline
 from pixeldance_jax.evaluate import metrics
-from pixeldance_jax.train import trainer
 
 
 def _variant_metrics(videos: np.ndarray, clips: list[dict]) -> dict[str, float]:
@@ -41,7 +40,7 @@ def evaluate(workdir: str, num_clips: int = 32, steps: int | None = None, seed: 
              batch_size: int = 16) -> dict[str, dict[str, float]]:
   pipeline = inference.load_pipeline(workdir)
   config = pipeline.config
-  clips = data_pipeline.load_test_clips(config, trainer.data_dir(config, workdir), num_clips)
+  clips = data_pipeline.load_test_clips(config, data_pipeline.data_dir(config, workdir), num_clips)
   steps = steps or config.sample.num_steps
   variants = {"text+first+last (tau=steps)": dict(tau=steps, text=True),
               "text+first (tau=0)": dict(tau=0, text=True),

@@ -14,7 +14,8 @@ from jax.sharding import Mesh
 from pixeldance_jax.data import conditioning
 from pixeldance_jax.diffusion import losses, schedules
 from pixeldance_jax.models import autoencoder as autoencoder_lib
-from pixeldance_jax.models import pixeldance, tokenizer
+from pixeldance_jax import tokenizer
+from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.parallel import sharding
 from pixeldance_jax.train import state as state_lib

@@ -18,19 +18,15 @@ from tensorboardX.proto import summary_pb2
 from pixeldance_jax import inference, video_io
 from pixeldance_jax.data import cache, pipeline
 from pixeldance_jax.parallel import mesh as mesh_lib
-from pixeldance_jax.train import checkpointing
+from pixeldance_jax import checkpoints
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
 from pixeldance_jax.train import throughput
 
 
-def data_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
-  return config.data.data_dir or os.path.join(os.path.abspath(workdir), "data")
-
-
 def _prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Builds the dataset once (process 0) before any process reads it."""
-  directory = data_dir(config, workdir)
+  directory = pipeline.data_dir(config, workdir)
   if jax.process_index() == 0:
     builder = pipeline.build_dataset(config.data, directory)
     logging.info("dataset %s: %s", builder.builder_config.name,
@@ -143,7 +139,7 @@ def _initialise_from(state: state_lib.TrainState, abstract: state_lib.TrainState
                        "diffusers checkpoint with `python -m pixeldance_jax.convert` and pass "
                        "--config.init_from=<its output directory>.")
     return state
-  params, frozen = checkpointing.restore_pretrained(config.init_from, abstract.params,
+  params, frozen = checkpoints.restore_pretrained(config.init_from, abstract.params,
                                                     abstract.frozen)
   logging.info("initialised parameters from %s", config.init_from)
   # AdamW's moments start at zero whatever the weights, so the fresh optimiser state stands.
@@ -243,16 +239,16 @@ def _restore_or_initialise(config: ml_collections.ConfigDict, manager, mesh, abs
     state = _initialise_from(state, abstract, config)
     return state, _make_iterators(config, directory, state)
 
-  changed = checkpointing.check_resume_config(manager, step, config)
+  changed = checkpoints.check_resume_config(manager, step, config)
   for key, old, new in changed:
     logging.info("resuming with %s changed: %r -> %r", key, old, new)
   logging.info("resuming from checkpoint step %d", step)
-  state = checkpointing.restore(manager, step, abstract)
+  state = checkpoints.restore(manager, step, abstract)
   index, count = jax.process_index(), jax.process_count()
-  if all(checkpointing.has_data_state(manager, step, name, index, count)
+  if all(checkpoints.has_data_state(manager, step, name, index, count)
          for name in _iterator_names(config)):
     iterators = _make_iterators(config, directory, state)
-    checkpointing.restore_iterators(manager, step, iterators)
+    checkpoints.restore_iterators(manager, step, iterators)
     return state, iterators
   logging.warning("checkpoint %d has no data iterator state for %d processes (it was saved by "
                   "another number of processes, or without joint image training): the data "
@@ -275,7 +271,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   logging.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size,
                jax.process_count())
   abstract, shardings = state_lib.abstract_state(config, mesh)
-  manager = checkpointing.make_manager(workdir, config)
+  manager = checkpoints.make_manager(workdir, config)
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   state, iterators = _restore_or_initialise(config, manager, mesh, abstract, directory,
                                             init_rng)
@@ -315,13 +311,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
       if step % config.checkpoint_every_steps == 0 or is_last or preempted:
         _check_finite(pending, last_saved)
         pending = []
-        checkpointing.save(manager, step, state, config, iterators)
+        checkpoints.save(manager, step, state, config, iterators)
         last_saved = step
       preview(state, step, logger)
       if preempted:
         manager.wait_until_finished()
         logging.warning("preempted: saved step %d in %s; rerun the same command to resume.",
-                        step, checkpointing.checkpoint_dir(workdir))
+                        step, checkpoints.checkpoint_dir(workdir))
         break
   finally:
     # Also on failure: the checkpoints already begun (asynchronously) must land.
