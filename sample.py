@@ -22,10 +22,11 @@ generated clip is used; --last_frame=heldout takes that clip's last frame.
 
 import sys
 
-from absl import app, flags, logging
+from absl import app, flags
 
-from pixeldance_jax import inference
+from pixeldance_jax import console
 from pixeldance_jax.diffusion import samplers
+from pixeldance_jax.sampling import jobs
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or converted checkpoint "
                                "directory) holding checkpoints/. Required.")
@@ -94,11 +95,11 @@ def _run() -> list[str]:
                                       ("last_frame", _LAST)) if flag.value]
     if single:
       raise ValueError(f"--prompts_file gives every video's inputs; drop --{', --'.join(single)}")
-    return inference.sample_prompts_file(
+    return jobs.sample_prompts_file(
         _WORKDIR.value, prompts_file=_PROMPTS_FILE.value, output_dir=_OUTPUT_DIR.value,
         batch_size=_BATCH_SIZE.value, resize=_RESIZE.value, **checkpoint, **_settings())
   prompts = _PROMPT.value or []
-  return inference.sample(
+  return jobs.sample(
       _WORKDIR.value, output=_OUTPUT.value, **checkpoint,
       prompt=prompts if len(prompts) > 1 else (prompts[0] if prompts else None),
       first_frame=_FIRST.value, last_frame=_LAST.value, last_frame_edges=_EDGES.value,
@@ -108,13 +109,14 @@ def _run() -> list[str]:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
   try:
     paths = _run()
-  except (FileNotFoundError, ValueError) as error:  # Inputs or checkpoints: no traceback.
+  # Inputs, settings, destinations and checkpoints: the library checks every one it can
+  # before reading weights, and each error is one line.
+  except (FileNotFoundError, ValueError) as error:
     sys.exit(f"sample.py: error: {error}")
   print("wrote " + " ".join(paths))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.run(main)

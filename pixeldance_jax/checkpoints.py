@@ -1,12 +1,19 @@
-"""Orbax checkpoints: train state (params, EMA, optimiser, step), config and data iterator."""
+"""Orbax checkpoints: train state (params, EMA, optimiser, step), config and data iterator.
+
+Training saves and restores the whole state (`save`, `restore`); sampling reads only weights
+(`restore_weights`): the params or the EMA params, and the frozen weights, of a training
+checkpoint (never the optimiser state, twice the params' size), or a converted checkpoint's.
+"""
 
 import os
 from collections.abc import Mapping
 from typing import Any
 
 import grain
+import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from absl import logging
 
 
 def checkpoint_dir(workdir: str) -> str:
@@ -46,6 +53,24 @@ def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.
   """The config a checkpoint was trained with."""
   restored = _restore(manager, step, {"config": ocp.args.JsonRestore()})
   return ml_collections.ConfigDict(restored["config"])
+
+
+def find_config(workdir: str, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
+  """(step, its config) of the latest (or the given) checkpoint of a training workdir or a
+  converted checkpoint directory; FileNotFoundError naming what exists when there is none."""
+  if not os.path.isdir(checkpoint_dir(workdir)):
+    raise FileNotFoundError(f"No checkpoint in {checkpoint_dir(workdir)}: train first, or point "
+                            f"--workdir at a directory that train.py or pixeldance_jax.convert "
+                            f"wrote.")
+  manager = make_manager(workdir, read_only=True)
+  try:
+    step = latest_step(manager, workdir) if step is None else step
+    if step not in manager.all_steps():
+      raise FileNotFoundError(f"No checkpoint for step {step} in {checkpoint_dir(workdir)}; "
+                              f"there are {sorted(manager.all_steps())}.")
+    return step, restore_config(manager, step)
+  finally:
+    manager.close()
 
 
 def has_data_state(manager: ocp.CheckpointManager, step: int, name: str, process_index: int,
@@ -158,3 +183,72 @@ def restore_pretrained(directory: str, abstract_params: Any, abstract_frozen: An
   target = {"params": abstract_params, "frozen": abstract_frozen}
   restored = _restore(manager, step, {"pretrained": ocp.args.StandardRestore(target)})
   return restored["pretrained"]["params"], restored["pretrained"]["frozen"]
+
+
+# --- Weights only (sampling) ------------------------------------------------------------------
+
+
+def _shape_mismatches(item_dir: str, expected: dict[str, Any]) -> list[str]:
+  """The leaves of `expected` (ShapeDtypeStructs) that an Orbax item lacks or stores otherwise."""
+  try:
+    metadata = ocp.StandardCheckpointer().metadata(item_dir).item_metadata
+  except (OSError, ValueError) as error:
+    raise ValueError(f"Cannot read the metadata of checkpoint item {item_dir}: {error}") from error
+  stored = {jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_leaves_with_path(metadata)}
+  problems = []
+  for path, leaf in jax.tree_util.tree_leaves_with_path(expected):
+    key = jax.tree_util.keystr(path)
+    if stored.get(key) != tuple(leaf.shape):
+      problems.append(f"{key}: stored {stored.get(key, 'nothing')}, the model has {leaf.shape}")
+  return problems
+
+
+def _check_fits(workdir: str, step: int, item: str, expected: dict[str, Any]) -> None:
+  """Refuses, listing what differs, a checkpoint whose arrays do not fit the model: cheaper and
+  clearer than Orbax failing mid-restore."""
+  problems = _shape_mismatches(os.path.join(checkpoint_dir(workdir), str(step), item), expected)
+  if problems:
+    shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8
+                                       else "")
+    raise ValueError(f"Checkpoint {step} in {checkpoint_dir(workdir)} does not fit the model "
+                     f"its own config describes ({len(problems)} arrays): {shown}")
+
+
+def _restore_subtrees(manager: ocp.CheckpointManager, step: int, item: str,
+                      target: dict[str, Any]) -> dict[str, Any]:
+  """Reads only the subtrees of `item` named in `target` (ShapeDtypeStructs with shardings):
+  an Orbax partial restore, so the arrays left out (the optimiser state) are never read."""
+  restore_args = ocp.checkpoint_utils.construct_restore_args(target)
+  args = ocp.args.PyTreeRestore(item=target, restore_args=restore_args, partial_restore=True)
+  return _restore(manager, step, {item: args})[item]
+
+
+def restore_weights(workdir: str, step: int, abstract_params: Any, abstract_frozen: Any,
+                    use_ema: bool = True) -> tuple[Any, Any, str]:
+  """(params, frozen, kind) of checkpoint `step` of `workdir`, onto the shardings of the
+  abstract trees (`models.pixeldance.abstract_weights`, any mesh).
+
+  A training checkpoint gives its EMA params (`use_ema`, kind "ema") or its raw params ("raw"),
+  and its frozen weights; the optimiser state is not read. A converted checkpoint has one set
+  of weights (kind "converted"). Arrays whose shapes differ from the abstract ones are listed
+  (ValueError) before anything is read.
+  """
+  manager = make_manager(workdir, read_only=True)
+  try:
+    if is_pretrained(manager, step):
+      if not use_ema:
+        logging.info("A converted checkpoint has one set of weights; raw weights change nothing.")
+      target = {"params": abstract_params, "frozen": abstract_frozen}
+      _check_fits(workdir, step, "pretrained", target)
+      restored = _restore_subtrees(manager, step, "pretrained", target)
+      return restored["params"], restored["frozen"], "converted"
+    name = "ema_params" if use_ema else "params"
+    target = {name: abstract_params, "frozen": abstract_frozen}
+    _check_fits(workdir, step, "state", target)
+    restored = _restore_subtrees(manager, step, "state", target)
+    return restored[name], restored["frozen"], "ema" if use_ema else "raw"
+  finally:
+    # Orbax's I/O threads otherwise race the interpreter's exit after a failed restore
+    # ("RuntimeError: Event loop is closed" printed after the real error).
+    manager.close()

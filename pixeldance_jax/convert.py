@@ -21,12 +21,11 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pixeldance_jax import checkpoints, console
 from pixeldance_jax.models import autoencoder_kl
 from pixeldance_jax.models import convert as convert_lib
-from pixeldance_jax.models import text_encoder, unet3d
+from pixeldance_jax.models import pixeldance, text_encoder, unet3d
 from pixeldance_jax.parallel import mesh as mesh_lib
-from pixeldance_jax import checkpoints
-from pixeldance_jax.train import state as state_lib
 
 
 def _class_name(folder: str) -> str | None:
@@ -86,8 +85,8 @@ def convert(config: ml_collections.ConfigDict, model_dir: str, output: str, seed
   if not os.path.isdir(model_dir):
     raise FileNotFoundError(f"--model_dir={model_dir} is not a directory.")
   mesh = mesh_lib.make_mesh(config.mesh)
-  abstract, _ = state_lib.abstract_state(config, mesh)
-  params, frozen = state_lib.init_weights(config, mesh, jax.random.key(seed))
+  abstract_params, abstract_frozen = pixeldance.abstract_weights(config, mesh)
+  params, frozen = pixeldance.init_weights(config, mesh, jax.random.key(seed))
   params, frozen = dict(params), dict(frozen)
   converters = {"unet": lambda d: _convert_unet(d, config, seed),
                 "text_encoder": lambda d: _convert_text_encoder(d, config)}
@@ -100,9 +99,9 @@ def convert(config: ml_collections.ConfigDict, model_dir: str, output: str, seed
       logging.warning("%s has no %s/: it keeps its random initialisation.", model_dir, part)
       continue
     if part == "vae":
-      frozen["autoencoder"] = _place(converter(folder), abstract.frozen["autoencoder"])
+      frozen["autoencoder"] = _place(converter(folder), abstract_frozen["autoencoder"])
     else:
-      params[part] = _place(converter(folder), abstract.params[part])
+      params[part] = _place(converter(folder), abstract_params[part])
     converted.append(part)
   if os.path.isdir(os.path.join(model_dir, "tokenizer")):
     _check_tokenizer(os.path.join(model_dir, "tokenizer"), config)
@@ -127,4 +126,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["config", "model_dir", "output"])
-  app.run(main)
+  console.run(main)

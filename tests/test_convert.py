@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from configs import unit_test
-from pixeldance_jax import convert, inference
+from pixeldance_jax import convert
+from pixeldance_jax.sampling import generate, pipeline as sampling_pipeline
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax import checkpoints
 from pixeldance_jax.train import trainer
@@ -75,7 +76,7 @@ def converted(model_dir, tmp_path_factory):
 
 
 def test_converted_checkpoint_holds_the_torch_weights(model_dir, converted):
-  pipeline = inference.load_pipeline(str(converted))
+  pipeline = sampling_pipeline.load_pipeline(str(converted))
   kernel = np.asarray(pipeline.params["unet"]["conv_in"]["kernel"])  # [3, 3, 2C, out]
   torch_kernel = model_dir[1].conv_in.weight.detach().numpy().transpose(2, 3, 1, 0)
   np.testing.assert_array_equal(kernel[:, :, :4], torch_kernel)
@@ -84,9 +85,9 @@ def test_converted_checkpoint_holds_the_torch_weights(model_dir, converted):
 
 
 def test_sample_from_the_converted_checkpoint(converted):
-  pipeline = inference.load_pipeline(str(converted))
+  pipeline = sampling_pipeline.load_pipeline(str(converted))
   frames = np.zeros((1, 16, 16, 3), np.uint8)
-  video = inference.generate(pipeline, ["a red square moves up"], frames, frames, tau=2, seed=0)
+  video = generate.generate(pipeline, ["a red square moves up"], frames, frames, tau=2, seed=0)
   assert video.shape == (1, 4, 16, 16, 3) and video.dtype == np.uint8
 
 

@@ -15,11 +15,13 @@ import json
 import math
 
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 
-from pixeldance_jax import inference
+from pixeldance_jax import console
 from pixeldance_jax.data import pipeline as data_pipeline
 from pixeldance_jax.evaluate import metrics
+from pixeldance_jax.sampling import generate as generate_lib
+from pixeldance_jax.sampling import pipeline as sampling_pipeline
 
 
 def _variant_metrics(videos: np.ndarray, clips: list[dict]) -> dict[str, float]:
@@ -38,7 +40,7 @@ def _variant_metrics(videos: np.ndarray, clips: list[dict]) -> dict[str, float]:
 
 def evaluate(workdir: str, num_clips: int = 32, steps: int | None = None, seed: int = 0,
              batch_size: int = 16) -> dict[str, dict[str, float]]:
-  pipeline = inference.load_pipeline(workdir)
+  pipeline = sampling_pipeline.load_pipeline(workdir)
   config = pipeline.config
   clips = data_pipeline.load_test_clips(config, data_pipeline.data_dir(config, workdir), num_clips)
   steps = steps or config.sample.num_steps
@@ -51,7 +53,7 @@ def evaluate(workdir: str, num_clips: int = 32, steps: int | None = None, seed: 
     for start in range(0, num_clips, batch_size):
       batch = clips[start:start + batch_size]
       prompts = [clip["caption"] if variant["text"] else "" for clip in batch]
-      videos.append(inference.generate(
+      videos.append(generate_lib.generate(
           pipeline, prompts, np.stack([c["video"][0] for c in batch]),
           np.stack([c["video"][-1] for c in batch]), tau=variant["tau"], steps=steps,
           seed=seed + start))  # Clip i gets seed + i, whatever the batch size.
@@ -80,4 +82,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  console.run(main)

@@ -1,16 +1,26 @@
 """The trainable PixelDance network: CLIP-style text encoder + 3D U-Net, one parameter tree.
 
-Parameters: `{"text_encoder": ..., "unet": ...}`. The autoencoder is frozen and separate.
+Parameters: `{"text_encoder": ..., "unet": ...}`. The autoencoder is frozen and separate: its
+weights are the "frozen" tree, `{"autoencoder": ...}` for the KL VAE, `{}` for space_to_depth.
+`abstract_weights` gives the shapes and shardings of both, which training (with the optimiser
+around them) and sampling (without) restore or initialise onto.
 """
 
+import functools
+from typing import Any
+
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+from jax.sharding import Mesh
 
-from pixeldance_jax.models import text_encoder, unet3d
+from pixeldance_jax.models import autoencoder_kl, text_encoder, unet3d
+from pixeldance_jax.parallel import sharding
 
 Array = jax.Array
+Params = Any
 
 
 class PixelDance(nn.Module):
@@ -46,3 +56,44 @@ def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1) -> tuple[Arr
   model_input = jnp.zeros((batch, config.data.frames, size, size, channels), jnp.float32)
   return (model_input, jnp.zeros((batch,), jnp.int32),
           jnp.zeros((batch, config.text_encoder.max_length), jnp.int32))
+
+
+def _init_frozen(rng: Array, config: ml_collections.ConfigDict) -> Params:
+  """Randomly initialised frozen weights: their shapes; the values come from a converted
+  checkpoint (`config.init_from`)."""
+  if config.autoencoder.kind != "kl":
+    return {}
+  spec = autoencoder_kl.AutoencoderKLSpec.from_config(config)
+  size = 8 * spec.downsample_factor
+  variables = autoencoder_kl.AutoencoderKL(spec).init(rng, jnp.zeros((1, size, size, 3)))
+  return {"autoencoder": flax.core.unfreeze(variables["params"])}
+
+
+def init_boxed_params(rng: Array, config: ml_collections.ConfigDict) -> Params:
+  """The trainable params, logically boxed (`nn.LogicallyPartitioned`: values + axis names)."""
+  return flax.core.unfreeze(make_model(config).init(rng, *dummy_inputs(config))["params"])
+
+
+def init_boxed_weights(rng: Array, config: ml_collections.ConfigDict) -> tuple[Params, Params]:
+  """(params, frozen), logically boxed: the values, shapes and axis names of every weight."""
+  model_rng, frozen_rng = jax.random.split(rng)
+  return init_boxed_params(model_rng, config), _init_frozen(frozen_rng, config)
+
+
+def abstract_weights(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Params, Params]:
+  """(params, frozen) as ShapeDtypeStructs carrying their shardings on `mesh`; nothing is
+  materialised and there is no optimiser state (what sampling restores)."""
+  boxed = jax.eval_shape(functools.partial(init_boxed_weights, config=config),
+                         jax.random.key(0))
+  shardings = sharding.tree_shardings(boxed, mesh, sharding.logical_rules(config))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.meta.unbox(boxed), shardings)
+
+
+def init_weights(config: ml_collections.ConfigDict, mesh: Mesh, rng: Array
+                 ) -> tuple[Params, Params]:
+  """(params, frozen) initialised directly into their shards (never on one device first)."""
+  params, frozen = abstract_weights(config, mesh)
+  out_shardings = jax.tree.map(lambda x: x.sharding, (params, frozen))
+  init = lambda r: nn.meta.unbox(init_boxed_weights(r, config))
+  return jax.jit(init, out_shardings=out_shardings)(rng)

@@ -9,9 +9,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pixeldance_jax.models import autoencoder_kl, pixeldance
+from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import sharding
 
 Array = jax.Array
@@ -66,35 +66,32 @@ def ema_decay(config: ml_collections.ConfigDict, step: Array) -> Array:
   return jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
 
 
-def _init_frozen(rng: Array, config: ml_collections.ConfigDict) -> Params:
-  """Randomly initialised frozen weights: their shapes; the values come from `init_from`."""
-  if config.autoencoder.kind != "kl":
-    return {}
-  spec = autoencoder_kl.AutoencoderKLSpec.from_config(config)
-  size = 8 * spec.downsample_factor
-  variables = autoencoder_kl.AutoencoderKL(spec).init(rng, jnp.zeros((1, size, size, 3)))
-  return {"autoencoder": flax.core.unfreeze(variables["params"])}
-
-
 def _init_state(rng: Array, config: ml_collections.ConfigDict) -> TrainState:
   """Boxed (logically partitioned) state: the shapes and axis names of everything."""
-  model_rng, frozen_rng = jax.random.split(rng)
-  model = pixeldance.make_model(config)
-  params = model.init(model_rng, *pixeldance.dummy_inputs(config))["params"]
-  params = flax.core.unfreeze(params)
+  params, frozen = pixeldance.init_boxed_weights(rng, config)
   opt_state = make_optimizer(config).init(params)
   return TrainState(step=jnp.zeros((), jnp.int32), params=params, ema_params=params,
-                    opt_state=opt_state, frozen=_init_frozen(frozen_rng, config))
+                    opt_state=opt_state, frozen=frozen)
+
+
+def _abstract_opt_state(config: ml_collections.ConfigDict, mesh: Mesh) -> optax.OptState:
+  """The optimiser state as ShapeDtypeStructs with shardings: its moments are sharded like
+  the params they track (the boxes carry the params' logical axis names)."""
+  init = lambda rng: make_optimizer(config).init(pixeldance.init_boxed_params(rng, config))
+  boxed = jax.eval_shape(init, jax.random.key(0))
+  shardings = sharding.tree_shardings(boxed, mesh, sharding.logical_rules(config))
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.meta.unbox(boxed), shardings)
 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainState, Any]:
-  """(ShapeDtypeStruct state with shardings, the shardings tree), nothing materialised."""
-  boxed = jax.eval_shape(functools.partial(_init_state, config=config), jax.random.key(0))
-  shardings = sharding.tree_shardings(boxed, mesh, sharding.logical_rules(config))
-  unboxed = nn.meta.unbox(boxed)
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          unboxed, shardings)
-  return abstract, shardings
+  """(ShapeDtypeStruct state with shardings, the shardings tree), nothing materialised: the
+  weights of `pixeldance.abstract_weights` (twice: raw and EMA) plus the optimiser state."""
+  params, frozen = pixeldance.abstract_weights(config, mesh)
+  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
+  abstract = TrainState(step=step, params=params, ema_params=params,
+                        opt_state=_abstract_opt_state(config, mesh), frozen=frozen)
+  return abstract, jax.tree.map(lambda x: x.sharding, abstract)
 
 
 def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, rng: Array
@@ -103,16 +100,6 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, rng: Array
   _, shardings = abstract_state(config, mesh)
   init = jax.jit(lambda r: nn.meta.unbox(_init_state(r, config)), out_shardings=shardings)
   return init(rng)
-
-
-def init_weights(config: ml_collections.ConfigDict, mesh: Mesh, rng: Array
-                 ) -> tuple[Params, Params]:
-  """(params, frozen) initialised into their shards, without the optimiser state."""
-  _, shardings = abstract_state(config, mesh)
-  def init(r):
-    state = nn.meta.unbox(_init_state(r, config))
-    return state.params, state.frozen
-  return jax.jit(init, out_shardings=(shardings.params, shardings.frozen))(rng)
 
 
 def count_params(params: Params) -> int:

@@ -1,0 +1,93 @@
+"""The sampling program: text encoding, the whole denoising loop and decoding, jitted as one.
+
+It is compiled once per batch shape and sampler: tau, the guidance scale and rescale, eta, the
+seeds and the step schedule (even the number of steps) are traced inputs, so changing them
+reuses the compiled program.
+"""
+
+import collections
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from pixeldance_jax.data import conditioning
+from pixeldance_jax.diffusion import samplers, schedules
+from pixeldance_jax.models import autoencoder as autoencoder_lib
+from pixeldance_jax.models import pixeldance
+from pixeldance_jax.parallel import mesh as mesh_lib
+from pixeldance_jax.parallel import sharding
+
+# How often the generate program was traced, per sampler: tests check that changing a traced
+# setting (tau, guidance, steps, ...) does not trace (and compile) it again.
+trace_counts: collections.Counter = collections.Counter()
+
+
+def make_generate_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
+  """The jitted sampling program; per-example inputs are placed with the batch over data x fsdp.
+
+  Returns `run(params, frozen, batch, shared, sampler) -> uint8 [b, F, H, W, 3]` where `batch`
+  holds the per-example arrays (see `generate.generate`) and `shared` the clip index and the
+  step schedule; `run.lower(...)` lowers it for (possibly abstract) inputs.
+  """
+  model = pixeldance.make_model(config)
+  alpha_bar = jnp.asarray(schedules.alphas_cumprod(config.diffusion))
+  frames = config.data.frames
+  noise_timestep = config.conditioning.noise_timestep if config.sample.condition_noise else 0
+  rules = sharding.logical_rules(config)
+
+  def image_conditions(autoencoder, rngs, first_frame, last_frame):
+    """uint8 `[b, H, W, 3]` x 2 -> c_image `[b, F, h, w, c]` with and without the last frame."""
+    first_rngs, last_rngs = jnp.moveaxis(jax.vmap(jax.random.split)(rngs), 1, 0)
+    first = autoencoder.encode(autoencoder_lib.to_pixels(first_frame))
+    last = autoencoder.encode(autoencoder_lib.to_pixels(last_frame))
+    # The noise training puts on its conditions, one key per example as there.
+    first = conditioning.noise_condition(first_rngs, first, alpha_bar, noise_timestep)
+    last = conditioning.noise_condition(last_rngs, last, alpha_bar, noise_timestep)
+    if not config.conditioning.use_first_frame:  # The text-to-video baseline never saw one.
+      first = jnp.zeros_like(first)
+    return (conditioning.image_condition(first, last, frames),
+            conditioning.image_condition(first, jnp.zeros_like(last), frames))
+
+  @functools.partial(jax.jit, static_argnames=("sampler",))
+  def generate(params, frozen, seeds, clip_index, first_frame, last_frame, token_ids,
+               null_token_ids, schedule, tau, guidance_scale, guidance_rescale, eta, *, sampler):
+    """uint8 first/last `[b, H, W, 3]`, ids `[b, length]`, seeds `[b]` -> `[b, F, H, W, 3]`."""
+    trace_counts[sampler] += 1
+    variables = {"params": params}
+    autoencoder = autoencoder_lib.make_autoencoder(config, frozen.get("autoencoder"))
+    rngs = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), clip_index))(seeds)
+    noise_rngs, condition_rngs = jnp.moveaxis(jax.vmap(jax.random.split)(rngs), 1, 0)
+    with_last, without_last = image_conditions(autoencoder, condition_rngs, first_frame,
+                                               last_frame)
+    encode = functools.partial(model.apply, variables, method=pixeldance.PixelDance.encode_text)
+    denoise = functools.partial(model.apply, variables, method=pixeldance.PixelDance.denoise)
+    latents = samplers.sample(
+        denoise, noise_rngs, image_condition=with_last, image_condition_without_last=without_last,
+        context=encode(token_ids), null_context=encode(null_token_ids), schedule=schedule,
+        tau=tau, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
+        sampler=sampler, prediction_type=config.diffusion.prediction_type,
+        clip_denoised=config.sample.clip_denoised)
+    return autoencoder_lib.to_uint8(autoencoder.decode(latents))
+
+  per_example = mesh_lib.batch_sharding(mesh)
+  replicated = NamedSharding(mesh, PartitionSpec())
+
+  def run(params, frozen, batch: dict[str, np.ndarray], shared: dict[str, Any], sampler: str):
+    batch = jax.device_put(batch, per_example)
+    shared = jax.device_put(shared, replicated)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return generate(params, frozen, **batch, **shared, sampler=sampler)
+
+  def lower(params, frozen, batch: dict[str, Any], shared: dict[str, Any], sampler: str):
+    """The program for (possibly abstract) inputs, e.g. to time its compilation."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+      return generate.lower(params, frozen, **batch, **shared, sampler=sampler)
+
+  run.lower = lower
+  return run

@@ -1,0 +1,295 @@
+"""Requests: one video each, from arguments (the CLI's flags) or a line of a JSONL prompts file.
+
+A request holds its resolved inputs (prompts, first and last frame) and settings; `run_requests`
+samples a list of them in batches of requests that share a program run.
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+from absl import logging
+
+from pixeldance_jax import video_io
+from pixeldance_jax.data import media
+from pixeldance_jax.data import pipeline as data_pipeline
+from pixeldance_jax.diffusion import samplers
+from pixeldance_jax.sampling import generate as generate_lib
+from pixeldance_jax.sampling.pipeline import Pipeline
+
+# Settings a request may give; the rest come from the CLI flags, then config.sample.
+SETTINGS = ("tau", "guidance_scale", "guidance_rescale", "steps", "eta", "sampler",
+            "timestep_spacing", "seed", "num_clips")
+# What a line of a prompts file may hold besides SETTINGS.
+INPUTS = ("prompt", "first_frame", "last_frame", "last_frame_edges", "heldout_index", "name")
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+  """One video to sample and the record of how."""
+  prompts: tuple[str, ...]  # One per clip.
+  first_frame: np.ndarray  # uint8 [H, W, 3]
+  last_frame: np.ndarray | None  # uint8 [H, W, 3], guides the final clip.
+  settings: dict[str, Any]  # Every key of SETTINGS, resolved.
+  record: dict[str, Any]  # Inputs as given, mode, and the settings: the JSON written beside it.
+  name: str = ""
+
+  def batch_key(self) -> tuple[Any, ...]:
+    """Requests batch together when they share the schedule, the sampler and the clip count."""
+    s = self.settings
+    return s["steps"], s["sampler"], s["timestep_spacing"], s["num_clips"]
+
+
+# The type of each setting: values from JSON or flags are converted, and must convert.
+_SETTING_TYPES = {"tau": int, "guidance_scale": float, "guidance_rescale": float, "steps": int,
+                  "eta": float, "sampler": str, "timestep_spacing": str, "seed": int,
+                  "num_clips": int}
+
+
+def default_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  sample_config = config.sample
+  return {"tau": sample_config.tau, "guidance_scale": sample_config.guidance_scale,
+          "guidance_rescale": sample_config.guidance_rescale, "steps": sample_config.num_steps,
+          "eta": sample_config.eta, "sampler": sample_config.sampler,
+          "timestep_spacing": sample_config.timestep_spacing, "seed": 0, "num_clips": 1}
+
+
+def _convert_setting(name: str, value: Any) -> Any:
+  if name not in _SETTING_TYPES:
+    raise ValueError(f"unknown setting {name!r}; known: {list(SETTINGS)}")
+  kind = _SETTING_TYPES[name]
+  if kind is int and isinstance(value, float) and not value.is_integer():
+    raise ValueError(f"{name}={value!r} is not an integer")
+  try:
+    return kind(value)
+  except (TypeError, ValueError, OverflowError) as error:  # int(inf) overflows.
+    raise ValueError(f"{name}={value!r} is not a {kind.__name__}") from error
+
+
+def _finite(value: float) -> bool:
+  return math.isfinite(value)
+
+
+# setting -> (whether a value is allowed, what is allowed); steps' upper bound is the config's.
+_RANGES = {
+    "guidance_scale": (_finite, "a finite number"),
+    "guidance_rescale": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),  # NaN fails too.
+    "eta": (lambda v: _finite(v) and v >= 0.0, "a finite number >= 0 (0 = deterministic DDIM)"),
+    "tau": (lambda v: v >= 0, ">= 0 (sampler steps that see the last frame)"),
+    "steps": (lambda v: v >= 1, ">= 1"),
+    "num_clips": (lambda v: v >= 1, ">= 1"),
+    "sampler": (lambda v: v in samplers.SAMPLERS, f"one of {sorted(samplers.SAMPLERS)}"),
+    "timestep_spacing": (lambda v: v in samplers.TIMESTEP_SPACINGS,
+                         f"one of {list(samplers.TIMESTEP_SPACINGS)}"),
+}
+
+
+def check_settings(settings: Mapping[str, Any], num_train_timesteps: int | None = None) -> None:
+  """Raises a one-line ValueError for a setting out of range: a non-finite guidance scale or
+  eta, a rescale outside [0, 1], eta or tau < 0, steps < 1 or > num_train_timesteps, an
+  unknown sampler or spacing, num_clips < 1.
+
+  Settings that are absent or None are not checked, nor the upper bound of steps without
+  `num_train_timesteps`: the CLI checks its flags this way before reading a checkpoint.
+  """
+  for name, value in settings.items():
+    if value is None or name not in _RANGES:
+      continue
+    allowed, description = _RANGES[name]
+    value = _convert_setting(name, value)
+    if name == "steps" and num_train_timesteps is not None:
+      allowed = lambda v: 1 <= v <= num_train_timesteps
+      description = f"in [1, {num_train_timesteps}] (the model's training timesteps)"
+    if not allowed(value):
+      raise ValueError(f"{name}={value!r} must be {description}")
+
+
+def resolve_settings(config: ml_collections.ConfigDict, prompt: str | Sequence[str] | None,
+                     given: Mapping[str, Any]) -> dict[str, Any]:
+  """Every setting: the given ones (None: not given), else config.sample's; checked."""
+  given = {name: _convert_setting(name, value) for name, value in given.items()
+           if value is not None}
+  if prompt is not None and not isinstance(prompt, str):
+    given.setdefault("num_clips", len(prompt))  # One prompt per clip.
+  settings = {**default_settings(config), **given}
+  check_settings(settings, config.diffusion.num_train_timesteps)
+  return settings
+
+
+def _heldout_clip(config: ml_collections.ConfigDict, workdir: str, index: int) -> dict[str, Any]:
+  return data_pipeline.load_test_clips(config, data_pipeline.data_dir(config, workdir),
+                                       index + 1)[index]
+
+
+def _resolve_inputs(pipeline: Pipeline, prompt: str | Sequence[str] | None,
+                    first_frame: str | None, last_frame: str | None, heldout_index: int,
+                    read: Any, record: dict[str, Any]
+                    ) -> tuple[str | Sequence[str], np.ndarray, np.ndarray | None]:
+  """(prompt, first frame, last frame or None) from `read(path)` or a held-out clip."""
+  clip = None
+  if first_frame is None or last_frame == "heldout":
+    clip = _heldout_clip(pipeline.config, pipeline.workdir, heldout_index)
+    record.update(heldout_index=heldout_index, heldout_caption=clip["caption"])
+  if first_frame is None:
+    logging.warning("No first frame: using the first frame of held-out clip %d (%r).",
+                    heldout_index, clip["caption"])
+    first = clip["video"][0]
+    if prompt is None:
+      prompt = clip["caption"]
+      logging.warning("No prompt: using that clip's caption.")
+  elif prompt is None:
+    raise ValueError(f"a prompt is required with first_frame={first_frame!r}.")
+  else:
+    first = read(first_frame)
+  if last_frame == "heldout":
+    return prompt, first, clip["video"][-1]
+  return prompt, first, None if last_frame is None else read(last_frame)
+
+
+def _mode(last_frame: Any, edges: bool, num_clips: int) -> str:
+  mode = "basic" if last_frame is None else ("sketch" if edges else "magic")
+  return mode if num_clips == 1 else f"long video ({num_clips} clips, {mode} ending)"
+
+
+def make_request(pipeline: Pipeline, *, prompt: str | Sequence[str] | None = None,
+                 first_frame: str | None = None, last_frame: str | None = None,
+                 last_frame_edges: bool = False, heldout_index: int = 0, resize: bool = True,
+                 name: str = "", base_dir: str = "", **settings: Any) -> Request:
+  """A request from image paths (relative ones under `base_dir`) or a held-out clip.
+
+  Without `first_frame` the first frame (and, without a prompt, the caption) of held-out clip
+  `heldout_index` is used; `last_frame="heldout"` takes that clip's last frame.
+  `last_frame_edges` turns the last frame into an edge map (the sketch mode). A list of
+  prompts gives one per clip; one prompt serves every clip. `settings`: see SETTINGS.
+  """
+  settings = resolve_settings(pipeline.config, prompt, settings)
+  size = pipeline.config.data.image_size
+  read = lambda path: media.read_image(
+      path if os.path.isabs(path) else os.path.join(base_dir, path), size, resize=resize)
+  record = {"prompt": prompt, "first_frame": first_frame, "last_frame": last_frame}
+  prompt, first, last = _resolve_inputs(pipeline, prompt, first_frame, last_frame,
+                                        heldout_index, read, record)
+  if last is not None and last_frame_edges:
+    last = video_io.edge_map(last)
+  prompts = (prompt,) * settings["num_clips"] if isinstance(prompt, str) else tuple(prompt)
+  if len(prompts) != settings["num_clips"]:
+    raise ValueError(f"{len(prompts)} prompts for num_clips={settings['num_clips']}")
+  record.update(prompt=prompt, last_frame_edges=last_frame_edges,
+                mode=_mode(last, last_frame_edges, settings["num_clips"]), **settings)
+  # The tau that acts: none without a last frame; tau >= steps is "every step".
+  record["tau"] = 0 if last is None else min(settings["tau"], settings["steps"])
+  return Request(prompts=prompts, first_frame=first, last_frame=last, settings=settings,
+                 record=record, name=name)
+
+
+def _parse_line(line: str) -> dict[str, Any] | None:
+  """A prompts-file line as a dict (None for blank lines and # comments); ValueError if bad."""
+  if not line.strip() or line.lstrip().startswith("#"):
+    return None
+  try:
+    item = json.loads(line)
+  except json.JSONDecodeError as error:
+    raise ValueError(f"not JSON ({error})") from error
+  unknown = set(item) - set(INPUTS) - set(SETTINGS) if isinstance(item, dict) else None
+  if unknown is None or unknown:
+    raise ValueError(f"expected an object with keys from {sorted(INPUTS + SETTINGS)}; "
+                     f"unknown: {sorted(unknown or [])}")
+  return item
+
+
+def _prompt_lines(path: str, defaults: Mapping[str, Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+  """(line number, the request's arguments) per request line: `defaults` under the line's
+  keys, the seed `defaults["seed"] + k` and the name "000k" for request k unless given."""
+  if not os.path.isfile(path):
+    raise FileNotFoundError(f"prompts file not found: {path}")
+  count = 0
+  with open(path) as f:
+    for number, line in enumerate(f, 1):
+      try:
+        item = _parse_line(line)
+      except ValueError as error:
+        raise ValueError(f"{path}:{number}: {error}") from error
+      if item is not None:
+        yield number, {**defaults, "seed": (defaults.get("seed") or 0) + count,
+                       "name": f"{count:04d}", **item}
+        count += 1
+  if not count:
+    raise ValueError(f"{path} holds no requests")
+
+
+def check_prompts_file(config: ml_collections.ConfigDict, path: str, **defaults: Any
+                       ) -> list[str]:
+  """Parses every line of a prompts file and checks its settings against `config`, reading no
+  image: the errors `read_prompts_file` would raise for them, before weights are loaded.
+  Returns the requests' names."""
+  names = []
+  for number, arguments in _prompt_lines(path, defaults):
+    settings = {key: value for key, value in arguments.items() if key not in INPUTS}
+    try:
+      resolve_settings(config, arguments.get("prompt"), settings)
+    except ValueError as error:
+      raise ValueError(f"{path}:{number}: {error}") from error
+    names.append(arguments["name"])
+  return names
+
+
+def read_prompts_file(pipeline: Pipeline, path: str, resize: bool = True,
+                      **defaults: Any) -> list[Request]:
+  """Requests from a JSONL file, one JSON object a line (blank lines and # comments skipped).
+
+  Keys: INPUTS and SETTINGS (see `make_request`); `defaults` (e.g. the CLI flags) fill the
+  settings a line leaves out; without a seed, request k (from 0) gets seed `defaults["seed"] +
+  k`. Relative image paths are relative to the file; each request is named by its "name" or
+  its index ("0000", "0001", ...). Errors name the line.
+  """
+  base_dir = os.path.dirname(os.path.abspath(path))
+  requests = []
+  for number, arguments in _prompt_lines(path, defaults):
+    try:
+      requests.append(make_request(pipeline, resize=resize, base_dir=base_dir, **arguments))
+    except (ValueError, FileNotFoundError) as error:
+      raise ValueError(f"{path}:{number}: {error}") from error
+  return requests
+
+
+def _batches(requests: Sequence[Request], batch_size: int) -> list[list[Request]]:
+  """Groups requests that can share a program run, in file order, then cuts groups to size."""
+  groups: dict[tuple, list[Request]] = {}
+  for request in requests:
+    groups.setdefault(request.batch_key(), []).append(request)
+  return [group[start:start + batch_size] for group in groups.values()
+          for start in range(0, len(group), batch_size)]
+
+
+def run_requests(pipeline: Pipeline, requests: Sequence[Request], batch_size: int = 8
+                 ) -> Iterator[tuple[Request, generate_lib.LongVideo]]:
+  """Samples every request, `batch_size` at a time, yielding (request, one-example LongVideo)."""
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be >= 1")
+  batches = _batches(requests, batch_size)
+  for number, batch in enumerate(batches, 1):
+    start = time.perf_counter()
+    settings = batch[0].settings
+    lasts = [r.last_frame for r in batch]
+    size = batch[0].first_frame.shape
+    result = generate_lib.generate_long(
+        pipeline, [r.prompts for r in batch], np.stack([r.first_frame for r in batch]),
+        None if all(last is None for last in lasts) else
+        np.stack([np.zeros(size, np.uint8) if last is None else last for last in lasts]),
+        tau=[0 if r.last_frame is None else r.settings["tau"] for r in batch],
+        **{key: [r.settings[key] for r in batch]
+           for key in ("seed", "guidance_scale", "guidance_rescale", "eta")},
+        steps=settings["steps"], sampler=settings["sampler"],
+        timestep_spacing=settings["timestep_spacing"])
+    logging.info("batch %d/%d (videos: %d, %s, %d steps, clips: %d) sampled in %.1f s", number,
+                 len(batches), len(batch), settings["sampler"], settings["steps"],
+                 settings["num_clips"], time.perf_counter() - start)
+    for index, request in enumerate(batch):
+      yield request, generate_lib.LongVideo(*(x[index:index + 1]
+                                              for x in dataclasses.astuple(result)))

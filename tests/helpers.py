@@ -1,0 +1,44 @@
+"""Random weights for tests and benchmarks (not part of the library: nothing trains or samples
+with them). Tests import this as `helpers` (pytest puts tests/ on sys.path); scripts outside
+tests/ put the repository root on sys.path and import `tests.helpers`."""
+
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+
+from pixeldance_jax.models import pixeldance
+from pixeldance_jax.parallel import mesh as mesh_lib
+from pixeldance_jax.sampling import pipeline as sampling_pipeline
+
+
+def random_params(config: ml_collections.ConfigDict, seed: int = 0) -> Any:
+  """Random weights of the model's shapes; nothing is zero, so the zero-initialised temporal
+  outputs (and through them every frame) act. Filled in numpy from `jax.eval_shape`: no
+  initialisation program to compile."""
+  shapes = nn.meta.unbox(jax.eval_shape(
+      functools.partial(pixeldance.init_boxed_params, config=config), jax.random.key(0)))
+  rng = np.random.default_rng(seed)
+  def init(path, leaf):
+    noise = rng.standard_normal(leaf.shape, np.float32)
+    if path[-1].key == "scale":  # Norms.
+      return 1.0 + 0.05 * noise
+    fan_in = np.prod(leaf.shape[:-1]) if leaf.ndim > 1 else 20.0
+    return noise / np.sqrt(fan_in, dtype=np.float32)
+  return jax.tree_util.tree_map_with_path(init, shapes)
+
+
+def random_pipeline(config: ml_collections.ConfigDict, seed: int = 0
+                    ) -> sampling_pipeline.Pipeline:
+  """A pipeline with `random_params` (a space-to-depth autoencoder: no frozen weights)."""
+  if config.autoencoder.kind != "space_to_depth":
+    raise ValueError("random_pipeline needs autoencoder.kind='space_to_depth' (no frozen "
+                     "weights to draw).")
+  mesh = mesh_lib.make_mesh(config.mesh)
+  abstract_params, _ = pixeldance.abstract_weights(config, mesh)
+  shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
+  params = jax.device_put(random_params(config, seed), shardings)
+  return sampling_pipeline.make_pipeline(config, params, {}, mesh, weights="random")
