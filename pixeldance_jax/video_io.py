@@ -1,9 +1,11 @@
-"""Reading conditioning images and writing generated videos.
+"""Writing generated videos, stills and contact sheets; reading videos back.
 
 Videos are uint8 arrays `[frames, height, width, 3]`; images are uint8
 `[height, width, 3]`. Every writer goes through a temporary file in the
 destination folder and `os.replace`, so a crash or a full disk never leaves a
-half-written file where a good one used to be.
+half-written file where a good one used to be. MP4 is encoded in-process with
+PyAV (no ffmpeg subprocess: forking while JAX's threads run is unsafe). Input
+images are read by `data.media.read_image`.
 """
 
 import contextlib
@@ -14,10 +16,8 @@ from typing import Iterator
 
 from absl import logging
 import av
-import imageio_ffmpeg
 import numpy as np
 from PIL import Image
-from PIL import ImageOps
 
 # H.264 constant rate factor: 0 is lossless, 23 is the x264 default. 16 keeps
 # few-pixel shapes and flat colours of tiny generated videos recognisable.
@@ -67,8 +67,8 @@ def _atomic_path(path: str) -> Iterator[str]:
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
   stem, suffix = os.path.splitext(os.path.basename(path))
-  # Same folder, so os.replace is an atomic rename; same suffix, so ffmpeg and
-  # pillow pick the container from the name.
+  # Same folder, so os.replace is an atomic rename; same suffix, so pillow
+  # picks the format from the name.
   handle, tmp_path = tempfile.mkstemp(
       prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=folder)
   os.close(handle)
@@ -81,19 +81,17 @@ def _atomic_path(path: str) -> Iterator[str]:
 
 
 def _write_mp4(frames: np.ndarray, path: str, fps: int) -> None:
-  """Encodes `[F, H, W, 3]` (even H, W) as H.264 yuv420p."""
+  """Encodes `[F, H, W, 3]` (even H, W) as H.264 yuv420p, moov atom first (faststart)."""
   height, width = frames.shape[1:3]
-  writer = imageio_ffmpeg.write_frames(
-      path, (width, height), pix_fmt_in="rgb24", pix_fmt_out="yuv420p",
-      fps=fps, codec="libx264", quality=None, macro_block_size=_MP4_BLOCK,
-      ffmpeg_log_level="error",
-      output_params=["-crf", str(_MP4_CRF), "-movflags", "+faststart"])
-  writer.send(None)  # Starts ffmpeg.
-  try:
+  with av.open(path, mode="w", format="mp4",
+               options={"movflags": "+faststart"}) as container:
+    stream = container.add_stream("libx264", rate=fps)
+    stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+    stream.options = {"crf": str(_MP4_CRF)}
     for frame in frames:
-      writer.send(frame)
-  finally:
-    writer.close()
+      # The encoder converts rgb24 to the stream's yuv420p (libswscale).
+      container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+    container.mux(stream.encode())  # Flushes the frames x264 still holds.
 
 
 def _write_gif(frames: np.ndarray, path: str, fps: int) -> None:
@@ -175,80 +173,6 @@ def write_contact_sheet(frames: np.ndarray, path: str, upscale: int = 1,
   """Writes `[F, H, W, 3]` as a PNG grid, frames in reading order."""
   frames = _upscale(_check_frames(frames), upscale)
   _save_still(contact_sheet(frames, columns), path)
-
-
-def _open_image(path: str) -> Image.Image:
-  """Opens and fully decodes an image; decoder errors become ValueError."""
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"image not found: {path}")
-  try:
-    with Image.open(path) as image:
-      image.load()
-      # Phone JPEGs store rotation in EXIF; apply it so "up" is up.
-      return ImageOps.exif_transpose(image)
-  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
-    raise ValueError(f"cannot read image {path}: {e}") from e
-
-
-def _has_alpha(image: Image.Image) -> bool:
-  return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or (
-      "transparency" in image.info)
-
-
-def _to_rgb(image: Image.Image, path: str) -> Image.Image:
-  """Converts any pillow mode to RGB; transparency is composited onto black."""
-  if image.mode.startswith("I;16"):
-    # pillow would clip 16-bit greyscale at 255 instead of scaling it.
-    grey = (np.asarray(image, np.float64) / 257.0).round().astype(np.uint8)
-    image = Image.fromarray(grey, "L")
-  if _has_alpha(image):
-    logging.info("Image %s has an alpha channel; compositing onto black.",
-                 path)
-    rgba = image.convert("RGBA")
-    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
-    return Image.alpha_composite(black, rgba).convert("RGB")
-  if image.mode != "RGB":
-    logging.info("Image %s is in mode %s; converting to RGB.", path, image.mode)
-  return image.convert("RGB")
-
-
-def _center_crop_square(image: Image.Image) -> Image.Image:
-  width, height = image.size
-  side = min(width, height)
-  left, top = (width - side) // 2, (height - side) // 2
-  return image.crop((left, top, left + side, top + side))
-
-
-def read_image(path: str, size: int, resize: bool = True) -> np.ndarray:
-  """Reads a PNG/JPEG as the model's square RGB input.
-
-  Args:
-    path: image file.
-    size: side the model needs.
-    resize: if True, a wrongly sized image is centre-cropped to a square and
-      resized (bicubic, antialiased) with a logged warning; if False it is an
-      error.
-
-  Returns:
-    uint8 `[size, size, 3]`.
-
-  Raises:
-    FileNotFoundError: `path` does not exist.
-    ValueError: the file cannot be decoded, or has the wrong size and `resize`
-      is False.
-  """
-  image = _to_rgb(_open_image(path), path)
-  width, height = image.size
-  if (width, height) != (size, size):
-    if not resize:
-      raise ValueError(f"{path}: image is {width}x{height}, "
-                       f"the model needs {size}x{size}")
-    crop = "centre-cropped and " if width != height else ""
-    logging.warning("Image %s is %dx%d; %sresized to %dx%d.", path, width,
-                    height, crop, size, size)
-    image = _center_crop_square(image).resize(
-        (size, size), Image.Resampling.BICUBIC)
-  return np.asarray(image, np.uint8)
 
 
 def edge_map(image: np.ndarray, threshold: float = 0.2) -> np.ndarray:

@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 
 from configs import unit_test
-from pixeldance_jax.data import cache, pipeline
+from pixeldance_jax.data import pipeline
 from pixeldance_jax.models import autoencoder as autoencoder_lib
 from pixeldance_jax.parallel import mesh as mesh_lib
+from pixeldance_jax.train import latent_cache
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
 
@@ -40,16 +41,16 @@ def kl_cache(tmp_path_factory):
   config = _kl_config()
   data_dir = str(tmp_path_factory.mktemp("data"))
   params, frozen = _weights(config)
-  with pytest.raises(FileNotFoundError, match="python -m pixeldance_jax.data.cache"):
-    cache.make_cached_loader(config, data_dir, params, frozen)
-  cache.build_cache(config, data_dir, params, frozen)
+  with pytest.raises(FileNotFoundError, match="python -m pixeldance_jax.train.latent_cache"):
+    latent_cache.make_cached_loader(config, data_dir, params, frozen)
+  latent_cache.build_cache(config, data_dir, params, frozen)
   return config, data_dir, params, frozen
 
 
 def test_cached_batch_gives_the_live_loss(kl_cache):
   config, data_dir, params, frozen = kl_cache
   live = next(iter(pipeline.make_train_loader(config, data_dir)))
-  cached = next(iter(cache.make_cached_loader(config, data_dir, params, frozen)))
+  cached = next(iter(latent_cache.make_cached_loader(config, data_dir, params, frozen)))
   assert set(cached) == {"latent_mean", "latent_logvar", "text_embedding"}
   assert cached["latent_mean"].shape == (4, 4, 8, 8, 4)
   assert cached["text_embedding"].shape == (4, 16, 32)
@@ -57,7 +58,8 @@ def test_cached_batch_gives_the_live_loss(kl_cache):
   rng = jax.random.key(3)
   live_loss, live_metrics = jax.jit(
       lambda b: step_lib.loss_fn(params, frozen, b, rng, config))(live)
-  cached_loss_fn = jax.jit(lambda b, r: cache.cached_loss_fn(params, frozen, b, r, config))
+  cached_loss_fn = jax.jit(
+      lambda b, r: latent_cache.cached_loss_fn(params, frozen, b, r, config))
   cached_loss, cached_metrics = cached_loss_fn(cached, rng)
   np.testing.assert_allclose(float(cached_loss), float(live_loss), rtol=1e-5)
   assert set(cached_metrics) == set(live_metrics)  # A drop-in loss for step.loss_and_grads.
@@ -70,21 +72,21 @@ def test_cache_of_other_weights_is_refused(kl_cache):
   config, data_dir, params, frozen = kl_cache
   changed = jax.tree.map(lambda x: x * 1.01, frozen)
   with pytest.raises(FileNotFoundError, match="No latent cache"):
-    cache.make_cached_loader(config, data_dir, params, changed)
+    latent_cache.make_cached_loader(config, data_dir, params, changed)
 
 
 def test_space_to_depth_cache_holds_the_live_latents_and_tokens(tmp_path):
   config = unit_test.get_config()  # Trainable text encoder: tokens, not embeddings.
   data_dir = str(tmp_path / "data")
   params, frozen = {}, {}  # Neither a parameter-free autoencoder nor tokens need weights.
-  cache.build_cache(config, data_dir, params, frozen)
+  latent_cache.build_cache(config, data_dir, params, frozen)
   live = next(iter(pipeline.make_train_loader(config, data_dir)))
-  cached = next(iter(cache.make_cached_loader(config, data_dir, params, frozen)))
+  cached = next(iter(latent_cache.make_cached_loader(config, data_dir, params, frozen)))
   assert set(cached) == {"latent_mean", "tokens"}
   np.testing.assert_array_equal(cached["tokens"], live["tokens"])
   autoencoder = autoencoder_lib.make_autoencoder(config)
-  expected = autoencoder.encode(step_lib.video_to_pixels(jnp.asarray(live["video"])))
-  latents = cache.sample_latents(jnp.asarray(cached["latent_mean"]), None, jax.random.key(0),
-                                 config.autoencoder.scaling_factor)
+  expected = autoencoder.encode(autoencoder_lib.to_pixels(jnp.asarray(live["video"])))
+  latents = latent_cache.sample_latents(jnp.asarray(cached["latent_mean"]), None,
+                                        jax.random.key(0), config.autoencoder.scaling_factor)
   # Jitted and eager pixel scaling may round differently in the last bit.
   np.testing.assert_allclose(np.asarray(latents), np.asarray(expected), rtol=0, atol=1e-6)

@@ -1,17 +1,23 @@
-"""Tests for the moving-shapes generator, its TFDS builder, the grain loader and the tokenizer."""
+"""Tests for the moving-shapes generator, its TFDS builder, the grain loader, the tokenizer,
+the pixel scaling and the condition noise."""
 
 import logging
 import pathlib
 
+import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
 
 from configs import tiny
+from pixeldance_jax.data import conditioning
 from pixeldance_jax.data import moving_shapes
 from pixeldance_jax.data import pipeline
 from pixeldance_jax.data.builders.moving_shapes import MovingShapes
 from pixeldance_jax import tokenizer
+from pixeldance_jax.diffusion import schedules
+from pixeldance_jax.models import autoencoder as autoencoder_lib
 
 _SPEC = moving_shapes.MovingShapesSpec(
     frames=4, image_size=16, second_object_prob=0.5, background_color_prob=0.5, seed=3)
@@ -260,3 +266,30 @@ def test_every_caption_fits_the_tiny_text_encoder():
               for color in moving_shapes.COLORS for shape in moving_shapes.SHAPES
               for direction in moving_shapes.DIRECTIONS for speed in moving_shapes.SPEEDS]
   assert not any(tokenizer.encode(text, max_length)[1] for text in captions)
+
+
+# --- Pixel scaling and condition noise -------------------------------------
+
+
+def test_pixel_scaling_round_trips_every_uint8_value():
+  values = np.arange(256, dtype=np.uint8)
+  pixels = autoencoder_lib.to_pixels(values)
+  assert pixels.dtype == jnp.float32
+  assert float(pixels[0]) == -1.0 and float(pixels[-1]) == 1.0
+  np.testing.assert_array_equal(autoencoder_lib.to_uint8(pixels), values)
+  # Decoder outputs overshoot [-1, 1]: clipped, and rounded to the nearest level.
+  np.testing.assert_array_equal(
+      autoencoder_lib.to_uint8(jnp.array([-1.5, 1.5, -1.0 + 0.6 / 127.5])), [0, 255, 1])
+
+
+def test_condition_noise_is_per_example():
+  """An example's noise depends on its own key only: alone or in a batch, it is the same."""
+  alpha_bar = jnp.asarray(schedules.alphas_cumprod(tiny.get_config().diffusion))
+  latents = jax.random.normal(jax.random.key(0), (3, 4, 4, 2))
+  keys = jax.random.split(jax.random.key(1), 3)
+  batch = conditioning.noise_condition(keys, latents, alpha_bar, 100)
+  alone = conditioning.noise_condition(keys[1:2], latents[1:2], alpha_bar, 100)
+  np.testing.assert_allclose(batch[1:2], alone, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(batch, latents)
+  np.testing.assert_array_equal(conditioning.noise_condition(keys, latents, alpha_bar, 0),
+                                latents)

@@ -3,8 +3,10 @@ joint image batches, and training on a folder of mp4 files (videos written here 
 
 import csv
 import json
+import logging
 import os
 import pathlib
+import pickle
 
 from absl import flags
 import imageio
@@ -129,6 +131,110 @@ def test_read_image_resizes_short_side_and_centre_crops(tmp_path: pathlib.Path):
   Image.fromarray(image).save(tmp_path / "wide.png")
   out = media.read_image(str(tmp_path / "wide.png"), 10)
   assert out.shape == (10, 10, 3) and out.min() > 150  # Bicubic overshoot at the edge only.
+
+
+# --- The image reader (builders, latent cache and sampling) ----------------------------------
+
+
+def test_read_image_composites_rgba_onto_black(tmp_path, caplog):
+  rgba = np.zeros((8, 8, 4), np.uint8)
+  rgba[..., :3] = (200, 100, 50)
+  rgba[:4, :, 3] = 255  # Top half opaque, bottom half transparent.
+  path = str(tmp_path / "rgba.png")
+  Image.fromarray(rgba, "RGBA").save(path)
+  with caplog.at_level(logging.INFO):
+    image = media.read_image(path, 8)
+  assert image.dtype == np.uint8 and image.shape == (8, 8, 3)
+  assert (image[:4] == (200, 100, 50)).all()
+  assert (image[4:] == 0).all()
+  assert "alpha" in caplog.text
+
+
+@pytest.mark.parametrize("mode", ["L", "P"])
+def test_read_image_converts_grey_and_palette(tmp_path, mode):
+  grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
+  path = str(tmp_path / f"{mode}.png")
+  Image.fromarray(grey, "L").convert(mode).save(path)
+  image = media.read_image(path, 8)
+  assert image.shape == (8, 8, 3)
+  np.testing.assert_array_equal(image, np.stack([grey] * 3, axis=-1))
+
+
+def _banded_image(path: str) -> None:
+  """Saves a 48x32 image: red centre square, blue/green side bands."""
+  image = np.zeros((32, 48, 3), np.uint8)
+  image[:, :8] = (0, 0, 255)
+  image[:, 8:40] = (255, 0, 0)
+  image[:, 40:] = (0, 255, 0)
+  Image.fromarray(image).save(path)
+
+
+def test_read_image_centre_crops_and_resizes(tmp_path, caplog):
+  path = str(tmp_path / "wide.png")
+  _banded_image(path)
+  with caplog.at_level(logging.WARNING):
+    image = media.read_image(path, 16)
+  assert image.shape == (16, 16, 3)
+  # The side bands are cropped away, so only red remains.
+  assert (image == (255, 0, 0)).all()
+  assert "48x32" in caplog.text and "16x16" in caplog.text
+
+
+def test_read_image_refuses_wrong_size(tmp_path):
+  path = str(tmp_path / "wide.png")
+  _banded_image(path)
+  with pytest.raises(ValueError, match="image is 48x32, the model needs 16x16"):
+    media.read_image(path, 16, resize=False)
+
+
+def test_read_image_missing_file(tmp_path):
+  path = str(tmp_path / "missing.png")
+  with pytest.raises(media.SkippedInput, match="missing.png") as error:
+    media.read_image(path, 16)
+  assert error.value.reason == "missing_file"
+
+
+@pytest.mark.parametrize("content", ["garbage", "truncated"])
+def test_read_image_corrupt_file(tmp_path, content):
+  path = tmp_path / "bad.png"
+  if content == "garbage":
+    path.write_bytes(b"this is not an image")
+  else:
+    Image.fromarray(np.random.default_rng(0).integers(
+        0, 255, (64, 64, 3), np.uint8)).save(path)
+    path.write_bytes(path.read_bytes()[:200])
+  with pytest.raises(ValueError, match="bad.png") as error:
+    media.read_image(str(path), 64)
+  assert isinstance(error.value, media.SkippedInput) and error.value.reason == "unreadable"
+
+
+def test_read_image_applies_exif_orientation(tmp_path):
+  image = np.zeros((4, 8, 3), np.uint8)
+  image[:, :4] = 255  # Left half white as stored; EXIF 6 rotates it 90 degrees clockwise.
+  exif = Image.Image.getexif(Image.new("RGB", (1, 1)))
+  exif[0x0112] = 6
+  path = str(tmp_path / "rotated.png")
+  Image.fromarray(image).save(path, exif=exif)
+  with pytest.raises(ValueError, match="image is 4x8, the model needs 8x8"):
+    media.read_image(path, 8, resize=False)  # Upright, it is 4 wide and 8 tall.
+  # Upright, the top half is white: the central square's top two rows (unrotated, its left
+  # two columns would be).
+  upright = media.read_image(path, 4)
+  assert (upright[:2] == 255).all() and (upright[2:] == 0).all()
+
+
+def test_read_image_scales_16_bit_grey(tmp_path):
+  grey = np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000
+  path = str(tmp_path / "grey16.png")
+  Image.fromarray(grey).save(path)
+  image = media.read_image(path, 8)
+  expected = np.round(grey / 257.0).astype(np.uint8)
+  np.testing.assert_array_equal(image, np.stack([expected] * 3, axis=-1))
+
+
+def test_skipped_input_survives_pickling():
+  error = pickle.loads(pickle.dumps(media.SkippedInput("unreadable", "x.png: broken")))
+  assert error.reason == "unreadable" and str(error) == "x.png: broken"
 
 
 # --- Video folder builder ----------------------------------------------------------------------

@@ -1,6 +1,6 @@
-"""Tests for pixeldance_jax.video_io: round trips, atomic writes, bad inputs."""
+"""Tests for pixeldance_jax.video_io: round trips, atomic writes, bad inputs (the image
+reader, data.media.read_image, is tested in test_local_data.py)."""
 
-import logging
 import os
 
 import numpy as np
@@ -9,6 +9,7 @@ from PIL import ImageSequence
 import pytest
 
 from pixeldance_jax import video_io
+from pixeldance_jax.data import media
 
 _BACKGROUND = (20, 30, 40)
 _SHAPE = (230, 50, 40)
@@ -139,77 +140,7 @@ def test_save_image_round_trip(tmp_path):
   path = str(tmp_path / "frame.png")
   video_io.save_image(frame, path, upscale=2)
   expected = np.repeat(np.repeat(frame, 2, axis=0), 2, axis=1)
-  np.testing.assert_array_equal(video_io.read_image(path, 32), expected)
-
-
-def test_read_image_composites_rgba_onto_black(tmp_path, caplog):
-  rgba = np.zeros((8, 8, 4), np.uint8)
-  rgba[..., :3] = (200, 100, 50)
-  rgba[:4, :, 3] = 255  # Top half opaque, bottom half transparent.
-  path = str(tmp_path / "rgba.png")
-  Image.fromarray(rgba, "RGBA").save(path)
-  with caplog.at_level(logging.INFO):
-    image = video_io.read_image(path, 8)
-  assert image.dtype == np.uint8 and image.shape == (8, 8, 3)
-  assert (image[:4] == (200, 100, 50)).all()
-  assert (image[4:] == 0).all()
-  assert "alpha" in caplog.text
-
-
-@pytest.mark.parametrize("mode", ["L", "P"])
-def test_read_image_converts_grey_and_palette(tmp_path, mode):
-  grey = np.arange(64, dtype=np.uint8).reshape(8, 8) * 3
-  path = str(tmp_path / f"{mode}.png")
-  Image.fromarray(grey, "L").convert(mode).save(path)
-  image = video_io.read_image(path, 8)
-  assert image.shape == (8, 8, 3)
-  np.testing.assert_array_equal(image, np.stack([grey] * 3, axis=-1))
-
-
-def _banded_image(path: str) -> None:
-  """Saves a 48x32 image: red centre square, blue/green side bands."""
-  image = np.zeros((32, 48, 3), np.uint8)
-  image[:, :8] = (0, 0, 255)
-  image[:, 8:40] = (255, 0, 0)
-  image[:, 40:] = (0, 255, 0)
-  Image.fromarray(image).save(path)
-
-
-def test_read_image_centre_crops_and_resizes(tmp_path, caplog):
-  path = str(tmp_path / "wide.png")
-  _banded_image(path)
-  with caplog.at_level(logging.WARNING):
-    image = video_io.read_image(path, 16)
-  assert image.shape == (16, 16, 3)
-  # The side bands are cropped away, so only red remains.
-  assert (image == (255, 0, 0)).all()
-  assert "48x32" in caplog.text and "16x16" in caplog.text
-
-
-def test_read_image_refuses_wrong_size(tmp_path):
-  path = str(tmp_path / "wide.png")
-  _banded_image(path)
-  with pytest.raises(ValueError, match="image is 48x32, the model needs 16x16"):
-    video_io.read_image(path, 16, resize=False)
-
-
-def test_read_image_missing_file(tmp_path):
-  path = str(tmp_path / "missing.png")
-  with pytest.raises(FileNotFoundError, match="missing.png"):
-    video_io.read_image(path, 16)
-
-
-@pytest.mark.parametrize("content", ["garbage", "truncated"])
-def test_read_image_corrupt_file(tmp_path, content):
-  path = tmp_path / "bad.png"
-  if content == "garbage":
-    path.write_bytes(b"this is not an image")
-  else:
-    Image.fromarray(np.random.default_rng(0).integers(
-        0, 255, (64, 64, 3), np.uint8)).save(path)
-    path.write_bytes(path.read_bytes()[:200])
-  with pytest.raises(ValueError, match="bad.png"):
-    video_io.read_image(str(path), 64)
+  np.testing.assert_array_equal(media.read_image(path, 32), expected)
 
 
 def test_read_video_corrupt_and_missing(tmp_path):

@@ -13,6 +13,7 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pixeldance_jax import console
 from pixeldance_jax.data import pipeline
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (get_config()).",
@@ -39,4 +40,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.run(main)

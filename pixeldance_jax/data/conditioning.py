@@ -1,12 +1,13 @@
-"""PixelDance's image and text conditions (PAPER.md, Training).
+"""PixelDance's image and text conditions (docs/design.md, "Training conditions").
 
 These run on device inside the jitted train step: they need the VAE latents (computed there,
 or sampled there from cached moments), and drawing them from `fold_in(rng, step)` makes them
-part of the exactly reproducible step. Against PAPER.md: the last frame is drawn uniformly from
+part of the exactly reproducible step. Against the paper: the last frame is drawn uniformly from
 the clip's last 3 frames; "noise corresponding to 100 timesteps" is the forward process
-q(z_100 | z_0) applied to both condition latents; the last frame is zeroed with probability eta
-(0.25); the text becomes the empty prompt with probability text_drop_prob (the paper gives no
-value; 0.1). On the host (`pipeline.SampleClip`) only the clip window is picked.
+q(z_100 | z_0) applied to both condition latents (`noise_condition`, one key per example, shared
+with sampling); the last frame is zeroed with probability eta (0.25); the text becomes the empty
+prompt with probability text_drop_prob (the paper gives no value; 0.1). On the host
+(`pipeline.SampleClip`) only the clip window is picked.
 
 c_image = [first, 0, ..., 0, last] along frames, concatenated with z_t on channels.
 """
@@ -34,11 +35,17 @@ def _where_batch(mask: Array, a: Array, b: Array) -> Array:
   return jnp.where(mask.reshape(mask.shape + (1,) * (a.ndim - 1)), a, b)
 
 
-def noise_condition(rng: Array, frame_latent: Array, alpha_bar: Array, timestep: int) -> Array:
-  """Forward-process noise of `timestep` on a condition latent (0: unchanged)."""
+def noise_condition(rngs: Array, frame_latent: Array, alpha_bar: Array, timestep: int) -> Array:
+  """Forward-process noise q(z_timestep | z_0) on condition latents `[b, h, w, c]`.
+
+  rngs: one key per example, `[b]`, so an example's noise does not depend on its batch (a
+  sampled clip is the same alone or in a batch). timestep 0 returns the latents unchanged.
+  Training and sampling both noise their conditions here.
+  """
   if timestep <= 0:
     return frame_latent
-  noise = jax.random.normal(rng, frame_latent.shape, frame_latent.dtype)
+  noise = jax.vmap(lambda rng: jax.random.normal(rng, frame_latent.shape[1:],
+                                                 frame_latent.dtype))(rngs)
   steps = jnp.full((frame_latent.shape[0],), timestep, jnp.int32)
   return schedules.add_noise(alpha_bar, frame_latent, noise, steps)
 
@@ -68,8 +75,11 @@ def training_conditions(rng: Array, latents: Array, text: Array, null_text: Arra
   candidates = min(cond.last_frame_candidates, frames - 1)
   last_index = frames - 1 - jax.random.randint(last_rng, (batch,), 0, candidates)
   last = jnp.take_along_axis(latents, last_index[:, None, None, None, None], axis=1)[:, 0]
-  first = noise_condition(first_noise_rng, latents[:, 0], alpha_bar, cond.noise_timestep)
-  last = noise_condition(last_noise_rng, last, alpha_bar, cond.noise_timestep)
+  # One key per example, as sampling draws them (the step's rng stays the only source).
+  first = noise_condition(jax.random.split(first_noise_rng, batch), latents[:, 0], alpha_bar,
+                          cond.noise_timestep)
+  last = noise_condition(jax.random.split(last_noise_rng, batch), last, alpha_bar,
+                         cond.noise_timestep)
 
   keep_last = ~_bernoulli(drop_rng, cond.last_frame_drop_prob, batch) & cond.use_last_frame
   last = _where_batch(keep_last, last, jnp.zeros_like(last))

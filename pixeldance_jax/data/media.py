@@ -1,8 +1,10 @@
-"""Decoding local videos and images into training frames (PyAV, Pillow; numpy only).
+"""Decoding local videos and images into model frames (PyAV, Pillow; numpy only).
 
 Used when building datasets (`builders/local_videos`, `builders/local_images`, whose decoding
-worker processes call `encode_video_file` / `encode_image_file`) and by the grain transforms
-that decode stored frames at load time. Numpy, PyAV and Pillow only: no JAX or TFDS.
+worker processes call `encode_video_file` / `encode_image_file`), by the grain transforms and
+the latent cache, which decode stored frames, and by sampling, which reads its condition images
+with `read_image`: the one image reader, so a sampled first frame is prepared exactly as a
+training image. Numpy, PyAV and Pillow only: no JAX or TFDS.
 
 A video is sampled at a target frame rate: kept source frame k is `floor(k * stride + 0.5)` with
 `stride = source_fps / target_fps` (or a fixed `frame_stride`), starting at the first frame.
@@ -11,10 +13,13 @@ Every kept frame is resized (short side to `size`) and centre-cropped to `[size,
 
 import dataclasses
 import io
+import os
 
+from absl import logging
 import av
 import numpy as np
 from PIL import Image
+from PIL import ImageOps
 
 # Why an input was skipped; the build reports a count for each.
 SKIP_REASONS = ("missing_file", "missing_caption", "duplicate", "unreadable", "truncated",
@@ -23,14 +28,21 @@ FRAME_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
 _JPEG_QUALITY = 95
 
 
-class SkippedInput(Exception):
-  """An input that cannot become a training example; `reason` is one of SKIP_REASONS."""
+class SkippedInput(ValueError):
+  """An input that cannot be used; `reason` is one of SKIP_REASONS.
+
+  The builders count and skip them; elsewhere (sampling's inputs, the CLIs) it is the
+  ValueError that reports a bad input file without a traceback.
+  """
 
   def __init__(self, reason: str, message: str):
     if reason not in SKIP_REASONS:
       raise ValueError(f"Unknown skip reason {reason!r}; known: {SKIP_REASONS}.")
     super().__init__(message)
     self.reason = reason
+
+  def __reduce__(self):  # Pickled by worker processes: rebuild from both arguments.
+    return type(self), (self.reason, str(self))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,22 +170,76 @@ def _decode_sampled_frames(container, stream, path: str, sampling: FrameSampling
   return kept
 
 
-def read_image(path: str, size: int) -> np.ndarray:
-  """An image file -> uint8 `[size, size, 3]` (short side resized, centre-cropped, RGB).
-
-  Raises SkippedInput (missing_file, unreadable) for files that cannot be used.
-  """
+def _open_image(path: str) -> Image.Image:
+  """The fully decoded image, upright; raises SkippedInput (missing_file, unreadable)."""
+  if not os.path.isfile(path):
+    raise SkippedInput("missing_file", f"{path}: image not found.")
   try:
     with Image.open(path) as image:
       image.load()
-      rgb = image.convert("RGB")
-  except FileNotFoundError as error:
-    raise SkippedInput("missing_file", f"{path}: not found.") from error
+      # Phone JPEGs store their rotation in EXIF; applying it makes "up" up.
+      return ImageOps.exif_transpose(image)
   except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
     raise SkippedInput("unreadable", f"{path}: cannot read image ({error}).") from error
-  width, height = _resized_shape(rgb.width, rgb.height, size)
-  resized = rgb.resize((width, height), Image.Resampling.BICUBIC, reducing_gap=3.0)
-  return center_crop(np.asarray(resized, np.uint8), size)
+
+
+def _has_alpha(image: Image.Image) -> bool:
+  return image.mode in ("RGBA", "LA", "PA", "La", "RGBa") or "transparency" in image.info
+
+
+def _to_rgb(image: Image.Image, path: str, log: bool) -> Image.Image:
+  """Any Pillow mode -> RGB; transparency is composited onto black."""
+  if image.mode.startswith("I;16") or image.mode == "I":
+    # Pillow's convert clips 16-bit values at 255 instead of scaling them. Mode "I" (32-bit)
+    # holds 16-bit data when its values pass 255, else 8-bit data.
+    grey = np.asarray(image, np.float64)
+    if image.mode.startswith("I;16") or grey.max() > 255:
+      grey = grey / 257.0
+    image = Image.fromarray(np.clip(grey.round(), 0, 255).astype(np.uint8), "L")
+  if _has_alpha(image):
+    if log:
+      logging.info("Image %s has an alpha channel; compositing onto black.", path)
+    rgba = image.convert("RGBA")
+    black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+    return Image.alpha_composite(black, rgba).convert("RGB")
+  if image.mode != "RGB" and log:
+    logging.info("Image %s is in mode %s; converting to RGB.", path, image.mode)
+  return image.convert("RGB")
+
+
+def _center_crop_square(image: Image.Image) -> Image.Image:
+  width, height = image.size
+  side = min(width, height)
+  left, top = (width - side) // 2, (height - side) // 2
+  return image.crop((left, top, left + side, top + side))
+
+
+def read_image(path: str, size: int, resize: bool = True, *, log: bool = True) -> np.ndarray:
+  """An image file -> the model's square RGB input, uint8 `[size, size, 3]`.
+
+  EXIF orientation is applied; grayscale, 16-bit and palette images become RGB; transparency
+  is composited onto black (noted in the log). Another size is centre-cropped to a square and
+  resized (bicubic, antialiased) with a logged warning when `resize`, an error otherwise.
+  `log=False` silences the notes and warning (the dataset builders resize every image).
+
+  Raises:
+    SkippedInput (a ValueError): reason missing_file or unreadable.
+    ValueError: the image is not `size` x `size` and `resize` is False.
+  """
+  image = _to_rgb(_open_image(path), path, log)
+  width, height = image.size
+  if (width, height) != (size, size):
+    if not resize:
+      raise ValueError(f"{path}: image is {width}x{height}, the model needs {size}x{size}")
+    if log:
+      crop = "centre-cropped and " if width != height else ""
+      logging.warning("Image %s is %dx%d; %sresized to %dx%d.", path, width, height, crop,
+                      size, size)
+    # reducing_gap: large photos are first shrunk by a box filter, much faster and, per
+    # Pillow's documentation, indistinguishable from a plain resize in most cases at 3.0.
+    image = _center_crop_square(image).resize((size, size), Image.Resampling.BICUBIC,
+                                              reducing_gap=3.0)
+  return np.asarray(image, np.uint8)
 
 
 def encode_frame(frame: np.ndarray, frame_format: str) -> bytes:
@@ -204,4 +270,4 @@ def encode_video_file(path: str, sampling: FrameSampling,
 
 def encode_image_file(path: str, size: int, frame_format: str) -> bytes:
   """The resized, centre-cropped image, encoded; raises SkippedInput."""
-  return encode_frame(read_image(path, size), frame_format)
+  return encode_frame(read_image(path, size, log=False), frame_format)

@@ -10,11 +10,22 @@ from typing import Any
 
 import einops
 import jax
+import jax.numpy as jnp
 import ml_collections
 
 from pixeldance_jax.models import autoencoder_kl
 
 Array = jax.Array
+
+
+def to_pixels(video: Array) -> Array:
+  """uint8 `[..., 3]` -> float32 in [-1, 1]: the autoencoders' input scaling (the only one)."""
+  return jnp.asarray(video).astype(jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(pixels: Array) -> Array:
+  """Pixels in [-1, 1] `[..., 3]` -> uint8 (rounded, values outside [-1, 1] clipped)."""
+  return jnp.clip(jnp.round((pixels + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
 @dataclasses.dataclass(frozen=True)

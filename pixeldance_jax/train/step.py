@@ -11,10 +11,10 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
+from pixeldance_jax import tokenizer
 from pixeldance_jax.data import conditioning
 from pixeldance_jax.diffusion import losses, schedules
 from pixeldance_jax.models import autoencoder as autoencoder_lib
-from pixeldance_jax import tokenizer
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.parallel import sharding
@@ -24,11 +24,6 @@ Array = jax.Array
 Batch = dict[str, Array]
 # (params, frozen, batch, rng, config, use_temporal) -> (loss, metrics).
 LossFn = Callable[..., tuple[Array, dict[str, Array]]]
-
-
-def video_to_pixels(video: Array) -> Array:
-  """uint8 `[..., 3]` -> float32 in [-1, 1]."""
-  return video.astype(jnp.float32) / 127.5 - 1.0
 
 
 def null_token_ids(config: ml_collections.ConfigDict) -> Array:
@@ -42,14 +37,14 @@ def loss_fn(params, frozen, batch: Batch, rng: Array, config: ml_collections.Con
   """Denoising loss of one batch; conditions and noise are drawn from `rng`.
 
   `frozen` holds the pretrained weights that are not trained (the KL autoencoder's).
-  `data.cache.cached_loss_fn` is the same loss on pre-encoded batches.
+  `train.latent_cache.cached_loss_fn` is the same loss on pre-encoded batches.
   """
   model = pixeldance.make_model(config)
   autoencoder = autoencoder_lib.make_autoencoder(config, frozen.get("autoencoder"))
   alpha_bar = jnp.asarray(schedules.alphas_cumprod(config.diffusion))
   cond_rng, time_rng, noise_rng, dropout_rng, encode_rng = jax.random.split(rng, 5)
 
-  latents = autoencoder.encode(video_to_pixels(batch["video"]), encode_rng)
+  latents = autoencoder.encode(autoencoder_lib.to_pixels(batch["video"]), encode_rng)
   image_condition, token_ids = conditioning.training_conditions(
       cond_rng, latents, batch["tokens"], null_token_ids(config), alpha_bar, config)
   context = model.apply({"params": params}, token_ids, method=pixeldance.PixelDance.encode_text)
@@ -195,7 +190,7 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state_sharding
   """`train_step` jitted over the mesh with the state donated.
 
   `use_temporal=False` is the image step of joint training: the same weights, temporal layers
-  skipped, batches of single frames. `loss` is `loss_fn`, or `data.cache.cached_loss_fn` for
+  skipped, batches of single frames. `loss` is `loss_fn`, or `latent_cache.cached_loss_fn` for
   pre-encoded batches.
   """
   step = functools.partial(train_step, config=config, use_temporal=use_temporal, loss=loss)

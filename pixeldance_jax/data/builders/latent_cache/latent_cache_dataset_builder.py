@@ -24,7 +24,7 @@ RecordEncoder = Callable[[dict[str, Any]], dict[str, np.ndarray]]
 
 @dataclasses.dataclass(kw_only=True)
 class LatentCacheConfig(tfds.core.BuilderConfig):
-  """`name`: source dataset config + encoder fingerprint (`cache.cache_config`)."""
+  """`name`: source dataset config + encoder fingerprint (`latent_cache.cache_config`)."""
   latent_shape: tuple[int, int, int] = (32, 32, 4)  # (h, w, c) of one frame's latent.
   has_logvar: bool = True
   text_shape: tuple[int, int] | None = None  # (length, hidden); None: captions only.
@@ -61,8 +61,8 @@ class LatentCache(tfds.core.GeneratorBasedBuilder):
     del dl_manager
     if self._source is None or self._encode_record is None:
       raise ValueError(f"The latent cache {self.builder_config.name} is not built yet; build "
-                       "it with `python -m pixeldance_jax.data.cache --config=... "
-                       "--workdir=...` (or cache.build_cache).")
+                       "it with `python -m pixeldance_jax.train.latent_cache --config=... "
+                       "--workdir=...` (or latent_cache.build_cache).")
     return {split: self._generate_examples(split) for split in self.builder_config.splits}
 
   def _generate_examples(self, split: str) -> Iterator[tuple[int, dict]]:
