@@ -3,12 +3,16 @@
 Several processes (TPU pod slices, multi-GPU or multi-node clusters): pass `--distributed` to let
 `jax.distributed.initialize` find the cluster (TPU, SLURM, Open MPI, Kubernetes), or give
 `--coordinator_address`, `--num_processes` and `--process_id` explicitly.
+
+The console shows progress only (`--log_level=info` adds the libraries' own lines); a
+misspelled `--config.` key or an impossible config value is a one-line error.
 """
 
 import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from pixeldance_jax import console
 from pixeldance_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",
@@ -44,10 +48,9 @@ def initialize_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  logging.set_verbosity(logging.INFO)
   initialize_distributed()
   trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.run(main)

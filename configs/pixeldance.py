@@ -37,14 +37,14 @@ def get_config() -> ml_collections.ConfigDict:
   data.random_start = True  # Training window: random start in the stored frames, else first.
   data.frame_format = "jpeg"  # Stored frames: "jpeg" (quality 95) or "png" (lossless).
   data.build_workers = 8  # Decoding processes while building; 0 or 1 = in this process.
-  # Joint image training (PAPER.md): every k-th step is an image batch, temporal layers off.
+  # Joint image training (docs/design.md): every k-th step is an image batch, temporal layers off.
   data.image_every_k_steps = 8  # 0 disables.
   data.image_dataset = "video_frames"  # "image_folder" (data.image_dir) or "video_frames".
   data.image_dir = ""  # Folder of images (captions as for video_folder).
   data.image_captions = ""  # CSV for image_dir; default <image_dir>/captions.csv.
   data.image_batch_size = 0  # Global images per image step; 0: batch_size * frames.
   # Train from pre-encoded VAE latent moments (and text embeddings when the text encoder is
-  # frozen): `python -m pixeldance_jax.data.cache` writes them once (pixeldance_jax/data/cache.py).
+  # frozen): `python -m pixeldance_jax.train.latent_cache` writes them once (or the trainer does).
   data.cache_latents = False
 
   # --- Frozen encoders ---------------------------------------------------

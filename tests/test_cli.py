@@ -1,4 +1,5 @@
-"""train.py and sample.py end to end, as a user runs them (subprocesses, unit-test config)."""
+"""train.py and sample.py end to end, as a user runs them (subprocesses, unit-test config), and
+the console: quiet by default, one-line errors for bad config overrides."""
 
 import json
 import os
@@ -10,9 +11,12 @@ import sys
 
 import numpy as np
 import pytest
+from absl import flags
+from ml_collections import config_flags
 from PIL import Image
 
-from pixeldance_jax import video_io
+from configs import unit_test
+from pixeldance_jax import console, video_io
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -27,16 +31,45 @@ def _run(*args, check=True):
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
+def train_run(tmp_path_factory):
+  """(workdir, the finished train.py process) of a default unit-test run."""
   path = tmp_path_factory.mktemp("run")
-  _run("train.py", "--config=configs/unit_test.py", f"--workdir={path}")
-  return path
+  return path, _run("train.py", "--config=configs/unit_test.py", f"--workdir={path}")
+
+
+@pytest.fixture(scope="module")
+def workdir(train_run):
+  return train_run[0]
 
 
 def test_train_writes_checkpoints_logs_and_config(workdir):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
   assert (workdir / "config.json").exists()
   assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
+
+
+# absl's format, which the libraries' lines (Orbax, TFDS, grain) come in: "I1129 15:17:27.288 ...
+# checkpoint_manager.py:1527] ...".
+_ABSL_LINE = re.compile(r"^[IWE]\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]", re.MULTILINE)
+
+
+def test_train_console_shows_progress_without_library_chatter(train_run):
+  workdir, result = train_run
+  log = result.stderr + result.stdout
+  assert not _ABSL_LINE.search(log), log
+  assert "[process=0]" not in log and "Downloading and preparing" not in log, log
+  for expected in ("data: moving_shapes ready", "train_step compiled in", "step 4/4  loss",
+                   f"step 2: checkpoint -> {workdir}/checkpoints/2",
+                   f"TensorBoard logs in {workdir}/tensorboard"):
+    assert expected in log, log
+  assert len(log.splitlines()) < 20, log
+
+
+def test_log_level_info_brings_the_library_lines_back(tmp_path):
+  result = _run("train.py", "--config=configs/unit_test.py", f"--workdir={tmp_path}",
+                "--config.num_train_steps=2", "--log_level=info")
+  assert "checkpoint_manager.py" in result.stderr  # Orbax's own INFO lines.
+  assert _ABSL_LINE.search(result.stderr) and "step 2/2  loss" in result.stderr
 
 
 def test_sample_from_heldout_clip(workdir, tmp_path):
@@ -124,3 +157,47 @@ def test_misspelled_config_override_is_an_error(tmp_path):
   result = _run("train.py", "--config=configs/unit_test.py", f"--workdir={tmp_path}",
                 "--config.conditioning.last_frame_drop_prop=0.5", check=False)
   assert result.returncode != 0 and "last_frame_drop_prop" in result.stderr
+  assert result.stderr.strip().splitlines() == [
+      "error: --config.conditioning.last_frame_drop_prop: config.conditioning has no key "
+      "'last_frame_drop_prop'; did you mean --config.conditioning.last_frame_drop_prob?"]
+  assert not os.listdir(tmp_path)  # Nothing was built.
+
+
+def _config_flag_values(argv: list[str]) -> flags.FlagValues:
+  """Flags like train.py's, on their own FlagValues (the global ones belong to the CLIs);
+  ml_collections finds the overrides in `argv` (else in sys.argv)."""
+  flag_values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file.", flag_values=flag_values,
+                                  sys_argv=argv)
+  flags.DEFINE_string("workdir", None, "Workdir.", flag_values=flag_values)
+  return flag_values
+
+
+@pytest.mark.parametrize("override, message", [
+    ("--config.unet.block_out_chanels=3", "error: --config.unet.block_out_chanels: config.unet "
+     "has no key 'block_out_chanels'; did you mean --config.unet.block_out_channels?"),
+    ("--config.unte.dropout=0.1", "error: --config.unte.dropout: config has no key 'unte'; "
+     "did you mean --config.unet.dropout?"),
+    ("--noconfig.unet.pooled_text_embeding", "did you mean "
+     "--config.unet.pooled_text_embedding?"),
+    ("--config.batch_size=abc", "error: flag --config.batch_size=abc: invalid literal for int()"
+     " with base 10: 'abc' (config.batch_size is an int, now 4). See --helpshort."),
+])
+def test_bad_config_override_is_one_line_naming_the_key(override, message, capsys):
+  argv = ["train.py", "--config=configs/unit_test.py", "--workdir=/tmp/unused", override]
+  with pytest.raises(SystemExit) as exit_info:
+    console.parse_flags(argv, _config_flag_values(argv))
+  assert exit_info.value.code == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_config_override_errors_pass_valid_keys():
+  config = unit_test.get_config()
+  argv = ["--config.unet.dropout=0.1", "--config.sample.tau", "3",
+          "--noconfig.unet.pooled_text_embedding", "--config=configs/unit_test.py", "--workdir=x"]
+  assert console.config_override_errors(config, argv) == []
+  argv = ["train.py", "--config=configs/unit_test.py", "--config.unet.dropout=0.25"]
+  flag_values = _config_flag_values(argv)
+  assert console.parse_flags(argv, flag_values) == ["train.py"]
+  assert flag_values.config.unet.dropout == 0.25

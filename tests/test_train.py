@@ -7,7 +7,7 @@ import pytest
 from configs import unit_test
 from pixeldance_jax.data import pipeline
 from pixeldance_jax.parallel import mesh as mesh_lib
-from pixeldance_jax import checkpoints
+from pixeldance_jax import checkpoints, console
 from pixeldance_jax.train import trainer
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
@@ -81,3 +81,28 @@ def test_restore_without_checkpoint_names_the_path(tmp_path):
   manager = checkpoints.make_manager(str(tmp_path), read_only=True)
   with pytest.raises(FileNotFoundError, match=str(tmp_path)):
     checkpoints.latest_step(manager, str(tmp_path))
+
+
+def test_config_checks_name_each_bad_choice_before_any_work(tmp_path):
+  config = unit_test.get_config()
+  config.diffusion.prediction_type = "eps"
+  config.sample.sampler = "ddmi"
+  config.unet.remat_policy = "dots"
+  with pytest.raises(console.ConfigError) as error:
+    trainer.train_and_evaluate(config, str(tmp_path))
+  assert str(error.value).splitlines() == [
+      "config.unet.remat_policy='dots' is not one of ['dots_saveable', "
+      "'dots_with_no_batch_dims_saveable', 'everything_saveable', 'full', 'none', "
+      "'nothing_saveable']; did you mean 'dots_saveable'?",
+      "config.diffusion.prediction_type='eps' is not one of ['epsilon', 'sample', "
+      "'v_prediction']; did you mean 'epsilon'?",
+      "config.sample.sampler='ddmi' is not one of ['ddim', 'ddpm', 'dpmpp_2m']; did you mean "
+      "'ddim'?"]
+  assert not (tmp_path / "data").exists()  # Failed before building the dataset.
+
+  config = unit_test.get_config()
+  config.lr_schedule = "linear"
+  config.batch_size = 3
+  config.grad_accum_steps = 2
+  with pytest.raises(ValueError, match="lr_schedule='linear'.*\n.*batch_size=3 is not divisible"):
+    trainer.train_and_evaluate(config, str(tmp_path))
