@@ -1,6 +1,7 @@
 """Parameter counts and per-device training memory of the paper config, nothing materialised.
 
-  python benchmarks/model_size.py [--config=configs/pixeldance.py]
+  python benchmarks/model_size.py [--config=configs/pixeldance.py] [--config.batch_size=192]
+      [--config.unet.block_out_channels=(320,640,1280,1280)] (any field of the config)
 
 Parameters and state: `state.abstract_state` on 8 and 64 fake CPU devices (mesh fsdp = all
 chips), summing each leaf's per-shard bytes under its real NamedSharding.
@@ -14,31 +15,26 @@ the backward of one layer, that layer's own residuals (the largest one is added)
 scheduling move the real figures by tens of percent; this is an estimate of the order.
 """
 
-import os
-import pathlib
-import sys
-
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=64").strip()
-os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import math  # pylint: disable=wrong-import-position
+import math
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-from absl import app
 from ml_collections import config_flags
 
+from pixeldance_jax import console
 from pixeldance_jax.models import layers, pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.train import state as state_lib
 
+import common
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/pixeldance.py")
-CHIP_COUNTS = (8, 64)
-GiB = 2**30
+CHIP_COUNTS = (8, 64)  # Fake CPU devices: max(CHIP_COUNTS).
+COLUMNS = tuple((title, 11, ".2f") for title in (
+    "chips", "batch/dev", "params", "grads", "adam", "ema", "frozen", "state", "act", "total",
+    "act remat", "total remat"))
 # Layers that per-layer remat wraps, with the index (self = 0) of their static bool argument.
 REMAT_LAYERS = {"ResnetBlock": (3,), "TemporalConvBlock": (2,), "SpatialTransformer": (),
                 "TemporalTransformer": ()}
@@ -64,16 +60,16 @@ def state_bytes_per_device(config: ml_collections.ConfigDict, chips: int) -> dic
   frozen = getattr(abstract, "frozen", {})
   trainable = {name: subtree for name, subtree in abstract.params.items()
                if name != "text_encoder" or config.text_encoder.trainable}
-  return {"params": shard_bytes(abstract.params) / GiB,
-          "grads": shard_bytes(trainable) / GiB,
-          "adam": shard_bytes(abstract.opt_state) / GiB,
-          "ema": shard_bytes(abstract.ema_params) / GiB,
-          "frozen": shard_bytes(frozen) / GiB}
+  return {"params": shard_bytes(abstract.params) / common.GiB,
+          "grads": shard_bytes(trainable) / common.GiB,
+          "adam": shard_bytes(abstract.opt_state) / common.GiB,
+          "ema": shard_bytes(abstract.ema_params) / common.GiB,
+          "frozen": shard_bytes(frozen) / common.GiB}
 
 
 def param_counts(config: ml_collections.ConfigDict) -> dict[str, int]:
-  abstract, _ = state_lib.abstract_state(
-      fsdp_config(config, 1), mesh_lib.make_mesh(fsdp_config(config, 1).mesh, jax.devices()[:1]))
+  config = fsdp_config(config, 1)
+  abstract, _ = state_lib.abstract_state(config, mesh_lib.make_mesh(config.mesh, jax.devices()[:1]))
   counts = {name: state_lib.count_params(tree) for name, tree in abstract.params.items()}
   for name, tree in getattr(abstract, "frozen", {}).items():
     counts[f"{name} (frozen)"] = state_lib.count_params(tree)
@@ -149,12 +145,13 @@ def activation_gib(config: ml_collections.ConfigDict) -> dict[str, float]:
   plain = per_example_bytes(config)
   with _Remat():
     boundaries = per_example_bytes(config)
-  return {"none": plain / GiB, "boundaries": boundaries / GiB,
-          "layer": largest_layer_bytes(config) / GiB}
+  return {"none": plain / common.GiB, "boundaries": boundaries / common.GiB,
+          "layer": largest_layer_bytes(config) / common.GiB}
 
 
 def main(argv) -> None:
   del argv
+  common.start_jax(cpu_devices=max(CHIP_COUNTS), platform="cpu")  # Shapes only: nothing runs.
   config = _CONFIG.value
   counts = param_counts(config)
   for name, count in counts.items():
@@ -167,9 +164,7 @@ def main(argv) -> None:
         f"{acts['none']:.2f} GiB without remat; {acts['boundaries']:.2f} GiB layer inputs + "
         f"{acts['layer']:.2f} GiB largest layer with per-layer remat.")
   print(f"\nPer-device training memory, GiB, global batch {config.batch_size}, fsdp over all chips")
-  header = ("chips", "batch/dev", "params", "grads", "adam", "ema", "frozen", "state",
-            "act", "total", "act remat", "total remat")
-  print(" ".join(f"{h:>11}" for h in header))
+  print(common.header_line(COLUMNS))
   for chips in CHIP_COUNTS:
     state = state_bytes_per_device(config, chips)
     per_device = config.batch_size / chips
@@ -178,8 +173,8 @@ def main(argv) -> None:
     act_remat = acts["boundaries"] * per_device + acts["layer"] * per_device
     row = (chips, per_device, *state.values(), total_state, act, total_state + act, act_remat,
            total_state + act_remat)
-    print(" ".join(f"{v:>11.2f}" if isinstance(v, float) else f"{v:>11}" for v in row))
+    print(common.row_line(COLUMNS, row))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.run(main)

@@ -1,16 +1,18 @@
 """Sampling speed: seconds per video and compile time, and the torch reference on CPU.
 
-  python benchmarks/sample_speed.py [--steps=25,50] [--batch=1] [--notorch] [--nopaper]
-      [--one_thread] [--paper_compile]
+  python benchmarks/sample_speed.py [--steps=25,50] [--batch=1] [--repeats=3] [--notorch]
+      [--nopaper] [--one_thread] [--paper_compile] [--config.tiny.data.image_size=64]
+      [--config.paper.unet.dtype=bfloat16] (any field of the configs tiny and paper)
 
 Measured (random weights, the whole jitted program: text encoding, CFG-batched denoising loop,
 decoding):
-  - tiny config (configs/tiny.py: 8 frames of 32x32): the first call (trace + compile + run),
-    then seconds per video at each step count. The step count is traced, so 25 and 50 steps
-    share one compiled program.
+  - tiny config (--config.tiny, configs/tiny.py: 8 frames of 32x32): the first call (trace +
+    compile + run), then seconds per video at each step count. The step count is traced, so 25
+    and 50 steps share one compiled program.
   - on CPU, the diffusers PyTorch `UNet3DConditionModel` with the tiny U-Net's layout and
     random weights running the same steps (CFG batch of 2, DDIMScheduler) at the same size.
-Estimated, not run (paper config, configs/pixeldance.py: 16 frames of 256x256, ~1.5B U-Net):
+Estimated, not run (paper config, --config.paper, configs/pixeldance.py: 16 frames of 256x256,
+~1.5B U-Net):
   - XLA's FLOP count of one CFG U-Net step, the text encoder and the VAE, from the lowered
     programs on abstract weights (nothing materialised), and the seconds per video they imply
     at the FLOP rate the tiny program reached here and at an assumed accelerator rate
@@ -18,35 +20,24 @@ Estimated, not run (paper config, configs/pixeldance.py: 16 frames of 256x256, ~
     for this machine.
 """
 
-import os
-import pathlib
-import sys
-import time
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import flags
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-# XLA reads its thread count when jax initialises, before absl parses --one_thread.
-if "--one_thread" in sys.argv:
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
-                             " intra_op_parallelism_threads=1").strip()
+from pixeldance_jax import console
+from pixeldance_jax.diffusion import samplers, schedules
+from pixeldance_jax.models import autoencoder as autoencoder_lib
+from pixeldance_jax.models import pixeldance
+from pixeldance_jax.parallel import mesh as mesh_lib
+from pixeldance_jax.sampling import generate as generate_lib
+from pixeldance_jax.sampling import program
 
-import jax  # pylint: disable=wrong-import-position
-import jax.numpy as jnp  # pylint: disable=wrong-import-position
-import ml_collections  # pylint: disable=wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-from absl import app, flags  # pylint: disable=wrong-import-position
+import common
+from tests import helpers  # The repository root is on sys.path (common).
 
-from configs import pixeldance as paper_config  # pylint: disable=wrong-import-position
-from configs import tiny  # pylint: disable=wrong-import-position
-from pixeldance_jax import inference  # pylint: disable=wrong-import-position
-from pixeldance_jax.diffusion import samplers, schedules  # pylint: disable=wrong-import-position
-from pixeldance_jax.models import (  # pylint: disable=wrong-import-position
-    autoencoder as autoencoder_lib)
-from pixeldance_jax.models import pixeldance  # pylint: disable=wrong-import-position
-from pixeldance_jax.parallel import mesh as mesh_lib  # pylint: disable=wrong-import-position
-from pixeldance_jax.train import state as state_lib  # pylint: disable=wrong-import-position
-
-import torch_reference  # pylint: disable=wrong-import-position
-
+_CONFIG = common.define_named_configs("tiny", "paper")
 _STEPS = flags.DEFINE_list("steps", ["25", "50"], "Sampler step counts to time.")
 _BATCH = flags.DEFINE_integer("batch", 1, "Videos sampled at once (seconds are per video).")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (the fastest counts).")
@@ -60,15 +51,14 @@ _ONE_THREAD = flags.DEFINE_bool("one_thread", False, "One CPU thread for XLA and
 _PAPER_COMPILE = flags.DEFINE_bool("paper_compile", False, "Also compile the paper-size "
                                    "program (minutes on CPU; nothing runs).")
 
+GUIDANCE_SCALE = 7.5
 
-def _best_seconds(fn, repeats: int) -> float:
-  """The fastest of `repeats` runs: on a shared CPU the others measure the neighbours' load."""
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return min(times)
+
+def describe(config: ml_collections.ConfigDict) -> str:
+  """"8 frames of 32x32, space_to_depth autoencoder, U-Net (48, 96)": what a config samples."""
+  size = config.data.image_size
+  return (f"{config.data.frames} frames of {size}x{size}, {config.autoencoder.kind} "
+          f"autoencoder, U-Net {tuple(config.unet.block_out_channels)}")
 
 
 def _inputs(config: ml_collections.ConfigDict, batch: int):
@@ -81,15 +71,13 @@ def _inputs(config: ml_collections.ConfigDict, batch: int):
 def time_jax(config: ml_collections.ConfigDict, steps: list[int], batch: int,
              repeats: int) -> dict[str, float]:
   """First-call and per-video seconds of the jitted program (tau = half the steps)."""
-  pipeline = inference.random_pipeline(config)
+  pipeline = helpers.random_pipeline(config)
   prompts, first, last = _inputs(config, batch)
-  sample = lambda n: inference.generate(pipeline, prompts, first, last, tau=n // 2, steps=n,
-                                        guidance_scale=7.5)
-  start = time.perf_counter()
-  sample(steps[0])
-  results = {"first_call_s": time.perf_counter() - start}
+  sample = lambda n: generate_lib.generate(pipeline, prompts, first, last, tau=n // 2, steps=n,
+                                           guidance_scale=GUIDANCE_SCALE)
+  results = {"first_call_s": common.timed(sample, steps[0])[1]}
   for n in steps:
-    results[f"{n}_steps_s_per_video"] = _best_seconds(lambda n=n: sample(n), repeats) / batch
+    results[f"{n}_steps_s_per_video"] = common.best_seconds(lambda n=n: sample(n), repeats) / batch
   results["compile_s"] = results["first_call_s"] - results[f"{steps[0]}_steps_s_per_video"] * batch
   return results
 
@@ -97,11 +85,12 @@ def time_jax(config: ml_collections.ConfigDict, steps: list[int], batch: int,
 def time_torch(config: ml_collections.ConfigDict, steps: list[int], batch: int,
                repeats: int) -> dict[str, float]:
   """Seconds per video of the diffusers U-Net loop: CFG batch, DDIM steps, no text/VAE."""
-  import diffusers  # pylint: disable=g-import-not-at-top
+  import diffusers  # pylint: disable=g-import-not-at-top  # Development dependencies.
   import torch  # pylint: disable=g-import-not-at-top
-  torch.set_num_threads(1 if _ONE_THREAD.value else os.cpu_count())
-  model = torch_reference.torch_unet3d(config)
-  scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, timestep_spacing="trailing")
+  common.set_torch_threads(1 if _ONE_THREAD.value else 0)
+  model = common.torch_unet3d(config)
+  scheduler = diffusers.DDIMScheduler(num_train_timesteps=config.diffusion.num_train_timesteps,
+                                      timestep_spacing="trailing")
   size = config.data.image_size // config.autoencoder.patch_size
   channels = config.autoencoder.latent_channels
   shape = (batch, channels, config.data.frames, size, size)
@@ -116,41 +105,35 @@ def time_torch(config: ml_collections.ConfigDict, steps: list[int], batch: int,
       model_input = torch.cat([latents, condition], dim=1).repeat(2, 1, 1, 1, 1)
       both = model(model_input, t, context).sample
       conditional, unconditional = both.chunk(2)
-      guided = unconditional + 7.5 * (conditional - unconditional)
+      guided = unconditional + GUIDANCE_SCALE * (conditional - unconditional)
       latents = scheduler.step(guided, t, latents).prev_sample
     return latents
 
   sample(steps[0])  # Warm-up (allocator, oneDNN primitives).
-  return {f"{n}_steps_s_per_video": _best_seconds(lambda n=n: sample(n), repeats) / batch
+  return {f"{n}_steps_s_per_video": common.best_seconds(lambda n=n: sample(n), repeats) / batch
           for n in steps}
-
-
-def _flops(fn, *args) -> float:
-  return float(jax.jit(fn).lower(*args).cost_analysis().get("flops", 0.0))  # 0: reshapes only.
 
 
 def flops_per_video(config: ml_collections.ConfigDict, steps: int) -> dict[str, float]:
   """XLA's FLOP counts for one video (batch 1): text (x2), `steps` CFG U-Net calls, VAE."""
   model = pixeldance.make_model(config)
-  abstract, _ = state_lib.abstract_state(config, mesh_lib.make_mesh(config.mesh))
-  params, frozen = abstract.params, abstract.frozen
+  params, frozen = pixeldance.abstract_weights(config, mesh_lib.make_mesh(config.mesh))
   model_input, timesteps, token_ids = pixeldance.dummy_inputs(config, batch=2)
-  context = jax.eval_shape(lambda p, ids: model.apply({"params": p}, ids,
-                                                      method=pixeldance.PixelDance.encode_text),
-                           params, token_ids)
+  text = lambda p, ids: model.apply({"params": p}, ids, method=pixeldance.PixelDance.encode_text)
+  context = jax.eval_shape(text, params, token_ids)
   denoise = lambda p, x, t, c: model.apply({"params": p}, x, t, c,
                                            method=pixeldance.PixelDance.denoise)
-  text = lambda p, ids: model.apply({"params": p}, ids, method=pixeldance.PixelDance.encode_text)
   size, frames = config.data.image_size, config.data.frames
   pixels = jax.ShapeDtypeStruct((2, size, size, 3), jnp.float32)
   latents = jax.ShapeDtypeStruct((1, frames) + model_input.shape[2:4] +
                                  (config.autoencoder.latent_channels,), jnp.float32)
   vae = lambda f, op, x: getattr(autoencoder_lib.make_autoencoder(config, f.get("autoencoder")),
                                  op)(x)
-  counts = {"unet_cfg_step": _flops(denoise, params, model_input, timesteps, context),
-            "text_encoder_x2": _flops(text, params, token_ids),
-            "vae_encode_2_frames": _flops(lambda f, x: vae(f, "encode", x), frozen, pixels),
-            "vae_decode": _flops(lambda f, x: vae(f, "decode", x), frozen, latents)}
+  counts = {
+      "unet_cfg_step": common.flops_of(denoise, params, model_input, timesteps, context),
+      "text_encoder_x2": common.flops_of(text, params, token_ids),
+      "vae_encode_2_frames": common.flops_of(lambda f, x: vae(f, "encode", x), frozen, pixels),
+      "vae_decode": common.flops_of(lambda f, x: vae(f, "decode", x), frozen, latents)}
   counts["video"] = (steps * counts["unet_cfg_step"] + counts["text_encoder_x2"] +
                      counts["vae_encode_2_frames"] + counts["vae_decode"])
   return counts
@@ -159,10 +142,7 @@ def flops_per_video(config: ml_collections.ConfigDict, steps: int) -> dict[str, 
 def compile_seconds(config: ml_collections.ConfigDict, steps: int) -> float:
   """Compiles the whole sampling program on abstract weights; nothing runs."""
   mesh = mesh_lib.make_mesh(config.mesh)
-  abstract, _ = state_lib.abstract_state(config, mesh)
-  pipeline = inference.Pipeline(config=config, params=abstract.params, frozen=abstract.frozen,
-                                step=0, generate_fn=inference.make_generate_fn(config, mesh),
-                                mesh=mesh)
+  params, frozen = pixeldance.abstract_weights(config, mesh)
   size, length = config.data.image_size, config.text_encoder.max_length
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
   batch = {"seeds": spec((1,), jnp.int32), "first_frame": spec((1, size, size, 3), jnp.uint8),
@@ -173,22 +153,13 @@ def compile_seconds(config: ml_collections.ConfigDict, steps: int) -> float:
            "guidance_rescale": spec((1,), jnp.float32), "eta": spec((1,), jnp.float32)}
   shared = {"clip_index": np.int32(0), "schedule": samplers.make_schedule(
       schedules.alphas_cumprod(config.diffusion), steps)}
-  start = time.perf_counter()
-  pipeline.generate_fn.lower(pipeline.params, pipeline.frozen, batch, shared, "ddim").compile()
-  return time.perf_counter() - start
+  lowered = program.make_generate_fn(config, mesh).lower(params, frozen, batch, shared, "ddim")
+  return common.timed(lowered.compile)[1]
 
 
-def main(argv):
-  del argv
-  steps = [int(n) for n in _STEPS.value]
-  device = jax.devices()[0]
-  threads = 1 if _ONE_THREAD.value else os.cpu_count()
-  print(f"device: {device.platform} ({device.device_kind}), {jax.device_count()} device(s), "
-        f"{threads} CPU thread(s) of {os.cpu_count()} cores; batch {_BATCH.value}; "
-        f"fastest of {_REPEATS.value} runs; "
-        f"load average {os.getloadavg()[0]:.1f}")
-  config = tiny.get_config()
-  print("\n[measured] tiny config (8 frames of 32x32, pixel space), JAX, whole program:")
+def print_tiny(config: ml_collections.ConfigDict, steps: list[int]) -> float:
+  """Measures and prints the tiny config (and its torch reference); returns its FLOP/s."""
+  print(f"\n[measured] tiny config ({describe(config)}), JAX, whole program:")
   jax_times = time_jax(config, steps, _BATCH.value, _REPEATS.value)
   for name, value in jax_times.items():
     print(f"  {name:28s} {value:8.3f}")
@@ -196,7 +167,7 @@ def main(argv):
   rate = tiny_flops["video"] / jax_times[f"{steps[0]}_steps_s_per_video"]
   print(f"  XLA FLOPs per video ({steps[0]} steps): {tiny_flops['video'] / 1e9:.1f} GFLOP, "
         f"i.e. {rate / 1e9:.1f} GFLOP/s reached")
-  if _TORCH.value and device.platform == "cpu":
+  if _TORCH.value and jax.devices()[0].platform == "cpu":
     print("\n[measured] same size and steps, diffusers UNet3DConditionModel (PyTorch, CPU), "
           "U-Net + DDIM loop only:")
     torch_times = time_torch(config, steps, _BATCH.value, _REPEATS.value)
@@ -204,21 +175,36 @@ def main(argv):
       key = f"{n}_steps_s_per_video"
       print(f"  {key:28s} {torch_times[key]:8.3f}   torch / JAX = "
             f"{torch_times[key] / jax_times[key]:.2f}x")
+  return rate
+
+
+def print_paper(config: ml_collections.ConfigDict, steps: list[int], rate: float) -> None:
+  """Prints the paper config's FLOP estimates at `rate` FLOP/s and at --assumed_tflops."""
+  print(f"\n[estimated, not run] paper config ({describe(config)}):")
+  for n in steps:
+    counts = flops_per_video(config, n)
+    print(f"  {n} steps: {counts['video'] / 1e12:.1f} TFLOP per video (U-Net CFG step "
+          f"{counts['unet_cfg_step'] / 1e12:.2f}, VAE decode {counts['vae_decode'] / 1e12:.2f}, "
+          f"text {counts['text_encoder_x2'] / 1e12:.3f}); at this machine's "
+          f"{rate / 1e9:.0f} GFLOP/s: ~{counts['video'] / rate / 60:.0f} min per video; at an "
+          f"assumed {_ASSUMED_TFLOPS.value:.0f} TFLOP/s: "
+          f"~{counts['video'] / _ASSUMED_TFLOPS.value / 1e12:.1f} s per video")
+  if _PAPER_COMPILE.value:
+    print(f"  [measured] compile of the paper-size program: "
+          f"{compile_seconds(config, steps[0]):.1f} s")
+
+
+def main(argv):
+  del argv
+  common.start_jax(one_thread=_ONE_THREAD.value)
+  steps = [int(n) for n in _STEPS.value]
+  threads = 1 if _ONE_THREAD.value else common.cpu_cores()
+  print(f"{common.machine_summary(threads)}; batch {_BATCH.value}; fastest of {_REPEATS.value} "
+        "runs")
+  rate = print_tiny(_CONFIG.value.tiny, steps)
   if _PAPER.value:
-    config = paper_config.get_config()
-    print("\n[estimated, not run] paper config (16 frames of 256x256, KL VAE, CLIP-L, U-Net):")
-    for n in steps:
-      counts = flops_per_video(config, n)
-      print(f"  {n} steps: {counts['video'] / 1e12:.1f} TFLOP per video (U-Net CFG step "
-            f"{counts['unet_cfg_step'] / 1e12:.2f}, VAE decode {counts['vae_decode'] / 1e12:.2f}, "
-            f"text {counts['text_encoder_x2'] / 1e12:.3f}); at this machine's "
-            f"{rate / 1e9:.0f} GFLOP/s: ~{counts['video'] / rate / 60:.0f} min per video; at an "
-            f"assumed {_ASSUMED_TFLOPS.value:.0f} TFLOP/s: "
-            f"~{counts['video'] / _ASSUMED_TFLOPS.value / 1e12:.1f} s per video")
-    if _PAPER_COMPILE.value:
-      print(f"  [measured] compile of the paper-size program: "
-            f"{compile_seconds(config, steps[0]):.1f} s")
+    print_paper(_CONFIG.value.paper, steps, rate)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.run(main)

@@ -2,11 +2,13 @@
 
   python benchmarks/train_step.py [--runs=tiny@1x1x1,mid@2x2x2] [--steps=3]
       [--cpu_devices=8] [--torch_configs=tiny] [--torch_threads=0,1] [--notorch]
-      [--batch_size=0] [--dtype=] [--set=unet.remat_policy=full]
+      [--config.mid.batch_size=16] [--config.tiny.unet.dtype=bfloat16]
+      [--config.paper.unet.remat_policy=full] (any field of the configs tiny, mid and paper)
   # More meshes on 8 fake CPU devices (each mesh is one more compile, ~1 min on 2 cores):
   python benchmarks/train_step.py --runs=tiny@1x1x1,tiny@8x1x1,tiny@2x4x1,tiny@2x2x2,mid@1x1x1
   # On an accelerator host, the paper-size config (bfloat16 U-Net, one clip per device), e.g.
-  # one H100 (add --set=unet.attention_impl=cudnn, --set=unet.remat_policy=... to try them):
+  # one H100 (add --config.paper.unet.attention_impl=cudnn, --config.paper.unet.remat_policy=...
+  # to try them):
   python benchmarks/train_step.py --runs=paper@1x1x1 --steps=5
   # Anywhere, compile only (abstract weights, nothing materialised): FLOPs and XLA's memory plan.
   python benchmarks/train_step.py --runs=paper@1x1x1 --compile_only --notorch
@@ -22,10 +24,9 @@ ids) and random weights:
     remat recomputation, when configured, is included; custom calls (cuDNN or splash
     attention kernels) count zero, so with those the figure is a lower bound. TFLOP/s is per
     device.
-  - MFU: per-device TFLOP/s over the device kind's dense peak (PEAK_TFLOPS) at the U-Net compute
-    dtype: bfloat16 peak for 16-bit, TF32 peak for float32 on NVIDIA (XLA's default float32
-    matmul precision there), bfloat16 peak on TPU (one bf16 pass at default precision). CPU:
-    no peak is known, "n/a". --peak_tflops overrides the table.
+  - MFU: per-device TFLOP/s over the device kind's dense bfloat16 peak
+    (`pixeldance_jax/train/throughput.py`, as in the training logs), whatever the U-Net dtype.
+    CPU: no peak is known, "n/a". `--config.NAME.peak_flops_per_device` overrides the table.
   - GiB/dev: on GPU/TPU `device.memory_stats()["peak_bytes_in_use"]` ("dev"), the process's
     high-water mark, so list runs in increasing size; elsewhere, and with --compile_only, XLA's
     memory plan of the compiled step ("xla": arguments + outputs - donated aliases +
@@ -42,24 +43,6 @@ cores (measured on a loaded 2-core machine: ~0.5-0.8 s per tiny step at 1 thread
 so one thread is the fairer figure there. JAX runs with XLA's default CPU thread pool.
 """
 
-import os
-import pathlib
-import sys
-
-
-def _cpu_devices_from_argv(default: int = 8) -> int:
-  """--cpu_devices must act before jax is imported, so it is read from argv here."""
-  for arg in sys.argv[1:]:
-    if arg.startswith("--cpu_devices="):
-      return int(arg.split("=", 1)[1])
-  return default
-
-
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_"
-                           f"device_count={_cpu_devices_from_argv()}").strip()
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import ast  # pylint: disable=g-import-not-at-top,wrong-import-position
 import functools
 import math
 import time
@@ -72,118 +55,71 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from configs import pixeldance as paper_config
-from configs import tiny
+from pixeldance_jax import console
 from pixeldance_jax.models import unet3d
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.parallel import sharding
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
+from pixeldance_jax.train import throughput
 
-import torch_reference  # pylint: disable=wrong-import-position
-
-_RUNS = flags.DEFINE_list("runs", ["tiny@1x1x1", "mid@2x2x2"], "CONFIG@MESH "
-                          "items, run in this order: CONFIG a name in CONFIGS, MESH data x fsdp "
-                          "x tensor (one axis may be -1: all remaining devices).")
-_TORCH_CONFIGS = flags.DEFINE_list("torch_configs", ["tiny"], "Configs compared with torch.")
-_TORCH_THREADS = flags.DEFINE_list("torch_threads", ["0", "1"], "torch intra-op thread counts "
-                                   "to time, each against the same JAX steps; 0: CPU cores.")
-_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per measurement (the median counts).")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Fake CPU devices (read before jax "
-                                    "starts; no effect on GPU/TPU devices).")
-_BATCH_SIZE = flags.DEFINE_integer("batch_size", 0, "Global batch; 0: the config's default.")
-_DTYPE = flags.DEFINE_string("dtype", "", "U-Net compute dtype for every config; empty: the "
-                             "config's (bfloat16 for paper).")
-_SET = flags.DEFINE_multi_string("set", [], "Config override key=value for every config, e.g. "
-                                 "--set=unet.remat_policy=full --set=unet.attention_impl=cudnn.")
-_TORCH = flags.DEFINE_bool("torch", True, "On CPU, the diffusers U-Net step beside ours.")
-_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile and count, run nothing.")
-_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", 0.0, "Per-device peak for MFU; 0: the table.")
-
-GiB = 2**30
-# Dense peak TFLOP/s per chip: (16-bit, float32 as XLA runs it by default). First match wins.
-PEAK_TFLOPS = (
-    ("H100 PCIe", (756.0, 378.0)),
-    ("H100", (989.0, 494.0)),  # SXM; float32 runs as TF32.
-    ("H200", (989.0, 494.0)),
-    ("A100", (312.0, 156.0)),
-    ("TPU v4", (275.0, 275.0)),  # TPU float32 matmuls: one bf16 pass at default precision.
-    ("TPU v5 lite", (197.0, 197.0)),  # v5e
-    ("TPU v5e", (197.0, 197.0)),
-    ("TPU v5", (459.0, 459.0)),  # v5p
-    ("TPU v6 lite", (918.0, 918.0)),  # v6e (Trillium)
-    ("TPU v6e", (918.0, 918.0)),
-)
-
-
-def mid_config() -> ml_collections.ConfigDict:
-  """Tiny's recipe at 64x64 frames (16x16 latents) with a three-level, wider U-Net."""
-  config = tiny.get_config()
-  config.data.image_size = 64
-  config.unet.block_out_channels = (64, 128, 128)
-  config.unet.attention_levels = (False, True, True)
-  config.unet.attention_head_dim = 64  # Two heads at every attention level (diffusers: one int).
-  config.batch_size = 8
-  return config
+import common
 
 
 def paper_bf16_config() -> ml_collections.ConfigDict:
   """The paper config with a bfloat16 U-Net and one clip per device (it must fit one chip)."""
-  config = paper_config.get_config()
+  config = common.CONFIGS["paper"]()
   config.unet.dtype = "bfloat16"
   config.batch_size = 0  # Resolved to the data-parallel device count in `resolve_config`.
   return config
 
 
-CONFIGS = {"tiny": tiny.get_config, "mid": mid_config, "paper": paper_bf16_config}
+_CONFIG = common.define_named_configs("tiny", "mid", paper=paper_bf16_config)
+_RUNS = flags.DEFINE_list("runs", ["tiny@1x1x1", "mid@2x2x2"], "CONFIG@MESH items, run in this "
+                          "order: CONFIG a name of --config (tiny, mid, paper), MESH data x fsdp "
+                          "x tensor (one axis may be -1: all remaining devices).")
+_TORCH_CONFIGS = flags.DEFINE_list("torch_configs", ["tiny"], "Configs compared with torch.")
+_TORCH_THREADS = flags.DEFINE_list("torch_threads", ["0", "1"], "torch intra-op thread counts "
+                                   "to time, each against the same JAX steps; 0: CPU cores.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed steps per measurement (the median counts).")
+_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", 8, "Fake CPU devices (no effect on GPU/TPU "
+                                    "devices).")
+_TORCH = flags.DEFINE_bool("torch", True, "On CPU, the diffusers U-Net step beside ours.")
+_COMPILE_ONLY = flags.DEFINE_bool("compile_only", False, "Compile and count, run nothing.")
+
+COLUMNS = (("config", 6, ""), ("mesh", 7, ""), ("dtype", 9, ""), ("batch", 5, ""),
+           ("params", 9, ""), ("lower s", 7, ".1f"), ("compile s", 9, ".1f"),
+           ("step s", 8, ".3f"), ("clips/s", 8, ".2f"), ("TFLOP/step", 10, ".4f"),
+           ("TFLOP/s/d", 9, ".4f"), ("MFU", 6, ""), ("GiB/dev", 7, ".3f"), ("src", 3, ""))
 
 
 def parse_run(item: str) -> tuple[str, tuple[int, int, int]]:
   """"tiny@2x2x2" -> ("tiny", (2, 2, 2)); a -1 axis takes the remaining devices."""
   name, _, mesh_text = item.partition("@")
-  if name not in CONFIGS:
-    raise app.UsageError(f"--runs item {item!r}: config {name!r} is not one of {list(CONFIGS)}.")
-  sizes = [int(size) for size in (mesh_text or "1x1x1").split("x")]
-  if len(sizes) != len(mesh_lib.MESH_AXES):
-    raise app.UsageError(f"--runs item {item!r}: the mesh needs data x fsdp x tensor sizes.")
-  mesh_config = ml_collections.ConfigDict(dict(zip(mesh_lib.MESH_AXES, sizes)))
-  if -1 in sizes:
-    return name, mesh_lib.mesh_shape(mesh_config, jax.device_count())
-  return name, tuple(sizes)
-
-
-def apply_overrides(config: ml_collections.ConfigDict, overrides: list[str]) -> None:
-  """`key.sub=value` assignments; an unknown key or a wrong type raises, as config_flags does."""
-  for override in overrides:
-    key, _, text = override.partition("=")
-    try:
-      value = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      value = text  # A bare string such as full or cudnn.
-    *parents, leaf = key.split(".")
-    node = functools.reduce(lambda c, name: c[name], parents, config)
-    if leaf not in node:
-      raise KeyError(f"--set={override}: the config has no field {key!r}.")
-    node[leaf] = value
+  if name not in _CONFIG.value:
+    raise app.UsageError(f"--runs item {item!r}: config {name!r} is not one of "
+                         f"{list(_CONFIG.value)}.")
+  try:
+    return name, common.parse_mesh(mesh_text or "1x1x1", jax.device_count())
+  except ValueError as error:
+    raise app.UsageError(f"--runs item {item!r}: {error}") from error
 
 
 def resolve_config(name: str, shape: tuple[int, int, int]) -> ml_collections.ConfigDict:
-  config = CONFIGS[name]()
+  """--config.NAME on the mesh `shape`; batch 0 becomes one clip per data-parallel device."""
+  config = _CONFIG.value[name].copy_and_resolve_references()
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = shape
-  if _DTYPE.value:
-    config.unet.dtype = _DTYPE.value
-  apply_overrides(config, _SET.value)
-  config.batch_size = _BATCH_SIZE.value or config.batch_size or shape[0] * shape[1]
+  config.batch_size = config.batch_size or shape[0] * shape[1]
   return config
 
 
 def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
   """A fixed batch in the loader's format (as tests/multi_device_checks.py)."""
   rng = np.random.default_rng(0)
-  size, frames = config.data.image_size, config.data.frames
-  return {"video": rng.integers(0, 256, (config.batch_size, frames, size, size, 3), np.uint8),
-          "tokens": rng.integers(0, config.text_encoder.vocab_size,
-                                 (config.batch_size, config.text_encoder.max_length), np.int32)}
+  shapes = common.batch_shapes(config, config.batch_size)
+  return {"video": rng.integers(0, 256, shapes["video"].shape, np.uint8),
+          "tokens": rng.integers(0, config.text_encoder.vocab_size, shapes["tokens"].shape,
+                                 np.int32)}
 
 
 def jit_step(config: ml_collections.ConfigDict, mesh, shardings):
@@ -204,59 +140,40 @@ def compile_step(config: ml_collections.ConfigDict, mesh):
   """(compiled step, global FLOPs, (trace + lower s, XLA compile s), abstract state)."""
   abstract, shardings = state_lib.abstract_state(config, mesh)
   batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh_lib.batch_sharding(mesh))
-           for name, x in synthetic_batch_shapes(config).items()}
-  start = time.perf_counter()
+           for name, x in common.batch_shapes(config, config.batch_size).items()}
   with jax.set_mesh(mesh):
-    lowered = jit_step(config, mesh, shardings).lower(abstract, batch, jax.random.key(0))
-  lowered_at = time.perf_counter()
-  compiled = lowered.compile()
-  seconds = (lowered_at - start, time.perf_counter() - lowered_at)
-  return compiled, _flops(lowered), seconds, abstract
-
-
-def synthetic_batch_shapes(config: ml_collections.ConfigDict) -> dict[str, jax.ShapeDtypeStruct]:
-  size, frames, batch = config.data.image_size, config.data.frames, config.batch_size
-  return {"video": jax.ShapeDtypeStruct((batch, frames, size, size, 3), jnp.uint8),
-          "tokens": jax.ShapeDtypeStruct((batch, config.text_encoder.max_length), jnp.int32)}
-
-
-def _flops(lowered) -> float:
-  analysis = lowered.cost_analysis()
-  if isinstance(analysis, (list, tuple)):  # Older jax: one dict per program.
-    analysis = analysis[0]
-  return float((analysis or {}).get("flops", float("nan")))
+    lowered, lower_s = common.timed(jit_step(config, mesh, shardings).lower, abstract, batch,
+                                    jax.random.key(0))
+  compiled, compile_s = common.timed(lowered.compile)
+  return compiled, common.xla_flops(lowered), (lower_s, compile_s), abstract
 
 
 def peak_memory_gib(compiled, devices, ran: bool) -> tuple[float, str]:
   """(GiB per device, source): the device allocator's high-water mark, else XLA's plan."""
   stats = devices[0].memory_stats() if ran else None
   if stats and "peak_bytes_in_use" in stats:
-    return max(d.memory_stats()["peak_bytes_in_use"] for d in devices) / GiB, "dev"
+    return max(d.memory_stats()["peak_bytes_in_use"] for d in devices) / common.GiB, "dev"
   plan = compiled.memory_analysis()
   if plan is None:
     return float("nan"), "n/a"
   planned = (plan.argument_size_in_bytes + plan.output_size_in_bytes - plan.alias_size_in_bytes
              + plan.temp_size_in_bytes)
-  return planned / GiB, "xla"
+  return planned / common.GiB, "xla"
 
 
-def peak_tflops(device, dtype: str) -> float | None:
-  """Dense peak TFLOP/s of one device at the compute dtype; None where unknown (CPU)."""
-  if _PEAK_TFLOPS.value:
-    return _PEAK_TFLOPS.value
-  for kind, (half, single) in PEAK_TFLOPS:
-    if kind.lower() in device.device_kind.lower():
-      return half if jnp.dtype(dtype).itemsize == 2 else single
-  return None
+def run_steps(config: ml_collections.ConfigDict, mesh, compiled) -> float:
+  """Median seconds of --steps steps of `compiled` after one warm-up, from random weights."""
+  state = state_lib.create_train_state(config, mesh, jax.random.key(config.seed))
+  batch = mesh_lib.global_batch(synthetic_batch(config), mesh)
+  rng = jax.random.key(1)
+  holder = {"state": state}
 
+  def one_step():
+    holder["state"], metrics = compiled(holder["state"], batch, rng)
+    jax.block_until_ready(metrics["loss"])
 
-def median_step_seconds(step_fn, steps: int) -> float:
-  times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    step_fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times))
+  one_step()  # Warm-up: first-run allocations, autotuning.
+  return common.median_seconds(one_step, _STEPS.value)
 
 
 def measure(name: str, shape: tuple[int, int, int]) -> dict:
@@ -265,44 +182,20 @@ def measure(name: str, shape: tuple[int, int, int]) -> dict:
   devices = jax.devices()[:math.prod(shape)]
   mesh = mesh_lib.make_mesh(config.mesh, devices)
   compiled, flops, compile_s, abstract = compile_step(config, mesh)
-  row = {"config": name, "mesh": "x".join(map(str, shape)), "dtype": config.unet.dtype,
-         "batch": config.batch_size, "params": state_lib.count_params(abstract.params),
-         "lower_s": compile_s[0], "compile_s": compile_s[1], "flops": flops, "step_s": float("nan")}
-  if not _COMPILE_ONLY.value:
-    state = state_lib.create_train_state(config, mesh, jax.random.key(config.seed))
-    batch = mesh_lib.global_batch(synthetic_batch(config), mesh)
-    rng = jax.random.key(1)
-    holder = {"state": state}
-
-    def one_step():
-      holder["state"], metrics = compiled(holder["state"], batch, rng)
-      jax.block_until_ready(metrics["loss"])
-
-    one_step()  # Warm-up: first-run allocations, autotuning.
-    row["step_s"] = median_step_seconds(one_step, _STEPS.value)
-    del holder
   ran = not _COMPILE_ONLY.value
-  row["memory_gib"], row["memory_source"] = peak_memory_gib(compiled, devices, ran)
-  peak = peak_tflops(devices[0], config.unet.dtype)
-  row["tflops_per_device"] = flops / row["step_s"] / len(devices) / 1e12
-  row["mfu"] = row["tflops_per_device"] / peak if peak else None
-  return row
-
-
-def format_row(row: dict) -> str:
-  mfu = "n/a" if row["mfu"] is None or math.isnan(row["mfu"]) else f"{100 * row['mfu']:.1f}%"
-  return (f"{row['config']:>6} {row['mesh']:>7} {row['dtype']:>9} {row['batch']:>5} "
-          f"{row['params'] / 1e6:>8.1f}M {row['lower_s']:>7.1f} {row['compile_s']:>9.1f} "
-          f"{row['step_s']:>8.3f} "
-          f"{row['batch'] / row['step_s']:>8.2f} {row['flops'] / 1e12:>10.4f} "
-          f"{row['tflops_per_device']:>9.4f} {mfu:>6} "
-          f"{row['memory_gib']:>7.3f} {row['memory_source']}")
-
-
-HEADER = (f"{'config':>6} {'mesh':>7} {'dtype':>9} {'batch':>5} {'params':>9} {'lower s':>7} "
-          f"{'compile s':>9} "
-          f"{'step s':>8} {'clips/s':>8} {'TFLOP/step':>10} {'TFLOP/s/d':>9} {'MFU':>6} "
-          f"{'GiB/dev':>7} src")
+  step_s = run_steps(config, mesh, compiled) if ran else float("nan")
+  memory_gib, memory_source = peak_memory_gib(compiled, devices, ran)
+  flops_per_s = flops / step_s / len(devices)  # Per device.
+  peak = throughput.peak_flops_per_device(devices[0], config.peak_flops_per_device)
+  mfu = flops_per_s / peak if peak else float("nan")
+  return {"config": name, "mesh": "x".join(map(str, shape)), "dtype": config.unet.dtype,
+          "batch": config.batch_size,
+          "params": f"{state_lib.count_params(abstract.params) / 1e6:.1f}M",
+          "lower_s": compile_s[0], "compile_s": compile_s[1], "step_s": step_s,
+          "clips_per_s": config.batch_size / step_s, "tflop_per_step": flops / 1e12,
+          "tflops_per_device": flops_per_s / 1e12,
+          "mfu": "n/a" if math.isnan(mfu) else f"{100 * mfu:.1f}%", "memory_gib": memory_gib,
+          "memory_source": memory_source}
 
 
 # --- U-Net only, JAX and PyTorch, on CPU --------------------------------------------------
@@ -362,10 +255,10 @@ def jax_unet_step(config: ml_collections.ConfigDict):
 
 def torch_unet_step(config: ml_collections.ConfigDict):
   """forward + backward + AdamW step of the diffusers U-Net, `run()` -> loss."""
-  import torch  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top  # A development dependency.
   # eval(): dropout off, as in our step (the tiny and mid configs set no dropout); autograd
   # is unaffected (diffusers' U-Net has no batch norm).
-  model = torch_reference.torch_unet3d(config)
+  model = common.torch_unet3d(config)
   optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                 weight_decay=config.weight_decay)
   # Ours [b, f, h, w, c] -> diffusers [b, c, f, h, w].
@@ -386,30 +279,19 @@ def torch_unet_step(config: ml_collections.ConfigDict):
   return run, sum(p.numel() for p in model.parameters())
 
 
-def timed_torch(torch_run, threads: int):
-  """`torch_run` at `threads` intra-op threads, as a no-argument function for the timer."""
-  import torch  # pylint: disable=g-import-not-at-top
-
-  def run():
-    torch.set_num_threads(threads)
-    return torch_run()
-
-  return run
-
-
-def compare_with_torch(name: str, full_step_s: float | None, cores: int) -> None:
+def compare_with_torch(name: str, full_step_s: float | None) -> None:
   """Alternating JAX / torch U-Net-only steps on one device; prints seconds and ratios."""
   config = resolve_config(name, (1, 1, 1))
   jax_run, jax_params = jax_unet_step(config)
   torch_run, torch_params = torch_unet_step(config)
-  threads = [int(t) or cores for t in _TORCH_THREADS.value]
-  runs = {"jax": jax_run} | {t: timed_torch(torch_run, t) for t in threads}
+  threads = [int(t) or common.cpu_cores() for t in _TORCH_THREADS.value]
+  runs = {"jax": jax_run} | {t: functools.partial(run_torch, torch_run, t) for t in threads}
   for run in runs.values():
     run()  # Warm-up (JAX: compile; torch: allocator, oneDNN primitives).
   times = {key: [] for key in runs}
   for _ in range(_STEPS.value):
     for key, run in runs.items():
-      times[key].append(median_step_seconds(run, 1))
+      times[key].append(common.timed(run)[1])
   median = {key: float(np.median(values)) for key, values in times.items()}
   size = config.data.image_size // config.autoencoder.patch_size
   print(f"  {name}: latents {config.batch_size}x{config.data.frames}x{size}x{size}x"
@@ -425,36 +307,36 @@ def compare_with_torch(name: str, full_step_s: float | None, cores: int) -> None
     print(line)
 
 
+def run_torch(torch_run, threads: int):
+  """`torch_run()` at `threads` intra-op threads (set on every call: the runs alternate)."""
+  common.set_torch_threads(threads)
+  return torch_run()
+
+
 def main(argv) -> None:
   del argv
+  common.start_jax(cpu_devices=_CPU_DEVICES.value)
   start = time.perf_counter()
-  device = jax.devices()[0]
-  cores = len(os.sched_getaffinity(0))
-  print(f"device: {device.platform} ({device.device_kind}), {jax.device_count()} device(s), "
-        f"{cores} CPU cores; median of {_STEPS.value} steps after one warm-up"
+  platform = jax.devices()[0].platform
+  print(f"{common.machine_summary()}; median of {_STEPS.value} steps after one warm-up"
         f"{'; compile only' if _COMPILE_ONLY.value else ''}")
-  if device.platform == "cpu" and jax.device_count() != _CPU_DEVICES.value:
-    raise app.UsageError(f"{jax.device_count()} CPU devices, not --cpu_devices="
-                         f"{_CPU_DEVICES.value}: write the flag as --cpu_devices=N (one token), "
-                         "it is read before jax starts.")
   runs = [parse_run(item) for item in _RUNS.value]
-  if device.platform == "cpu" and not _COMPILE_ONLY.value and any(
-      name == "paper" for name, _ in runs):
+  if platform == "cpu" and not _COMPILE_ONLY.value and any(name == "paper" for name, _ in runs):
     raise app.UsageError("The paper config runs on a GPU/TPU; on CPU add --compile_only.")
-  print(HEADER)
+  print(common.header_line(COLUMNS))
   rows = []
   for name, shape in runs:
     rows.append(measure(name, shape))
-    print(format_row(rows[-1]), flush=True)
-  if _TORCH.value and device.platform == "cpu" and not _COMPILE_ONLY.value:
-    import torch  # pylint: disable=g-import-not-at-top
+    print(common.row_line(COLUMNS, list(rows[-1].values())), flush=True)
+  if _TORCH.value and platform == "cpu" and not _COMPILE_ONLY.value:
+    import torch  # pylint: disable=g-import-not-at-top  # A development dependency.
     print("\nOn one CPU device, alternating steps: diffusers UNet3DConditionModel (PyTorch "
           f"{torch.__version__}, float32) vs our U-Net alone (same inputs, AdamW, MSE):")
     for name in _TORCH_CONFIGS.value:
       full = [r["step_s"] for r in rows if r["config"] == name and r["mesh"] == "1x1x1"]
-      compare_with_torch(name, full[0] if full else None, cores)
+      compare_with_torch(name, full[0] if full else None)
   print(f"\nwall time {time.perf_counter() - start:.0f} s")
 
 
 if __name__ == "__main__":
-  app.run(main)
+  console.run(main)
