@@ -118,9 +118,23 @@ def test_bfloat16_compute_keeps_float32_master_weights():
   np.testing.assert_allclose(loss, reference_loss, rtol=0.03)
 
 
-# Implementations compared with "xla" on the unit-test U-Net, and the backend each needs. Its
-# sequences are shorter than a splash block, so "splash" is compared on its own below.
-ATTENTION_IMPLS = {None: None, "cudnn": "gpu"}
+# Implementations compared with "xla" on the unit-test U-Net: the backend each runs on and the
+# custom call that shows it ran (a comparison of XLA with XLA under another name cannot fail).
+# Not here: None (JAX's choice: XLA on CPU and in float32) and "splash", which leaves the unit-test
+# sequences, shorter than a block, to XLA; it is compared on its own below.
+ATTENTION_IMPLS = {"cudnn": ("gpu", "__cudnn$fmha")}
+
+
+def _missing_backend(impl: str) -> str | None:
+  """Why `impl` cannot run here, or None."""
+  backend, _ = ATTENTION_IMPLS[impl]
+  device = jax.devices()[0]
+  if device.platform != backend:
+    return f"attention_impl={impl!r} runs on a {backend} backend; this one is {device.platform}"
+  capability = getattr(device, "compute_capability", "")
+  if impl == "cudnn" and not (capability and float(capability) >= 8.0):
+    return f"cuDNN fused attention needs CUDA compute capability >= 8.0, got {capability!r}"
+  return None
 
 
 @pytest.fixture(scope="module")
@@ -141,23 +155,27 @@ def unet_inputs():
   return config, params, (sample, jnp.asarray([3, 700], jnp.int32), token_ids)
 
 
-def _unet_output(config, params, inputs, impl: str | None, dtype: str) -> np.ndarray:
+def _unet_output(config, params, inputs, impl: str, dtype: str) -> tuple[np.ndarray, str]:
+  """(U-Net output, its lowered program as text)."""
   config = config.copy_and_resolve_references()
   config.unet.attention_impl, config.unet.dtype = impl, dtype
-  return np.asarray(jax.jit(pixeldance.make_model(config).apply)(params, *inputs))
+  lowered = jax.jit(pixeldance.make_model(config).apply).lower(params, *inputs)
+  return np.asarray(lowered.compile()(params, *inputs)), lowered.as_text()
 
 
 @pytest.mark.parametrize("impl", list(ATTENTION_IMPLS))
-def test_attention_implementations_agree(unet_inputs, impl):
-  backend = ATTENTION_IMPLS[impl]
-  if backend and jax.default_backend() != backend:
-    pytest.skip(f"attention_impl={impl!r} needs a {backend} backend")
-  config, params, inputs = unet_inputs
+def test_attention_implementations_agree(request, impl):
+  reason = _missing_backend(impl)
+  if reason:
+    pytest.skip(reason)
+  config, params, inputs = request.getfixturevalue("unet_inputs")  # Only where it runs.
+  _, kernel = ATTENTION_IMPLS[impl]
   # cuDNN's fused attention takes only 16-bit inputs: compare in bfloat16 at its precision.
   dtype, atol = ("bfloat16", 3e-2) if impl == "cudnn" else ("float32", 1e-5)
-  expected = _unet_output(config, params, inputs, "xla", dtype)
-  np.testing.assert_allclose(_unet_output(config, params, inputs, impl, dtype), expected,
-                             atol=atol, rtol=0)
+  expected, xla_program = _unet_output(config, params, inputs, "xla", dtype)
+  found, program = _unet_output(config, params, inputs, impl, dtype)
+  assert kernel in program and kernel not in xla_program, f"{impl!r} did not run {kernel}"
+  np.testing.assert_allclose(found, expected, atol=atol, rtol=0)
 
 
 def _attention_and_grads(impl: str, x: jax.Array, context: jax.Array | None):

@@ -1,0 +1,104 @@
+"""The package's import graph points one way and has no cycles.
+
+Entry points -> train / sampling / evaluate -> data, diffusion, models, parallel. Every import
+counts, also one inside a function (a function-level import hides a cycle; it does not remove
+it). Top-level modules (tokenizer, checkpoints, video_io, console, convert) are their own rooms.
+"""
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "pixeldance_jax"
+
+# Room -> rooms it must never import.
+FORBIDDEN = {
+    "models": {"train", "data", "sampling", "evaluate"},
+    "diffusion": {"models", "train", "data", "sampling", "evaluate"},
+    "data": {"models", "train", "sampling", "evaluate"},
+    "parallel": {"models", "train", "data", "sampling", "evaluate"},
+    "sampling": {"train", "evaluate"},
+}
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+  return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imported(module: str, node: ast.AST) -> list[str]:
+  """Dotted names an import statement may refer to (a module, or a name inside one)."""
+  if isinstance(node, ast.Import):
+    return [alias.name for alias in node.names]
+  if isinstance(node, ast.ImportFrom):
+    base = node.module or ""
+    if node.level:
+      package = module.split(".")[:-node.level]
+      base = ".".join(package + ([base] if base else []))
+    return [base] + [f"{base}.{alias.name}" for alias in node.names]
+  return []
+
+
+def _import_graph() -> dict[str, set[str]]:
+  modules = {_module_name(path): path for path in PACKAGE.rglob("*.py")}
+  graph = {}
+  for module, path in modules.items():
+    targets = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+      targets.update(t for t in _imported(module, node) if t in modules and t != module)
+    graph[module] = targets
+  return graph
+
+
+def _room(module: str) -> str:
+  parts = module.split(".")
+  return parts[1] if len(parts) > 1 else parts[0]
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """Strongly connected components of more than one module (Tarjan)."""
+  index, low, stack, on_stack, components = {}, {}, [], set(), []
+
+  def visit(node: str) -> None:
+    index[node] = low[node] = len(index)
+    stack.append(node)
+    on_stack.add(node)
+    for neighbour in graph[node]:
+      if neighbour not in index:
+        visit(neighbour)
+        low[node] = min(low[node], low[neighbour])
+      elif neighbour in on_stack:
+        low[node] = min(low[node], index[neighbour])
+    if low[node] == index[node]:
+      component = []
+      while not component or component[-1] != node:
+        component.append(stack.pop())
+        on_stack.discard(component[-1])
+      if len(component) > 1:
+        components.append(sorted(component))
+
+  for node in sorted(graph):
+    if node not in index:
+      visit(node)
+  return components
+
+
+def test_the_checker_sees_function_level_imports_and_cycles():
+  graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+  assert _cycles(graph) == [["a", "b", "c"]]
+  tree = ast.parse("def f():\n  from pixeldance_jax.train import trainer\n")
+  imports = [t for node in ast.walk(tree) for t in _imported("pixeldance_jax.data.x", node)]
+  assert "pixeldance_jax.train.trainer" in imports
+
+
+def test_no_import_cycles():
+  assert _cycles(_import_graph()) == []
+
+
+@pytest.mark.parametrize("room", sorted(FORBIDDEN))
+def test_imports_point_one_way(room):
+  broken = [f"{module} -> {target}"
+            for module, targets in sorted(_import_graph().items()) if _room(module) == room
+            for target in sorted(targets) if _room(target) in FORBIDDEN[room]]
+  assert broken == []
