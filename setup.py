@@ -23,6 +23,8 @@ INSTALL_REQUIRES = [
     "av==18.1.0",
     "tensorboardX==2.6.5",
     "tqdm==4.70.1",
+    # `python -m pixeldance_jax.convert` reads diffusers / transformers safetensors folders.
+    "safetensors==0.8.0",
 ]
 
 DEV_REQUIRES = [
@@ -31,7 +33,6 @@ DEV_REQUIRES = [
     "torch==2.13.0",
     "diffusers==0.42.1",
     "transformers==5.24.0",
-    "safetensors==0.8.0",
 ]
 
 setuptools.setup(
