@@ -29,6 +29,8 @@ INSTALL_REQUIRES = [
 
 DEV_REQUIRES = [
     "pytest==9.2.0",
+    # Two workers: the suite is mostly single-threaded XLA compiles.
+    "pytest-xdist==3.8.0",
     # Numeric references only; never imported by the library.
     "torch==2.13.0",
     "diffusers==0.42.1",
