@@ -3,11 +3,8 @@ the console: quiet by default, one-line errors for bad config overrides."""
 
 import json
 import os
-import pathlib
 import re
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,16 +15,7 @@ from PIL import Image
 from configs import unit_test
 from pixeldance_jax import console, video_io
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _run(*args, check=True):
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=600)
-  if check and result.returncode != 0:
-    raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
-  return result
+from processes import run_python as _run
 
 
 @pytest.fixture(scope="module")

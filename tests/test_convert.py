@@ -1,10 +1,12 @@
 """`python -m pixeldance_jax.convert` round trip on a model folder saved by the torch references.
 
-A diffusers-style folder (unet/, vae/, text_encoder/) of small random models is converted into
-an Orbax checkpoint that sample.py's loader restores and train.py initialises from.
+A diffusers-style folder (unet/, vae/, text_encoder/) of small random models is converted, by the
+command as a user runs it, into an Orbax checkpoint that sampling's loader restores (and whose
+U-Net then computes the torch U-Net's output) and train.py initialises from.
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -15,26 +17,35 @@ from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax import checkpoints
 from pixeldance_jax.train import trainer
 from pixeldance_jax.train import state as state_lib
+from pixeldance_jax.models import unet3d
+from processes import run_python as _run
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 
+# configs/unit_test.py resized to the torch models below: a KL VAE, small U-Net and CLIP. Given
+# as flattened keys so the command line (`--config.KEY=VALUE`) and the tests share them.
+OVERRIDES = {
+    "autoencoder.kind": "kl", "autoencoder.patch_size": 2, "autoencoder.latent_channels": 4,
+    "autoencoder.scaling_factor": 0.18215, "autoencoder.block_out_channels": (32, 64),
+    "autoencoder.layers_per_block": 1, "autoencoder.norm_num_groups": 8,
+    "autoencoder.decode_chunk_frames": 3,
+    "text_encoder.hidden_size": 16, "text_encoder.intermediate_size": 37,
+    "text_encoder.num_layers": 2, "text_encoder.num_heads": 2,
+    "unet.block_out_channels": (32, 64), "unet.attention_levels": (True, False),
+    "unet.attention_head_dim": 8, "unet.transformer_in_heads": 8, "unet.norm_num_groups": 8,
+    "unet.cross_attention_dim": 16, "unet.pooled_text_embedding": False,
+    "conditioning.noise_timestep": 0,
+}
+TOLERANCE = 1e-4  # float32 max abs error, as tests/test_unet_parity.py.
+
+
 def _config():
   """The unit-test PixelDance with a KL VAE and sizes that the torch models below share."""
   config = unit_test.get_config()
-  ae = config.autoencoder
-  ae.kind, ae.patch_size, ae.latent_channels, ae.scaling_factor = "kl", 2, 4, 0.18215
-  ae.block_out_channels, ae.layers_per_block, ae.norm_num_groups = (32, 64), 1, 8
-  ae.decode_chunk_frames = 3
-  text = config.text_encoder
-  text.hidden_size, text.intermediate_size, text.num_layers, text.num_heads = 16, 37, 2, 2
-  unet = config.unet
-  unet.block_out_channels, unet.attention_levels = (32, 64), (True, False)
-  unet.attention_head_dim, unet.transformer_in_heads, unet.norm_num_groups = 8, 8, 8
-  unet.cross_attention_dim, unet.pooled_text_embedding = 16, False
-  config.conditioning.noise_timestep = 0
+  config.update_from_flattened_dict(OVERRIDES)
   return config
 
 
@@ -69,9 +80,12 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def converted(model_dir, tmp_path_factory):
+  """`python -m pixeldance_jax.convert` run as a user runs it, on the saved torch folder."""
   output = tmp_path_factory.mktemp("converted")
-  parts = convert.convert(_config(), str(model_dir[0]), str(output))
-  assert sorted(parts) == ["text_encoder", "unet", "vae"]
+  overrides = [f"--config.{key}={value}" for key, value in OVERRIDES.items()]
+  result = _run("-m", "pixeldance_jax.convert", "--config=configs/unit_test.py", *overrides,
+                f"--model_dir={model_dir[0]}", f"--output={output}")
+  assert all(part in result.stdout for part in ("text_encoder", "unet", "vae")), result.stdout
   return output
 
 
@@ -117,3 +131,25 @@ def test_mismatching_config_lists_the_tensors(model_dir, tmp_path):
   config.unet.block_out_channels = (32, 48)
   with pytest.raises(ValueError, match="down_blocks"):
     convert.convert(config, str(model_dir[0]), str(tmp_path))
+
+
+def test_converted_unet_reproduces_torch(model_dir, converted):
+  """The command's checkpoint, restored by sampling's loader, computes the torch U-Net."""
+  pipeline = sampling_pipeline.load_pipeline(str(converted))
+  assert pipeline.weights == "converted"
+  rng = np.random.default_rng(0)
+  noisy = rng.normal(size=(2, 3, 8, 8, 4)).astype(np.float32)  # [b, f, h, w, c]
+  # c_image: the converted conv_in's new input channels start at zero, so any c_image is ignored.
+  c_image = 3.0 * rng.normal(size=noisy.shape).astype(np.float32)
+  timesteps = np.asarray([10, 900], np.int64)
+  context = rng.normal(size=(2, 5, 16)).astype(np.float32)
+  with torch.no_grad():
+    expected = model_dir[1](torch.from_numpy(noisy.transpose(0, 4, 1, 2, 3)),
+                            torch.from_numpy(timesteps), torch.from_numpy(context)).sample
+  expected = expected.numpy().transpose(0, 2, 3, 4, 1)
+  model = unet3d.UNet3D(unet3d.UNetSpec.from_config(pipeline.config))
+  found = jax.jit(model.apply)({"params": pipeline.params["unet"]},
+                              jnp.asarray(np.concatenate([noisy, c_image], -1)),
+                              jnp.asarray(timesteps, jnp.int32), jnp.asarray(context))
+  error = float(np.abs(np.asarray(found) - expected).max())
+  assert error <= TOLERANCE, f"max abs error {error:.2e} (output max {np.abs(expected).max():.2f})"

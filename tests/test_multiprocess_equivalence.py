@@ -14,7 +14,8 @@ import sys
 import numpy as np
 import pytest
 
-from test_train_at_scale import REPO, _env, _free_port
+from processes import REPO, free_port as _free_port
+from processes import cpu_env as _env
 
 SCRIPT = str(pathlib.Path(__file__).resolve().parent / "multi_process_check.py")
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "

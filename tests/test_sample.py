@@ -28,6 +28,7 @@ from pixeldance_jax.sampling import generate as generate_lib
 from pixeldance_jax.sampling import jobs, outputs, program
 from pixeldance_jax.sampling import pipeline as pipeline_lib
 from pixeldance_jax.sampling import requests as requests_lib
+from pixeldance_jax.sampling import settings as settings_lib
 from pixeldance_jax.train import state as state_lib
 
 
@@ -218,14 +219,14 @@ def test_configs_older_than_the_sampler_fields_get_the_old_behaviour():
     ({"num_clips": 0}, "num_clips=0")])
 def test_check_settings_refuses_values_out_of_range(settings, message):
   with pytest.raises(ValueError, match=message):
-    requests_lib.check_settings({"tau": None, "seed": 3, **settings})
+    settings_lib.check_settings({"tau": None, "seed": 3, **settings})
 
 
 def test_check_settings_bounds_steps_by_the_training_timesteps():
-  requests_lib.check_settings({"steps": 5000, "guidance_scale": -2.0, "eta": 0.0})  # No bound.
-  requests_lib.check_settings({"steps": 1000}, num_train_timesteps=1000)
+  settings_lib.check_settings({"steps": 5000, "guidance_scale": -2.0, "eta": 0.0})  # No bound.
+  settings_lib.check_settings({"steps": 1000}, num_train_timesteps=1000)
   with pytest.raises(ValueError, match=r"steps=1001 must be in \[1, 1000\]"):
-    requests_lib.check_settings({"steps": 1001}, num_train_timesteps=1000)
+    settings_lib.check_settings({"steps": 1001}, num_train_timesteps=1000)
 
 
 def test_generate_refuses_non_finite_guidance(pipeline):

@@ -4,9 +4,7 @@ The process-level tests run train.py as users do (subprocesses on CPU, unit-test
 """
 
 import os
-import pathlib
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -24,7 +22,8 @@ from pixeldance_jax.train import trainer
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+import processes
+from processes import REPO, free_port as _free_port
 
 
 def _train_command(workdir, *flags: str) -> list[str]:
@@ -32,9 +31,7 @@ def _train_command(workdir, *flags: str) -> list[str]:
           *flags]
 
 
-def _env(devices: int = 1) -> dict[str, str]:
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+_env = processes.cpu_env
 
 
 def _assert_trees_equal(a, b):
@@ -80,12 +77,6 @@ def test_preempted_run_resumes_bitwise_identically(tmp_path):
     checkpoints.restore(manager, steps, abstract, {"data": iterator})
     next_batches.append(next(iterator))
   np.testing.assert_array_equal(next_batches[0]["video"], next_batches[1]["video"])
-
-
-def _free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(("127.0.0.1", 0))
-    return sock.getsockname()[1]
 
 
 def test_two_processes_train_and_a_different_topology_resumes(tmp_path):

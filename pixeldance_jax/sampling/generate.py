@@ -15,6 +15,7 @@ from absl import logging
 from pixeldance_jax import tokenizer
 from pixeldance_jax.diffusion import samplers, schedules
 from pixeldance_jax.parallel import mesh as mesh_lib
+from pixeldance_jax.sampling import settings as settings_lib
 from pixeldance_jax.sampling.pipeline import Pipeline
 
 
@@ -65,15 +66,10 @@ def _check_frame_shapes(config: ml_collections.ConfigDict, batch: int,
 def _check_values(per_example: dict[str, np.ndarray], steps: int,
                   num_train_timesteps: int) -> None:
   """Refuses values the program would turn into a blank or NaN video without a word."""
-  if not 1 <= steps <= num_train_timesteps:
-    raise ValueError(f"steps={steps} must be in [1, {num_train_timesteps}]")
-  checks = {"guidance_scale": lambda v: np.isfinite(v),
-            "guidance_rescale": lambda v: (0.0 <= v) & (v <= 1.0),
-            "eta": lambda v: np.isfinite(v) & (v >= 0.0)}
-  need = {"guidance_scale": "finite", "guidance_rescale": "in [0, 1]", "eta": "finite, >= 0"}
-  for name, check in checks.items():
-    if not check(per_example[name]).all():
-      raise ValueError(f"{name}={per_example[name].tolist()} must be {need[name]}")
+  settings_lib.check_settings({"steps": steps}, num_train_timesteps)
+  for name in ("guidance_scale", "guidance_rescale", "eta"):
+    for value in per_example[name].tolist():
+      settings_lib.check_settings({name: value})
 
 
 def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarray,

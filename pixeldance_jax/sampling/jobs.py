@@ -12,6 +12,7 @@ from pixeldance_jax.sampling import generate as generate_lib
 from pixeldance_jax.sampling import outputs
 from pixeldance_jax.sampling import pipeline as pipeline_lib
 from pixeldance_jax.sampling import requests as requests_lib
+from pixeldance_jax.sampling import settings as settings_lib
 
 # make_request's arguments that are not settings.
 _REQUEST_INPUTS = requests_lib.INPUTS + ("resize", "base_dir")
@@ -37,7 +38,7 @@ def sample(workdir: str, *, output: str, checkpoint_step: int | None = None,
   """Samples one video (`requests.make_request`'s arguments) from `workdir` and writes it."""
   settings = {key: value for key, value in request_args.items()
               if key not in _REQUEST_INPUTS}
-  requests_lib.check_settings(settings)
+  settings_lib.check_settings(settings)
   _check_counts(upscale=upscale)
   outputs.check_writable(output)
   step, config = pipeline_lib.read_config(workdir, checkpoint_step)
@@ -56,7 +57,7 @@ def sample_prompts_file(workdir: str, *, prompts_file: str, output_dir: str,
                         batch_size: int = 8, upscale: int = 4, resize: bool = True,
                         **defaults: Any) -> list[str]:
   """Samples every line of a JSONL prompts file into OUTPUT_DIR/NAME/; returns the folders."""
-  requests_lib.check_settings(defaults)
+  settings_lib.check_settings(defaults)
   _check_counts(batch_size=batch_size, upscale=upscale)
   outputs.check_writable(output_dir, folder=True)
   step, config = pipeline_lib.read_config(workdir, checkpoint_step)

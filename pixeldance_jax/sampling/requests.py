@@ -6,7 +6,6 @@ samples a list of them in batches of requests that share a program run.
 
 import dataclasses
 import json
-import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -19,14 +18,11 @@ from absl import logging
 from pixeldance_jax import video_io
 from pixeldance_jax.data import media
 from pixeldance_jax.data import pipeline as data_pipeline
-from pixeldance_jax.diffusion import samplers
 from pixeldance_jax.sampling import generate as generate_lib
+from pixeldance_jax.sampling import settings as settings_lib
 from pixeldance_jax.sampling.pipeline import Pipeline
 
-# Settings a request may give; the rest come from the CLI flags, then config.sample.
-SETTINGS = ("tau", "guidance_scale", "guidance_rescale", "steps", "eta", "sampler",
-            "timestep_spacing", "seed", "num_clips")
-# What a line of a prompts file may hold besides SETTINGS.
+# What a line of a prompts file may hold besides the settings (settings.SETTINGS).
 INPUTS = ("prompt", "first_frame", "last_frame", "last_frame_edges", "heldout_index", "name")
 
 
@@ -36,7 +32,7 @@ class Request:
   prompts: tuple[str, ...]  # One per clip.
   first_frame: np.ndarray  # uint8 [H, W, 3]
   last_frame: np.ndarray | None  # uint8 [H, W, 3], guides the final clip.
-  settings: dict[str, Any]  # Every key of SETTINGS, resolved.
+  settings: dict[str, Any]  # Every key of settings.SETTINGS, resolved.
   record: dict[str, Any]  # Inputs as given, mode, and the settings: the JSON written beside it.
   name: str = ""
 
@@ -46,79 +42,15 @@ class Request:
     return s["steps"], s["sampler"], s["timestep_spacing"], s["num_clips"]
 
 
-# The type of each setting: values from JSON or flags are converted, and must convert.
-_SETTING_TYPES = {"tau": int, "guidance_scale": float, "guidance_rescale": float, "steps": int,
-                  "eta": float, "sampler": str, "timestep_spacing": str, "seed": int,
-                  "num_clips": int}
-
-
-def default_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  sample_config = config.sample
-  return {"tau": sample_config.tau, "guidance_scale": sample_config.guidance_scale,
-          "guidance_rescale": sample_config.guidance_rescale, "steps": sample_config.num_steps,
-          "eta": sample_config.eta, "sampler": sample_config.sampler,
-          "timestep_spacing": sample_config.timestep_spacing, "seed": 0, "num_clips": 1}
-
-
-def _convert_setting(name: str, value: Any) -> Any:
-  if name not in _SETTING_TYPES:
-    raise ValueError(f"unknown setting {name!r}; known: {list(SETTINGS)}")
-  kind = _SETTING_TYPES[name]
-  if kind is int and isinstance(value, float) and not value.is_integer():
-    raise ValueError(f"{name}={value!r} is not an integer")
-  try:
-    return kind(value)
-  except (TypeError, ValueError, OverflowError) as error:  # int(inf) overflows.
-    raise ValueError(f"{name}={value!r} is not a {kind.__name__}") from error
-
-
-def _finite(value: float) -> bool:
-  return math.isfinite(value)
-
-
-# setting -> (whether a value is allowed, what is allowed); steps' upper bound is the config's.
-_RANGES = {
-    "guidance_scale": (_finite, "a finite number"),
-    "guidance_rescale": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),  # NaN fails too.
-    "eta": (lambda v: _finite(v) and v >= 0.0, "a finite number >= 0 (0 = deterministic DDIM)"),
-    "tau": (lambda v: v >= 0, ">= 0 (sampler steps that see the last frame)"),
-    "steps": (lambda v: v >= 1, ">= 1"),
-    "num_clips": (lambda v: v >= 1, ">= 1"),
-    "sampler": (lambda v: v in samplers.SAMPLERS, f"one of {sorted(samplers.SAMPLERS)}"),
-    "timestep_spacing": (lambda v: v in samplers.TIMESTEP_SPACINGS,
-                         f"one of {list(samplers.TIMESTEP_SPACINGS)}"),
-}
-
-
-def check_settings(settings: Mapping[str, Any], num_train_timesteps: int | None = None) -> None:
-  """Raises a one-line ValueError for a setting out of range: a non-finite guidance scale or
-  eta, a rescale outside [0, 1], eta or tau < 0, steps < 1 or > num_train_timesteps, an
-  unknown sampler or spacing, num_clips < 1.
-
-  Settings that are absent or None are not checked, nor the upper bound of steps without
-  `num_train_timesteps`: the CLI checks its flags this way before reading a checkpoint.
-  """
-  for name, value in settings.items():
-    if value is None or name not in _RANGES:
-      continue
-    allowed, description = _RANGES[name]
-    value = _convert_setting(name, value)
-    if name == "steps" and num_train_timesteps is not None:
-      allowed = lambda v: 1 <= v <= num_train_timesteps
-      description = f"in [1, {num_train_timesteps}] (the model's training timesteps)"
-    if not allowed(value):
-      raise ValueError(f"{name}={value!r} must be {description}")
-
-
 def resolve_settings(config: ml_collections.ConfigDict, prompt: str | Sequence[str] | None,
                      given: Mapping[str, Any]) -> dict[str, Any]:
   """Every setting: the given ones (None: not given), else config.sample's; checked."""
-  given = {name: _convert_setting(name, value) for name, value in given.items()
+  given = {name: settings_lib.convert_setting(name, value) for name, value in given.items()
            if value is not None}
   if prompt is not None and not isinstance(prompt, str):
     given.setdefault("num_clips", len(prompt))  # One prompt per clip.
-  settings = {**default_settings(config), **given}
-  check_settings(settings, config.diffusion.num_train_timesteps)
+  settings = {**settings_lib.default_settings(config), **given}
+  settings_lib.check_settings(settings, config.diffusion.num_train_timesteps)
   return settings
 
 
@@ -166,7 +98,7 @@ def make_request(pipeline: Pipeline, *, prompt: str | Sequence[str] | None = Non
   Without `first_frame` the first frame (and, without a prompt, the caption) of held-out clip
   `heldout_index` is used; `last_frame="heldout"` takes that clip's last frame.
   `last_frame_edges` turns the last frame into an edge map (the sketch mode). A list of
-  prompts gives one per clip; one prompt serves every clip. `settings`: see SETTINGS.
+  prompts gives one per clip; one prompt serves every clip. `settings`: see settings.SETTINGS.
   """
   settings = resolve_settings(pipeline.config, prompt, settings)
   size = pipeline.config.data.image_size
@@ -196,9 +128,10 @@ def _parse_line(line: str) -> dict[str, Any] | None:
     item = json.loads(line)
   except json.JSONDecodeError as error:
     raise ValueError(f"not JSON ({error})") from error
-  unknown = set(item) - set(INPUTS) - set(SETTINGS) if isinstance(item, dict) else None
+  known = INPUTS + settings_lib.SETTINGS
+  unknown = set(item) - set(known) if isinstance(item, dict) else None
   if unknown is None or unknown:
-    raise ValueError(f"expected an object with keys from {sorted(INPUTS + SETTINGS)}; "
+    raise ValueError(f"expected an object with keys from {sorted(known)}; "
                      f"unknown: {sorted(unknown or [])}")
   return item
 
@@ -243,7 +176,7 @@ def read_prompts_file(pipeline: Pipeline, path: str, resize: bool = True,
                       **defaults: Any) -> list[Request]:
   """Requests from a JSONL file, one JSON object a line (blank lines and # comments skipped).
 
-  Keys: INPUTS and SETTINGS (see `make_request`); `defaults` (e.g. the CLI flags) fill the
+  Keys: INPUTS and settings.SETTINGS (see `make_request`); `defaults` (e.g. the CLI flags) fill the
   settings a line leaves out; without a seed, request k (from 0) gets seed `defaults["seed"] +
   k`. Relative image paths are relative to the file; each request is named by its "name" or
   its index ("0000", "0001", ...). Errors name the line.

@@ -5,8 +5,10 @@ import jax
 # Dense peak FLOP/s per device by `device_kind` substring (bf16 on accelerators; lower-case
 # match, first hit wins). CPUs have no entry: their MFU is not reported.
 PEAK_FLOPS = (
-    ("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("l4", 121e12),
-    ("v6", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12), ("v4", 275e12),
+    ("h200", 989e12), ("h100 pcie", 756e12), ("h100", 989e12), ("a100", 312e12),
+    ("l4", 121e12), ("v6", 918e12), ("v5p", 459e12), ("v5 lite", 197e12), ("v5e", 197e12),
+    # A v5p reports its kind as "TPU v5" (after the v5e names, which also contain it).
+    ("tpu v5", 459e12), ("v4", 275e12),
 )
 
 

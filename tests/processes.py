@@ -1,0 +1,30 @@
+"""Subprocess helpers shared by the tests that run the entry points as users do."""
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def cpu_env(devices: int = 1) -> dict[str, str]:
+  """The environment of a child process on the CPU with `devices` fake devices."""
+  return dict(os.environ, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+
+
+def run_python(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+  """`python ARGS` in the repository root; with `check`, a failure shows the output's tail."""
+  result = subprocess.run([sys.executable, *args], cwd=REPO, env=cpu_env(), capture_output=True,
+                          text=True, timeout=600)
+  if check and result.returncode != 0:
+    raise AssertionError(f"{args} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
+  return result
+
+
+def free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("127.0.0.1", 0))
+    return sock.getsockname()[1]
