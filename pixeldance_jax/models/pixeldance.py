@@ -85,9 +85,7 @@ def abstract_weights(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Par
   materialised and there is no optimiser state (what sampling restores)."""
   boxed = jax.eval_shape(functools.partial(init_boxed_weights, config=config),
                          jax.random.key(0))
-  shardings = sharding.tree_shardings(boxed, mesh, sharding.logical_rules(config))
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      nn.meta.unbox(boxed), shardings)
+  return sharding.abstract_tree(boxed, mesh, sharding.logical_rules(config))
 
 
 def init_weights(config: ml_collections.ConfigDict, mesh: Mesh, rng: Array

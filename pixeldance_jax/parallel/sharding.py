@@ -53,3 +53,11 @@ def tree_shardings(abstract_tree, mesh: Mesh, rules: LogicalRules):
       return NamedSharding(mesh, divisible_spec(spec, leaf.value.shape, mesh))
     return NamedSharding(mesh, PartitionSpec())
   return jax.tree.map(one, abstract_tree, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+
+
+def abstract_tree(boxed_tree, mesh: Mesh, rules: LogicalRules):
+  """A logically boxed abstract tree (`jax.eval_shape` of an init) -> unboxed
+  ShapeDtypeStructs carrying their shardings on `mesh`: what to restore or initialise onto."""
+  shardings = tree_shardings(boxed_tree, mesh, rules)
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      nn.meta.unbox(boxed_tree), shardings)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from jax.sharding import Mesh
 
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import sharding
@@ -74,23 +74,12 @@ def _init_state(rng: Array, config: ml_collections.ConfigDict) -> TrainState:
                     opt_state=opt_state, frozen=frozen)
 
 
-def _abstract_opt_state(config: ml_collections.ConfigDict, mesh: Mesh) -> optax.OptState:
-  """The optimiser state as ShapeDtypeStructs with shardings: its moments are sharded like
-  the params they track (the boxes carry the params' logical axis names)."""
-  init = lambda rng: make_optimizer(config).init(pixeldance.init_boxed_params(rng, config))
-  boxed = jax.eval_shape(init, jax.random.key(0))
-  shardings = sharding.tree_shardings(boxed, mesh, sharding.logical_rules(config))
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      nn.meta.unbox(boxed), shardings)
-
-
 def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainState, Any]:
-  """(ShapeDtypeStruct state with shardings, the shardings tree), nothing materialised: the
-  weights of `pixeldance.abstract_weights` (twice: raw and EMA) plus the optimiser state."""
-  params, frozen = pixeldance.abstract_weights(config, mesh)
-  step = jax.ShapeDtypeStruct((), jnp.int32, sharding=NamedSharding(mesh, PartitionSpec()))
-  abstract = TrainState(step=step, params=params, ema_params=params,
-                        opt_state=_abstract_opt_state(config, mesh), frozen=frozen)
+  """(ShapeDtypeStruct state with shardings, the shardings tree), nothing materialised. The
+  weights are those of `pixeldance.abstract_weights`; the optimiser's moments are sharded like
+  the params they track."""
+  boxed = jax.eval_shape(functools.partial(_init_state, config=config), jax.random.key(0))
+  abstract = sharding.abstract_tree(boxed, mesh, sharding.logical_rules(config))
   return abstract, jax.tree.map(lambda x: x.sharding, abstract)
 
 
