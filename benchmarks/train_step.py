@@ -122,28 +122,13 @@ def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
                                  np.int32)}
 
 
-def jit_step(config: ml_collections.ConfigDict, mesh, shardings):
-  """`step_lib.train_step` jitted as `step_lib.jit_train_step` does, unwrapped to lower it."""
-  rules = sharding.logical_rules(config)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-  def step_in_mesh(state, batch, rng):
-    with nn.logical_axis_rules(rules):
-      return step_lib.train_step(state, batch, rng, config)
-
-  return jax.jit(step_in_mesh, donate_argnums=0,
-                 in_shardings=(shardings, mesh_lib.batch_sharding(mesh), replicated),
-                 out_shardings=(shardings, replicated))
-
-
 def compile_step(config: ml_collections.ConfigDict, mesh):
   """(compiled step, global FLOPs, (trace + lower s, XLA compile s), abstract state)."""
   abstract, shardings = state_lib.abstract_state(config, mesh)
   batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh_lib.batch_sharding(mesh))
            for name, x in common.batch_shapes(config, config.batch_size).items()}
-  with jax.set_mesh(mesh):
-    lowered, lower_s = common.timed(jit_step(config, mesh, shardings).lower, abstract, batch,
-                                    jax.random.key(0))
+  lowered, lower_s = common.timed(step_lib.jit_train_step(config, mesh, shardings).lower,
+                                  abstract, batch, jax.random.key(0))
   compiled, compile_s = common.timed(lowered.compile)
   return compiled, common.xla_flops(lowered), (lower_s, compile_s), abstract
 
@@ -165,11 +150,11 @@ def run_steps(config: ml_collections.ConfigDict, mesh, compiled) -> float:
   """Median seconds of --steps steps of `compiled` after one warm-up, from random weights."""
   state = state_lib.create_train_state(config, mesh, jax.random.key(config.seed))
   batch = mesh_lib.global_batch(synthetic_batch(config), mesh)
-  rng = jax.random.key(1)
+  rng, hyperparameters = jax.random.key(1), state_lib.hyperparameters(config)
   holder = {"state": state}
 
   def one_step():
-    holder["state"], metrics = compiled(holder["state"], batch, rng)
+    holder["state"], metrics = compiled(holder["state"], batch, rng, hyperparameters)
     jax.block_until_ready(metrics["loss"])
 
   one_step()  # Warm-up: first-run allocations, autotuning.

@@ -86,13 +86,12 @@ def convert(config: ml_collections.ConfigDict, model_dir: str, output: str, seed
     raise FileNotFoundError(f"--model_dir={model_dir} is not a directory.")
   mesh = mesh_lib.make_mesh(config.mesh)
   abstract_params, abstract_frozen = pixeldance.abstract_weights(config, mesh)
-  params, frozen = pixeldance.init_weights(config, mesh, jax.random.key(seed))
-  params, frozen = dict(params), dict(frozen)
   converters = {"unet": lambda d: _convert_unet(d, config, seed),
                 "text_encoder": lambda d: _convert_text_encoder(d, config)}
   if config.autoencoder.kind == "kl":
     converters["vae"] = lambda d: _convert_vae(d, config)
-  converted = []
+  # Convert (and check against the config) first; initialise only what the folder lacks.
+  params, frozen, converted = {}, {}, []
   for part, converter in converters.items():
     folder = os.path.join(model_dir, part)
     if not os.path.isdir(folder):
@@ -103,6 +102,9 @@ def convert(config: ml_collections.ConfigDict, model_dir: str, output: str, seed
     else:
       params[part] = _place(converter(folder), abstract_params[part])
     converted.append(part)
+  if set(params) != set(abstract_params) or set(frozen) != set(abstract_frozen):
+    random_params, random_frozen = pixeldance.init_weights(config, mesh, jax.random.key(seed))
+    params, frozen = {**random_params, **params}, {**random_frozen, **frozen}
   if os.path.isdir(os.path.join(model_dir, "tokenizer")):
     _check_tokenizer(os.path.join(model_dir, "tokenizer"), config)
   checkpoints.save_pretrained(output, params, frozen, config)

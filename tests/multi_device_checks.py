@@ -32,8 +32,8 @@ REPLICATION_LIMIT_BYTES = 2**20
 # [embed, heads] attention projections and the [vocab, embed] token table.
 PINNED_PARAMS = {
     "conv": ("unet", "down_blocks_1", "resnets_0", "conv1", "kernel"),
-    "attention": ("unet", "down_blocks_1", "attentions_0", "transformer_blocks_0", "attn1",
-                  "to_q", "kernel"),
+    "attention": ("unet", "mid_block", "attentions_0", "transformer_blocks_0", "attn1", "to_q",
+                  "kernel"),
     "token_embedding": ("text_encoder", "token_embedding", "embedding"),
 }
 
@@ -88,6 +88,9 @@ def _placement(leaf: jax.Array) -> dict[str, list]:
 def _unit_test_config(shape: tuple[int, int, int]) -> ml_collections.ConfigDict:
   config = _with_mesh(unit_test.get_config(), shape)
   config.batch_size = 8  # Divisible by data x fsdp on every mesh tried.
+  # Spatial attention in the mid block only (which always has it, cross-attention and temporal
+  # attention included): each mesh's step compiles in 30% less time.
+  config.unet.attention_levels = (False, False)
   return config
 
 
@@ -106,7 +109,9 @@ def placements(state: state_lib.TrainState) -> dict[str, dict[str, list]]:
   return found
 
 
-MESHES = ((1, 1, 1), (8, 1, 1), (2, 4, 1), (2, 2, 2))
+# The reference, data parallelism alone, and every axis at once (each mesh is one more compile
+# of the step: ~45 s here).
+MESHES = ((1, 1, 1), (8, 1, 1), (2, 2, 2))
 STEPS = 3
 
 

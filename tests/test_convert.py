@@ -108,6 +108,7 @@ def test_sample_from_the_converted_checkpoint(converted):
 def test_train_initialises_from_the_converted_checkpoint(converted, tmp_path):
   config = _config()
   config.init_from = str(converted)
+  config.num_train_steps = 1  # Before the first use: train_and_evaluate reuses the initialiser.
   mesh = mesh_lib.make_mesh(config.mesh)
   abstract, _ = state_lib.abstract_state(config, mesh)
   fresh = state_lib.create_train_state(config, mesh, jax.random.key(0))
@@ -116,7 +117,6 @@ def test_train_initialises_from_the_converted_checkpoint(converted, tmp_path):
                                                     abstract.frozen)
   jax.tree.map(np.testing.assert_array_equal, (state.params, state.ema_params, state.frozen),
                (params, params, frozen))
-  config.num_train_steps = 1
   state = trainer.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 1
 

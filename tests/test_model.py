@@ -1,5 +1,7 @@
 """U-Net and text encoder: shapes, image batches, zero-initialised temporal layers."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,10 +13,14 @@ from pixeldance_jax.models import autoencoder, pixeldance, text_encoder, unet3d
 
 @pytest.fixture(scope="module")
 def setup():
+  """(config, jitted denoise(params, sample, timesteps, context, use_temporal), params)."""
   config = unit_test.get_config()
   model = pixeldance.make_model(config)
   params = jax.jit(model.init)(jax.random.key(0), *pixeldance.dummy_inputs(config))
-  return config, model, params
+  denoise = jax.jit(lambda p, x, t, c, temporal: model.apply(p, x, t, c, temporal,
+                                                             method=model.denoise),
+                    static_argnums=4)
+  return config, denoise, params
 
 
 def _inputs(config, batch=2, frames=None):
@@ -30,33 +36,31 @@ def _inputs(config, batch=2, frames=None):
 
 
 def test_video_and_image_batch_shapes(setup):
-  config, model, params = setup
+  config, denoise, params = setup
   sample, timesteps, context = _inputs(config)
-  denoise = lambda x, temporal: model.apply(params, x, timesteps, context, temporal,
-                                            method=model.denoise)
-  video_out = denoise(sample, True)
+  video_out = denoise(params, sample, timesteps, context, True)
   assert video_out.shape == sample.shape[:-1] + (config.autoencoder.latent_channels,)
-  image_out = denoise(sample[:, :1], False)
+  image_out = denoise(params, sample[:, :1], timesteps, context, False)
   assert image_out.shape == (2, 1) + video_out.shape[2:]
   assert np.isfinite(np.asarray(video_out)).all()
 
 
 def test_temporal_layers_start_as_identity(setup):
   """Zero-initialised temporal outputs: at init the video net equals the per-frame image net."""
-  config, model, params = setup
+  config, denoise, params = setup
   sample, timesteps, context = _inputs(config)
-  video = model.apply(params, sample, timesteps, context, True, method=model.denoise)
-  images = model.apply(params, sample, timesteps, context, False, method=model.denoise)
+  video = denoise(params, sample, timesteps, context, True)
+  images = denoise(params, sample, timesteps, context, False)
   np.testing.assert_allclose(video, images, atol=1e-5)
 
 
 def test_temporal_layers_mix_frames_once_trained(setup):
-  config, model, params = setup
+  config, denoise, params = setup
   perturbed = jax.tree_util.tree_map_with_path(
       lambda path, x: x + 0.1 if "temp_" in jax.tree_util.keystr(path) else x, params)
   sample, timesteps, context = _inputs(config)
   changed = sample.at[:, 0].add(1.0)
-  out = lambda p, x: np.asarray(model.apply(p, x, timesteps, context, True, method=model.denoise))
+  out = lambda p, x: np.asarray(denoise(p, x, timesteps, context, True))
   # Without temporal layers frame 1 ignores frame 0; with trained ones it does not.
   np.testing.assert_allclose(out(params, sample)[:, 1], out(params, changed)[:, 1], atol=1e-5)
   assert np.abs(out(perturbed, sample)[:, 1] - out(perturbed, changed)[:, 1]).max() > 1e-3
@@ -66,7 +70,8 @@ def test_image_batches_create_no_temporal_parameters():
   config = unit_test.get_config()
   spec = unet3d.UNetSpec.from_config(config)
   sample, timesteps, context = _inputs(config, frames=1)
-  params = unet3d.UNet3D(spec).init(jax.random.key(0), sample, timesteps, context, False)
+  params = jax.eval_shape(functools.partial(unet3d.UNet3D(spec).init, use_temporal=False),
+                          jax.random.key(0), sample, timesteps, context)
   names = jax.tree_util.keystr(params)
   assert "temp_convs" not in names and "temp_attentions" not in names
   assert "transformer_in" not in names

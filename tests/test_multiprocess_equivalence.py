@@ -1,10 +1,9 @@
 """Two processes train like one: same losses, same parameters.
 
-tests/multi_process_check.py trains the unit-test model (spatial attention in the mid block
-only) 3 steps on a data 1 x fsdp 2 x tensor 1 mesh, from the same initial state and global
+tests/multi_process_check.py trains the unit-test model (with a one-level U-Net) 3 steps on a data 1 x fsdp 2 x tensor 1 mesh, from the same initial state and global
 batch, as 2 processes of 1 CPU device each (jax.distributed on 127.0.0.1) and as 1 process of 2
-devices. The three processes run at once, compiled at XLA's LLVM optimisation level 0 without
-the CPU fusion emitters: a third of the compile time, and the same code in both runs.
+devices. The three processes run at once, with the suite's fast-compiling XLA flags
+(tests/processes.py), the same in both runs.
 """
 
 import pathlib
@@ -18,19 +17,11 @@ from processes import REPO, free_port as _free_port
 from processes import cpu_env as _env
 
 SCRIPT = str(pathlib.Path(__file__).resolve().parent / "multi_process_check.py")
-FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-                "--xla_cpu_use_fusion_emitters=false")
-
-
-def _fast_env(devices: int) -> dict[str, str]:
-  env = _env(devices)
-  return {**env, "XLA_FLAGS": f"{env['XLA_FLAGS']} {FAST_COMPILE}"}
-
 
 def _run(commands: list[tuple[list[str], int]]) -> None:
   """Runs SCRIPT with each (arguments, CPU devices) at once; fails with the failures' logs."""
   processes = [subprocess.Popen([sys.executable, SCRIPT, *arguments], cwd=REPO,
-                                env=_fast_env(devices), stderr=subprocess.PIPE, text=True)
+                                env=_env(devices), stderr=subprocess.PIPE, text=True)
                for arguments, devices in commands]
   try:
     logs = [process.communicate(timeout=600)[1] for process in processes]

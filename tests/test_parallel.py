@@ -59,7 +59,7 @@ def test_create_train_state_shards_on_a_2x2x2_mesh(eight_devices, name, spec, sh
   assert placement["shard_shape"] == shard_shape, placement
 
 
-MESHES = ["8x1x1", "2x4x1", "2x2x2"]
+MESHES = ["8x1x1", "2x2x2"]
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -95,20 +95,22 @@ def _fixed_batch(config) -> dict[str, np.ndarray]:
                                  dtype=np.int32)}
 
 
-def _one_step(dtype: str):
-  config = unit_test.get_config()
-  config.unet.dtype = dtype
-  mesh = mesh_lib.make_mesh(config.mesh)
-  state = state_lib.create_train_state(config, mesh, jax.random.key(0))
-  _, shardings = state_lib.abstract_state(config, mesh)
-  train_step = step_lib.jit_train_step(config, mesh, shardings)
-  batch = mesh_lib.global_batch(_fixed_batch(config), mesh)
-  return train_step(state, batch, jax.random.key(1))
-
-
 def test_bfloat16_compute_keeps_float32_master_weights():
-  state, metrics = _one_step("bfloat16")
-  _, reference = _one_step("float32")
+  """One step from the same float32 state with the U-Net computing in bfloat16 and float32."""
+  config = unit_test.get_config()
+  mesh = mesh_lib.make_mesh(config.mesh)
+  initial = state_lib.create_train_state(config, mesh, jax.random.key(0))
+  _, shardings = state_lib.abstract_state(config, mesh)
+  batch = mesh_lib.global_batch(_fixed_batch(config), mesh)
+
+  def one_step(dtype: str):
+    changed = config.copy_and_resolve_references()
+    changed.unet.dtype = dtype
+    train_step = step_lib.jit_train_step(changed, mesh, shardings)
+    return train_step(jax.tree.map(jnp.copy, initial), batch, jax.random.key(1))  # Donated.
+
+  state, metrics = one_step("bfloat16")
+  _, reference = one_step("float32")
   trained = (state.params, state.ema_params, state.opt_state)
   dtypes = {str(leaf.dtype) for leaf in jax.tree.leaves(trained) if leaf.ndim}
   assert dtypes == {"float32"}, dtypes

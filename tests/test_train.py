@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 from configs import unit_test
@@ -26,7 +27,7 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
   config = unit_test.get_config()
   config.learning_rate = 3e-3
   config.warmup_steps = 1
-  config.lr_schedule = "constant"
+  config.num_train_steps = 10**6  # The cosine stays at its peak for these 30 steps.
   mesh = mesh_lib.make_mesh(config.mesh)
   state = state_lib.create_train_state(config, mesh, jax.random.key(0))
   _, shardings = state_lib.abstract_state(config, mesh)
@@ -38,6 +39,41 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
     state, metrics = train_step(state.replace(step=state.step * 0), batch, jax.random.key(1))
     losses.append(float(metrics["loss"]))
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3]), losses
+
+
+@pytest.mark.parametrize("schedule,warmup", [("cosine", 10), ("cosine", 0), ("constant", 10)])
+def test_learning_rate_schedule_is_optax_warmup_then_decay(schedule, warmup):
+  config = unit_test.get_config()
+  config.lr_schedule, config.warmup_steps, config.num_train_steps = schedule, warmup, 100
+  config.learning_rate = 2e-3
+  after = (optax.cosine_decay_schedule(2e-3, 100 - warmup) if schedule == "cosine"
+           else optax.constant_schedule(2e-3))
+  expected = optax.join_schedules([optax.linear_schedule(0.0, 2e-3, max(warmup, 1)), after],
+                                  [warmup])
+  steps = np.arange(0, 120)
+  found = jax.jit(jax.vmap(state_lib.learning_rate_schedule(config)))(steps)
+  np.testing.assert_allclose(found, jax.vmap(expected)(steps), rtol=1e-6, atol=2e-3 * 1e-6)
+
+
+def test_optimiser_numbers_do_not_change_the_program():
+  """Learning rate, schedule length, Adam and EMA numbers are traced: one compiled step."""
+  def program(**changes):
+    config = unit_test.get_config()
+    config.update(changes)
+    mesh = mesh_lib.make_mesh(config.mesh)
+    abstract, shardings = state_lib.abstract_state(config, mesh)
+    batch = {"video": jax.ShapeDtypeStruct((config.batch_size, config.data.frames,
+                                            config.data.image_size, config.data.image_size, 3),
+                                           np.uint8),
+             "tokens": jax.ShapeDtypeStruct((config.batch_size, config.text_encoder.max_length),
+                                            np.int32)}
+    lowered = step_lib.jit_train_step(config, mesh, shardings).lower(abstract, batch,
+                                                                   jax.random.key(0))
+    return lowered.as_text(debug_info=False)
+  reference = program()
+  assert program(num_train_steps=123, learning_rate=0.5, warmup_steps=7, ema_decay=0.5,
+                 adam_b2=0.9, weight_decay=0.1, grad_clip_norm=3.0) == reference
+  assert program(lr_schedule="constant") != reference
 
 
 def test_checkpoint_round_trip_is_exact(tmp_path):

@@ -1,13 +1,16 @@
 """Train state, optimiser and sharded initialisation."""
 
+import collections
 import functools
-from typing import Any
+import json
+from typing import Any, Callable, Hashable
 
 import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -29,16 +32,44 @@ class TrainState:
   frozen: Params
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
-  warmup = optax.linear_schedule(0.0, config.learning_rate, max(config.warmup_steps, 1))
-  if config.lr_schedule == "constant":
-    after = optax.constant_schedule(config.learning_rate)
-  elif config.lr_schedule == "cosine":
-    after = optax.cosine_decay_schedule(
-        config.learning_rate, max(config.num_train_steps - config.warmup_steps, 1))
-  else:
+# The optimiser's numbers, passed to the jitted step as traced scalars rather than baked into
+# the program: a run resumed with more steps, or another learning rate, reuses the compiled step
+# (and the persistent compilation cache). Only `lr_schedule` and `ema_warmup` shape the program.
+HYPERPARAMETERS = ("learning_rate", "warmup_steps", "num_train_steps", "weight_decay", "adam_b1",
+                   "adam_b2", "grad_clip_norm", "ema_decay")
+Hyperparameters = dict[str, Array]
+
+
+def hyperparameters(config: ml_collections.ConfigDict) -> Hyperparameters:
+  """The config's optimiser numbers as float32 scalars (the train step's last argument)."""
+  return {name: np.float32(config[name]) for name in HYPERPARAMETERS}
+
+
+def _check_schedule(config: ml_collections.ConfigDict) -> None:
+  if config.lr_schedule not in ("constant", "cosine"):
     raise ValueError(f"config.lr_schedule={config.lr_schedule!r} is not 'constant' or 'cosine'")
-  return optax.join_schedules([warmup, after], [config.warmup_steps])
+
+
+def learning_rate_schedule(config: ml_collections.ConfigDict,
+                           values: Hyperparameters | None = None) -> optax.Schedule:
+  """Linear warmup from 0 over `warmup_steps`, then constant or cosine decay to 0 at
+  `num_train_steps` (optax's `join_schedules` of a linear and a cosine schedule, written with
+  array arithmetic so that its numbers may be traced). `values`: `hyperparameters(config)`,
+  possibly traced; by default the config's own."""
+  _check_schedule(config)
+  values = hyperparameters(config) if values is None else values
+  peak, warmup = values["learning_rate"], values["warmup_steps"]
+  cosine = config.lr_schedule == "cosine"
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warming = peak * jnp.minimum(step, jnp.maximum(warmup, 1.0)) / jnp.maximum(warmup, 1.0)
+    if not cosine:
+      return jnp.where(step < warmup, warming, peak)
+    decay_steps = jnp.maximum(values["num_train_steps"] - warmup, 1.0)
+    progress = jnp.minimum(jnp.maximum(step - warmup, 0.0), decay_steps) / decay_steps
+    return jnp.where(step < warmup, warming, peak * 0.5 * (1.0 + jnp.cos(jnp.pi * progress)))
+  return schedule
 
 
 def trainable_labels(params: Params, config: ml_collections.ConfigDict) -> Params:
@@ -48,22 +79,28 @@ def trainable_labels(params: Params, config: ml_collections.ConfigDict) -> Param
           for name, subtree in params.items()}
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+def make_optimizer(config: ml_collections.ConfigDict, values: Hyperparameters | None = None
+                   ) -> optax.GradientTransformation:
+  """Clipped AdamW on the trainable weights; `values` as in `learning_rate_schedule`."""
+  values = hyperparameters(config) if values is None else values
   adamw = optax.chain(
-      optax.clip_by_global_norm(config.grad_clip_norm),
-      optax.adamw(learning_rate_schedule(config), b1=config.adam_b1, b2=config.adam_b2,
-                  weight_decay=config.weight_decay))
+      optax.clip_by_global_norm(values["grad_clip_norm"]),
+      optax.adamw(learning_rate_schedule(config, values), b1=values["adam_b1"],
+                  b2=values["adam_b2"], weight_decay=values["weight_decay"]))
   return optax.multi_transform(
       {"train": adamw, "frozen": optax.set_to_zero()},
       functools.partial(trainable_labels, config=config))
 
 
-def ema_decay(config: ml_collections.ConfigDict, step: Array) -> Array:
+def ema_decay(config: ml_collections.ConfigDict, step: Array,
+              values: Hyperparameters | None = None) -> Array:
   """EMA decay at `step`, warmed up as min(decay, (1 + t) / (10 + t)) when configured."""
+  decay = jnp.asarray((hyperparameters(config) if values is None else values)["ema_decay"],
+                      jnp.float32)
   if not config.ema_warmup:
-    return jnp.asarray(config.ema_decay, jnp.float32)
+    return decay
   step = step.astype(jnp.float32)
-  return jnp.minimum(config.ema_decay, (1.0 + step) / (10.0 + step))
+  return jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def _init_state(rng: Array, config: ml_collections.ConfigDict) -> TrainState:
@@ -74,11 +111,43 @@ def _init_state(rng: Array, config: ml_collections.ConfigDict) -> TrainState:
                     opt_state=opt_state, frozen=frozen)
 
 
+def config_key(config: ml_collections.ConfigDict) -> str:
+  """A hashable snapshot of every field, to reuse what was traced or compiled for an equal
+  config within a process (equal configs give equal programs)."""
+  return json.dumps(config.to_dict(), sort_keys=True, default=repr)
+
+
+class ProgramCache:
+  """The last few programs (or traces) built in this process, by key: an interactive session
+  or a test that trains twice with one config compiles, or loads from the persistent cache,
+  once."""
+
+  def __init__(self, size: int = 8):
+    self._size, self._entries = size, collections.OrderedDict()
+
+  def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
+    if key in self._entries:
+      self._entries.move_to_end(key)
+    else:
+      self._entries[key] = build()
+      if len(self._entries) > self._size:
+        self._entries.popitem(last=False)
+    return self._entries[key]
+
+
+_BOXED_STATES = ProgramCache()
+_INITIALISERS = ProgramCache()
+
+
 def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainState, Any]:
   """(ShapeDtypeStruct state with shardings, the shardings tree), nothing materialised. The
   weights are those of `pixeldance.abstract_weights`; the optimiser's moments are sharded like
   the params they track."""
-  boxed = jax.eval_shape(functools.partial(_init_state, config=config), jax.random.key(0))
+  # The boxed tree holds logical axis names: the mesh and the rules apply after.
+  key = config_key(ml_collections.ConfigDict(
+      {k: v for k, v in config.items() if k not in ("mesh", "logical_axis_rules")}))
+  boxed = _BOXED_STATES.get(key, lambda: jax.eval_shape(
+      functools.partial(_init_state, config=config), jax.random.key(0)))
   abstract = sharding.abstract_tree(boxed, mesh, sharding.logical_rules(config))
   return abstract, jax.tree.map(lambda x: x.sharding, abstract)
 
@@ -86,9 +155,12 @@ def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Train
 def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, rng: Array
                        ) -> TrainState:
   """Initialises each parameter directly into its shard (never on one device first)."""
-  _, shardings = abstract_state(config, mesh)
-  init = jax.jit(lambda r: nn.meta.unbox(_init_state(r, config)), out_shardings=shardings)
-  return init(rng)
+  def build():
+    _, shardings = abstract_state(config, mesh)
+    frozen_config = config.copy_and_resolve_references()
+    return jax.jit(lambda r: nn.meta.unbox(_init_state(r, frozen_config)),
+                   out_shardings=shardings)
+  return _INITIALISERS.get((config_key(config), mesh), build)(rng)
 
 
 def count_params(params: Params) -> int:

@@ -129,60 +129,114 @@ def loss_and_grads(params, frozen, batch: Batch, rng: Array, config: ml_collecti
   return metrics, jax.tree.map(lambda g: g / count, grads_sum)
 
 
-def _update(state: state_lib.TrainState, grads, config: ml_collections.ConfigDict
-            ) -> state_lib.TrainState:
-  tx = state_lib.make_optimizer(config)
+def _update(state: state_lib.TrainState, grads, config: ml_collections.ConfigDict,
+            hyperparameters: state_lib.Hyperparameters) -> state_lib.TrainState:
+  tx = state_lib.make_optimizer(config, hyperparameters)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  decay = state_lib.ema_decay(config, state.step)
+  decay = state_lib.ema_decay(config, state.step, hyperparameters)
   ema_params = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
   return state.replace(step=state.step + 1, params=params, ema_params=ema_params,
                        opt_state=opt_state)
 
 
 def train_step(state: state_lib.TrainState, batch: Batch, base_rng: Array,
-               config: ml_collections.ConfigDict, use_temporal: bool = True,
-               loss: LossFn = loss_fn) -> tuple[state_lib.TrainState, dict[str, Array]]:
+               hyperparameters: state_lib.Hyperparameters, config: ml_collections.ConfigDict,
+               use_temporal: bool = True, loss: LossFn = loss_fn
+               ) -> tuple[state_lib.TrainState, dict[str, Array]]:
   """One optimiser step. A non-finite loss or gradient leaves the state unchanged.
 
   The step's randomness is `fold_in(base_rng, step)`, so a resumed run replays it exactly.
+  `hyperparameters`: `state.hyperparameters(config)`, traced (learning rate, schedule length,
+  Adam and EMA numbers), so that changing them does not change the program.
   """
   rng = jax.random.fold_in(base_rng, state.step)
   metrics, grads = loss_and_grads(state.params, state.frozen, batch, rng, config, use_temporal,
                                   loss)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  new_state = _update(state, grads, config)
+  new_state = _update(state, grads, config, hyperparameters)
   new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, state)
   metrics.update(grad_norm=grad_norm, finite=finite,
-                 learning_rate=state_lib.learning_rate_schedule(config)(state.step))
+                 learning_rate=state_lib.learning_rate_schedule(config, hyperparameters)(state.step))
   return new_state, metrics
 
 
-class CompiledStep:
-  """A jitted step compiled ahead of time on its first call, under the mesh.
-
-  Compiling explicitly gives the compile time and XLA's FLOP count of the program (per device,
-  as partitioned), which the trainer turns into TFLOP/s and MFU.
-  """
+class _Program:
+  """A jitted step and, once compiled, its executable, compile time and FLOPs per device."""
 
   def __init__(self, jitted, mesh: Mesh):
-    self._jitted, self._mesh = jitted, mesh
+    self.jitted, self.mesh = jitted, mesh
     self.compiled = None
     self.compile_seconds = 0.0
     self.flops_per_device = 0.0
 
-  def __call__(self, *args):
+
+class CompiledStep:
+  """A jitted step, called as `step(state, batch, rng)`, compiled ahead of time on first use.
+
+  It passes the config's optimiser hyperparameters itself (traced: see `train_step`).
+  Compiling explicitly gives the compile time and XLA's FLOP count of the program (per device,
+  as partitioned), which the trainer turns into TFLOP/s and MFU.
+  """
+
+  def __init__(self, program: _Program, hyperparameters: state_lib.Hyperparameters):
+    self._program, self._hyperparameters = program, hyperparameters
+
+  @property
+  def compiled(self):
+    return self._program.compiled
+
+  @property
+  def compile_seconds(self) -> float:
+    return self._program.compile_seconds
+
+  @property
+  def flops_per_device(self) -> float:
+    return self._program.flops_per_device
+
+  def lower(self, state, batch: Batch, rng: Array) -> jax.stages.Lowered:
+    """The lowered program for these (possibly abstract) arguments."""
     # The mesh context lets activation constraints (logical names) resolve while tracing.
-    with jax.set_mesh(self._mesh):
-      if self.compiled is None:
-        start = time.perf_counter()
-        self.compiled = self._jitted.lower(*args).compile()
-        self.compile_seconds = time.perf_counter() - start
-        cost = self.compiled.cost_analysis()
-        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-        self.flops_per_device = float((cost or {}).get("flops", 0.0))
-      return self.compiled(*args)
+    with jax.set_mesh(self._program.mesh):
+      return self._program.jitted.lower(state, batch, rng, self._hyperparameters)
+
+  def __call__(self, state, batch: Batch, rng: Array):
+    program = self._program
+    if program.compiled is None:
+      start = time.perf_counter()
+      program.compiled = self.lower(state, batch, rng).compile()
+      program.compile_seconds = time.perf_counter() - start
+      cost = program.compiled.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      program.flops_per_device = float((cost or {}).get("flops", 0.0))
+    with jax.set_mesh(program.mesh):
+      return program.compiled(state, batch, rng, self._hyperparameters)
+
+
+_PROGRAMS = state_lib.ProgramCache()
+# What the step program may read of the config (anything else fails loudly when traced). The
+# optimiser's numbers are not here: they are the traced `hyperparameters` argument.
+PROGRAM_FIELDS = ("autoencoder", "conditioning", "diffusion", "text_encoder", "unet",
+                  "logical_axis_rules", "lr_schedule", "ema_warmup", "grad_accum_steps",
+                  "data.frames", "data.image_size", "data.cache_latents")
+
+
+def _program_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A copy of `config` with only its `PROGRAM_FIELDS`."""
+  program = ml_collections.ConfigDict()
+  for field in PROGRAM_FIELDS:
+    *parents, name = field.split(".")
+    source, target = config, program
+    for parent in parents:
+      source = source[parent]
+      if parent not in target:
+        target[parent] = ml_collections.ConfigDict()
+      target = target[parent]
+    value = source[name]
+    target[name] = value.copy_and_resolve_references() if isinstance(
+        value, ml_collections.ConfigDict) else value
+  return program
 
 
 def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state_shardings: Any,
@@ -191,17 +245,26 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state_sharding
 
   `use_temporal=False` is the image step of joint training: the same weights, temporal layers
   skipped, batches of single frames. `loss` is `loss_fn`, or `latent_cache.cached_loss_fn` for
-  pre-encoded batches.
+  pre-encoded batches. The program sees only the `PROGRAM_FIELDS` of the config, so that
+  configs differing elsewhere (the optimiser's numbers, logging, data sizes) share one program
+  in a process.
   """
-  step = functools.partial(train_step, config=config, use_temporal=use_temporal, loss=loss)
-  rules = sharding.logical_rules(config)
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  program_config = _program_config(config)
+  leaves, treedef = jax.tree.flatten(state_shardings)
+  key = (state_lib.config_key(program_config), mesh, tuple(leaves), treedef, use_temporal, loss)
 
-  def step_in_mesh(state, batch, rng):
-    with nn.logical_axis_rules(rules):
-      return step(state, batch, rng)
+  def build() -> _Program:
+    step = functools.partial(train_step, config=program_config, use_temporal=use_temporal,
+                             loss=loss)
+    rules = sharding.logical_rules(program_config)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
-  jitted = jax.jit(step_in_mesh, donate_argnums=0,
-                   in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh), replicated),
-                   out_shardings=(state_shardings, replicated))
-  return CompiledStep(jitted, mesh)
+    def step_in_mesh(state, batch, rng, hyperparameters):
+      with nn.logical_axis_rules(rules):
+        return step(state, batch, rng, hyperparameters)
+
+    return _Program(jax.jit(step_in_mesh, donate_argnums=0,
+                            in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh),
+                                          replicated, replicated),
+                            out_shardings=(state_shardings, replicated)), mesh)
+  return CompiledStep(_PROGRAMS.get(key, build), state_lib.hyperparameters(config))
