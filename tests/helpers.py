@@ -15,6 +15,17 @@ from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
 
 
+# A U-Net of one level (no down/upsampling; spatial, temporal and text attention in its mid
+# block), for tests of the machinery around the model (processes, resume, data, the CLI): its
+# train step compiles 2.5x faster than the unit-test U-Net's.
+ONE_LEVEL_UNET = {"unet.block_out_channels": (16,), "unet.attention_levels": (False,)}
+
+
+def one_level_flags() -> list[str]:
+  """`ONE_LEVEL_UNET` as command-line overrides."""
+  return [f"--config.{key}={value}" for key, value in ONE_LEVEL_UNET.items()]
+
+
 def random_params(config: ml_collections.ConfigDict, seed: int = 0) -> Any:
   """Random weights of the model's shapes; nothing is zero, so the zero-initialised temporal
   outputs (and through them every frame) act. Filled in numpy from `jax.eval_shape`: no

@@ -30,10 +30,7 @@ from pixeldance_jax.train import step as step_lib
 # data x fsdp x tensor over 2 devices. With 2 processes of 1 device, fsdp crosses processes: the
 # batch, the parameter shards and their all-gathers, the gradients' reductions.
 MESH = (1, 2, 1)
-# A U-Net of one level (no down/upsampling; spatial, temporal and text attention in the mid
-# block): what is tested here is the processes, and this step compiles 2.5x faster than the
-# unit-test U-Net's, three times per test.
-ONE_LEVEL_UNET = {"unet.block_out_channels": (16,), "unet.attention_levels": (False,)}
+
 STEPS = 3
 
 
@@ -67,7 +64,7 @@ def main(output: str, *distributed: str) -> None:
     address, count, index = distributed
     jax.distributed.initialize(address, int(count), int(index))
   config = unit_test.get_config()
-  config.update_from_flattened_dict(ONE_LEVEL_UNET)
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)  # The processes are tested here.
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = MESH
   mesh = mesh_lib.make_mesh(config.mesh)
   _, shardings = state_lib.abstract_state(config, mesh)

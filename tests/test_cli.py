@@ -15,6 +15,7 @@ from PIL import Image
 from configs import unit_test
 from pixeldance_jax import console, video_io
 
+import helpers
 from processes import run_python as _run
 
 
@@ -22,7 +23,8 @@ from processes import run_python as _run
 def train_run(tmp_path_factory):
   """(workdir, the finished train.py process) of a default unit-test run."""
   path = tmp_path_factory.mktemp("run")
-  return path, _run("train.py", "--config=configs/unit_test.py", f"--workdir={path}")
+  return path, _run("train.py", "--config=configs/unit_test.py", f"--workdir={path}",
+                    *helpers.one_level_flags())
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +152,7 @@ def test_sample_incompatible_checkpoint_is_a_clear_error(workdir, tmp_path):
   shutil.copytree(workdir / "checkpoints", broken / "checkpoints")
   config_path = broken / "checkpoints" / "4" / "config" / "metadata"
   config = json.loads(config_path.read_text())
-  config["unet"]["block_out_channels"] = [24, 32]
+  config["unet"]["block_out_channels"] = [24]
   config_path.write_text(json.dumps(config))
   result = _run("sample.py", f"--workdir={broken}", f"--output={tmp_path}/v.mp4", check=False)
   assert result.returncode != 0 and "Traceback" not in result.stderr

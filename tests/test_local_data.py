@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import helpers
 from configs import unit_test
 from pixeldance_jax.data import conditioning, media, pipeline
 from pixeldance_jax.data.builders.local_videos import LocalVideos
@@ -459,9 +460,10 @@ def test_image_batch_runs_the_unet_with_temporal_layers_off(video_dir: pathlib.P
 
 def test_train_on_a_folder_of_mp4s(video_dir: pathlib.Path, tmp_path: pathlib.Path):
   """What README "Training on your own videos" runs, at the unit-test size: unit_test's 4
-  steps (the same programs as test_cli's and test_train's, compiled once per session)."""
+  steps, with the one-level U-Net of the other machinery tests."""
   from pixeldance_jax.train import trainer  # pylint: disable=g-import-not-at-top
   config = _video_config(video_dir)
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)  # The data path is tested here.
   state = trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert int(state.step) == config.num_train_steps == 4
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from configs import unit_test
 from pixeldance_jax.models import layers, pixeldance, unet3d
 from pixeldance_jax.parallel import mesh as mesh_lib
@@ -48,10 +49,10 @@ def test_replication_check_sees_replicated_convolutions(eight_devices):
 
 
 @pytest.mark.parametrize("name,spec,shard_shape", [
-    ("conv", [None, None, "fsdp", "tensor"], [3, 3, 8, 16]),
-    ("attention", ["fsdp", "tensor"], [16, 16]),
+    ("conv", [None, None, "fsdp", "tensor"], [3, 3, 8, 8]),
+    ("attention", ["fsdp", "tensor"], [8, 8]),
     ("token_embedding", ["tensor", "fsdp"], [24704, 16]),
-    ("adam_mu_conv", [None, None, "fsdp", "tensor"], [3, 3, 8, 16]),
+    ("adam_mu_conv", [None, None, "fsdp", "tensor"], [3, 3, 8, 8]),
 ])
 def test_create_train_state_shards_on_a_2x2x2_mesh(eight_devices, name, spec, shard_shape):
   placement = eight_devices["step"]["placements"][name]
@@ -98,6 +99,7 @@ def _fixed_batch(config) -> dict[str, np.ndarray]:
 def test_bfloat16_compute_keeps_float32_master_weights():
   """One step from the same float32 state with the U-Net computing in bfloat16 and float32."""
   config = unit_test.get_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
   mesh = mesh_lib.make_mesh(config.mesh)
   initial = state_lib.create_train_state(config, mesh, jax.random.key(0))
   _, shardings = state_lib.abstract_state(config, mesh)

@@ -5,6 +5,7 @@ import numpy as np
 import optax
 import pytest
 
+import helpers
 from configs import unit_test
 from pixeldance_jax.data import pipeline
 from pixeldance_jax.parallel import mesh as mesh_lib
@@ -25,6 +26,7 @@ def _assert_trees_equal(a, b):
 
 def test_loss_decreases_on_a_fixed_batch(tmp_path):
   config = unit_test.get_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
   config.learning_rate = 3e-3
   config.warmup_steps = 1
   config.num_train_steps = 10**6  # The cosine stays at its peak for these 30 steps.
@@ -59,6 +61,7 @@ def test_optimiser_numbers_do_not_change_the_program():
   """Learning rate, schedule length, Adam and EMA numbers are traced: one compiled step."""
   def program(**changes):
     config = unit_test.get_config()
+    config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
     config.update(changes)
     mesh = mesh_lib.make_mesh(config.mesh)
     abstract, shardings = state_lib.abstract_state(config, mesh)
@@ -99,6 +102,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config = unit_test.get_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
   config.learning_rate = 1e30  # Adam moves every weight by ~1e30: the next loss is not finite.
   config.warmup_steps = 0
   config.log_every_steps = 1

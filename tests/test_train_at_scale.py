@@ -24,7 +24,7 @@ from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
 
 import processes
-from multi_process_check import ONE_LEVEL_UNET
+from helpers import ONE_LEVEL_UNET, one_level_flags
 from processes import REPO, free_port as _free_port
 
 
@@ -53,7 +53,7 @@ def test_preempted_run_resumes_bitwise_identically(tmp_path):
   workdir = tmp_path / "preempted"
   flags = [f"--config.num_train_steps={steps}", "--config.checkpoint_every_steps=1000",
            "--config.log_every_steps=1",
-           *[f"--config.{key}={value}" for key, value in ONE_LEVEL_UNET.items()]]
+           *one_level_flags()]
   process = subprocess.Popen(_train_command(workdir, *flags), cwd=REPO, env=_env(),
                              stderr=subprocess.PIPE, text=True)
   log = []
@@ -89,7 +89,7 @@ def test_two_processes_train_and_a_different_topology_resumes(tmp_path, caplog):
   and continues."""
   address = f"127.0.0.1:{_free_port()}"
   flags = ["--config.num_train_steps=2", "--config.mesh.data=1", "--config.mesh.fsdp=2",
-           *[f"--config.{key}={value}" for key, value in ONE_LEVEL_UNET.items()],
+           *one_level_flags(),
            f"--coordinator_address={address}", "--num_processes=2"]
   processes = [subprocess.Popen(_train_command(tmp_path, *flags, f"--process_id={index}"),
                                 cwd=REPO, env=_env(1), stderr=subprocess.PIPE, text=True)
@@ -146,6 +146,7 @@ def test_joint_image_training_interleaves_image_steps_and_resumes(tmp_path):
   """Every 2nd step is an image batch (temporal layers off); both iterators are checkpointed;
   the periodic sample lands as a gif."""
   config = unit_test.get_config()
+  config.update_from_flattened_dict(ONE_LEVEL_UNET)
   config.data.image_every_k_steps = 2
   config.data.image_batch_size = 4
   config.log_every_steps = 1  # Rates need two logged steps in one run.
@@ -164,6 +165,7 @@ def test_joint_image_training_interleaves_image_steps_and_resumes(tmp_path):
 def test_gradient_accumulation_averages_the_microbatch_gradients():
   """Two microbatches: the mean of their gradients, each with its own fold of the step rng."""
   config = unit_test.get_config()
+  config.update_from_flattened_dict(ONE_LEVEL_UNET)
   config.batch_size = 4
   mesh = mesh_lib.make_mesh(config.mesh)
   state = state_lib.create_train_state(config, mesh, jax.random.key(0))

@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from configs import unit_test
 from pixeldance_jax.models import convert, unet3d
 
@@ -156,9 +157,16 @@ def test_2d_checkpoint_with_temporal_tensors_is_rejected(torch_3d):
     convert.unet_params_from_2d_torch_state_dict(torch_3d[0], SPEC_3D, jax.random.key(0))
 
 
-def _unit_test_loss(remat_policy: str):
-  """A video loss of the U-Net params on the unit-test config, with dropout on."""
+def _remat_config():
+  """Remat wraps each layer alike at every level: one level (three compiles) is enough."""
   config = unit_test.get_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
+  return config
+
+
+def _unit_test_loss(remat_policy: str):
+  """A video loss of the U-Net params on the unit-test config (one level), with dropout on."""
+  config = _remat_config()
   config.unet.remat_policy = remat_policy
   spec = unet3d.UNetSpec.from_config(config)
   model = unet3d.UNet3D(spec)
@@ -180,7 +188,7 @@ def _unit_test_loss(remat_policy: str):
 def remat_params():
   """Unit-test U-Net params (the same for every policy) with non-zero temporal outputs, so
   that every parameter gets a gradient."""
-  spec = unet3d.UNetSpec.from_config(unit_test.get_config())
+  spec = unet3d.UNetSpec.from_config(_remat_config())
   params = jax.jit(lambda rng: unet3d.init_params(spec, rng))(jax.random.key(0))
   return jax.tree.map(lambda x: x + 0.01, params)
 
