@@ -23,6 +23,16 @@ def cpu_env(devices: int = 1) -> dict[str, str]:
       f"--xla_force_host_platform_device_count={devices}"))
 
 
+def process_group_env(devices: int = 1) -> dict[str, str]:
+  """`cpu_env` for one of several processes joined by `jax.distributed`, without the persistent
+  compilation cache: its key does not tell the processes of a group from one process with as
+  many devices, so a member could load that process's program and skip the cross-process
+  collectives (seen: process 0 finished while process 1 waited in its first step)."""
+  env = cpu_env(devices)
+  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  return env
+
+
 def run_python(*args: str, check: bool = True) -> subprocess.CompletedProcess:
   """`python ARGS` in the repository root; with `check`, a failure shows the output's tail."""
   result = subprocess.run([sys.executable, *args], cwd=REPO, env=cpu_env(), capture_output=True,

@@ -14,14 +14,15 @@ import numpy as np
 import pytest
 
 from processes import REPO, free_port as _free_port
-from processes import cpu_env as _env
+from processes import cpu_env, process_group_env
 
 SCRIPT = str(pathlib.Path(__file__).resolve().parent / "multi_process_check.py")
 
 def _run(commands: list[tuple[list[str], int]]) -> None:
   """Runs SCRIPT with each (arguments, CPU devices) at once; fails with the failures' logs."""
   processes = [subprocess.Popen([sys.executable, SCRIPT, *arguments], cwd=REPO,
-                                env=_env(devices), stderr=subprocess.PIPE, text=True)
+                                env=(process_group_env if len(arguments) > 1 else cpu_env)(
+                                    devices), stderr=subprocess.PIPE, text=True)
                for arguments, devices in commands]
   try:
     logs = [process.communicate(timeout=600)[1] for process in processes]

@@ -25,7 +25,7 @@ from pixeldance_jax.train import step as step_lib
 
 import processes
 from helpers import ONE_LEVEL_UNET, one_level_flags
-from processes import REPO, free_port as _free_port
+from processes import REPO, free_port as _free_port, process_group_env
 
 
 def _train_command(workdir, *flags: str) -> list[str]:
@@ -92,7 +92,8 @@ def test_two_processes_train_and_a_different_topology_resumes(tmp_path, caplog):
            *one_level_flags(),
            f"--coordinator_address={address}", "--num_processes=2"]
   processes = [subprocess.Popen(_train_command(tmp_path, *flags, f"--process_id={index}"),
-                                cwd=REPO, env=_env(1), stderr=subprocess.PIPE, text=True)
+                                cwd=REPO, env=process_group_env(1),
+                                stderr=subprocess.PIPE, text=True)
                for index in range(2)]
   logs = [process.communicate(timeout=600)[1] for process in processes]
   for index, process in enumerate(processes):
