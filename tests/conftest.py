@@ -29,16 +29,3 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # Set once, by the first pyte
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-
-# The files that compile the most, first: with `-n 2 --dist loadfile` a heavy file that starts
-# last leaves the other worker idle at the end.
-_HEAVY_FIRST = ("test_convert.py", "test_parallel.py", "test_train_at_scale.py",
-                "test_multiprocess_equivalence.py", "test_sample.py", "test_cli.py",
-                "test_local_data.py")
-
-
-def pytest_collection_modifyitems(items):
-  def rank(item):
-    name = item.path.name
-    return _HEAVY_FIRST.index(name) if name in _HEAVY_FIRST else len(_HEAVY_FIRST)
-  items.sort(key=rank)  # Stable: each file keeps its own order.
