@@ -108,15 +108,17 @@ def test_sample_from_the_converted_checkpoint(converted):
 def test_train_initialises_from_the_converted_checkpoint(converted, tmp_path):
   config = _config()
   config.init_from = str(converted)
-  config.num_train_steps = 1  # Before the first use: train_and_evaluate reuses the initialiser.
+  config.num_train_steps = 1
   mesh = mesh_lib.make_mesh(config.mesh)
   abstract, _ = state_lib.abstract_state(config, mesh)
-  fresh = state_lib.create_train_state(config, mesh, jax.random.key(0))
-  state = trainer._initialise_from(fresh, abstract, config)  # pylint: disable=protected-access
+  state = trainer._initial_state(config, mesh, abstract, None)  # pylint: disable=protected-access
   params, frozen = checkpoints.restore_pretrained(str(converted), abstract.params,
                                                     abstract.frozen)
   jax.tree.map(np.testing.assert_array_equal, (state.params, state.ema_params, state.frozen),
                (params, params, frozen))
+  jax.tree.map(lambda x, a: (x.shape, x.dtype, x.sharding) == (a.shape, a.dtype, a.sharding)
+               or pytest.fail(f"{x.shape} {x.dtype} is not {a}"), state, abstract)
+  assert not any(np.asarray(leaf).any() for leaf in jax.tree.leaves(state.opt_state))
   state = trainer.train_and_evaluate(config, str(tmp_path))
   assert int(state.step) == 1
 

@@ -163,5 +163,17 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, rng: Array
   return _INITIALISERS.get((config_key(config), mesh), build)(rng)
 
 
+def state_from_weights(config: ml_collections.ConfigDict, mesh: Mesh, params: Params,
+                       frozen: Params) -> TrainState:
+  """A fresh train state around given weights (already on their shardings, e.g. a converted
+  checkpoint's): the model's initialiser is never compiled, only the optimiser's zeros."""
+  _, shardings = abstract_state(config, mesh)
+  init = jax.jit(lambda p: make_optimizer(config).init(p), out_shardings=shardings.opt_state)
+  # The EMA gets its own buffers: the train step donates both trees.
+  return TrainState(step=jax.device_put(np.int32(0), shardings.step), params=params,
+                    ema_params=jax.tree.map(jnp.copy, params), opt_state=init(params),
+                    frozen=frozen)
+
+
 def count_params(params: Params) -> int:
   return sum(x.size for x in jax.tree.leaves(params))

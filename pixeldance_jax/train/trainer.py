@@ -11,7 +11,6 @@ import os
 import time
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
@@ -31,21 +30,22 @@ def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
       json.dump(config.to_dict(), f, indent=2)
 
 
-def _initialise_from(state: state_lib.TrainState, abstract: state_lib.TrainState,
-                     config: ml_collections.ConfigDict) -> state_lib.TrainState:
-  """Pretrained weights from `config.init_from` (a converted checkpoint), if given."""
+def _initial_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
+                   abstract: state_lib.TrainState, rng: jax.Array) -> state_lib.TrainState:
+  """Step 0: the weights of `config.init_from` (a converted checkpoint, which holds every part),
+  or the model's initialiser when none is given."""
   if not config.init_from:
     if config.autoencoder.kind == "kl":  # config_checks.check says so before any work.
       raise ValueError("config.autoencoder.kind='kl' needs pretrained VAE weights: convert a "
                        "diffusers checkpoint with `python -m pixeldance_jax.convert` and pass "
                        "--config.init_from=<its output directory>.")
-    return state
+    logging.info("initialising the model (its initialiser compiles first)")
+    return state_lib.create_train_state(config, mesh, rng)
   params, frozen = checkpoints.restore_pretrained(config.init_from, abstract.params,
                                                   abstract.frozen)
   logging.info("initialised parameters from %s", config.init_from)
-  # AdamW's moments start at zero whatever the weights, so the fresh optimiser state stands.
-  # The EMA gets its own buffers: the train step donates both trees.
-  return state.replace(params=params, ema_params=jax.tree.map(jnp.copy, params), frozen=frozen)
+  # AdamW's moments start at zero whatever the weights.
+  return state_lib.state_from_weights(config, mesh, params, frozen)
 
 
 def _restore_or_initialise(config: ml_collections.ConfigDict, manager: ocp.CheckpointManager,
@@ -55,9 +55,7 @@ def _restore_or_initialise(config: ml_collections.ConfigDict, manager: ocp.Check
   """(state, data iterators): resumed from the newest checkpoint, or fresh."""
   step = manager.latest_step()
   if step is None:
-    logging.info("initialising the model (its initialiser compiles first)")
-    state = state_lib.create_train_state(config, mesh, rng)
-    state = _initialise_from(state, abstract, config)
+    state = _initial_state(config, mesh, abstract, rng)
     return state, iterators.make(config, directory, state)
   for key, old, new in checkpoints.check_resume_config(manager, step, config):
     logging.info("resuming with %s changed: %r -> %r", key, old, new)
