@@ -5,13 +5,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from configs import unit_test
+from pixeldance_jax import checkpoints
 from pixeldance_jax.data import pipeline
 from pixeldance_jax.models import autoencoder as autoencoder_lib
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.train import latent_cache
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
+from pixeldance_jax.train import trainer
 
 
 def _kl_config():
@@ -66,6 +69,25 @@ def test_cached_batch_gives_the_live_loss(kl_cache):
   # The comparison can fail: another draw gives another loss.
   other = float(cached_loss_fn(cached, jax.random.key(4))[0])
   assert abs(other - float(live_loss)) > 1e-4 * float(live_loss)  # 10x the tolerance above.
+
+
+def test_train_from_init_from_steps_the_unet_and_keeps_the_kl_frozen(tmp_path):
+  """train_and_evaluate from a converted-style checkpoint (`init_from`) with a KL autoencoder:
+  it starts from those weights, the step trains the U-Net and leaves the frozen VAE as it was."""
+  config = _kl_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)  # Faster to compile.
+  config.num_train_steps, config.warmup_steps = 1, 0  # A step with a learning rate.
+  params, frozen = _weights(config)
+  pretrained = str(tmp_path / "pretrained")
+  checkpoints.save_pretrained(pretrained, params, frozen, config)
+  config.init_from = pretrained
+  state = trainer.train_and_evaluate(config, str(tmp_path / "run"))
+  assert int(state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, state.frozen, frozen)
+  moved = [float(np.abs(np.asarray(a) - np.asarray(b)).max())
+           for a, b in zip(jax.tree.leaves(state.params["unet"]),
+                           jax.tree.leaves(params["unet"]))]
+  assert max(moved) > 0 and np.isfinite(moved).all()
 
 
 def test_cache_of_other_weights_is_refused(kl_cache):

@@ -267,10 +267,13 @@ def test_check_writable_refuses_a_folder_without_permission(tmp_path):
 
 @pytest.fixture(scope="module")
 def train_state():
-  """A unit-test train state whose EMA and raw params differ."""
+  """A unit-test train state whose EMA and raw params differ (random weights drawn in numpy:
+  no initialiser to compile)."""
   config = unit_test.get_config()
   mesh = mesh_lib.make_mesh(config.mesh)
-  state = state_lib.create_train_state(config, mesh, jax.random.key(0))
+  _, shardings = state_lib.abstract_state(config, mesh)
+  params = jax.device_put(helpers.random_params(config), shardings.params)
+  state = state_lib.state_from_weights(config, mesh, params, {})
   return config, state.replace(ema_params=jax.tree.map(lambda x: x + 1.0, state.params))
 
 
