@@ -88,7 +88,7 @@ def _placement(leaf: jax.Array) -> dict[str, list]:
 
 def _unit_test_config(shape: tuple[int, int, int]) -> ml_collections.ConfigDict:
   config = _with_mesh(unit_test.get_config(), shape)
-  config.batch_size = 8  # Divisible by data x fsdp on every mesh tried.
+  # batch_size 4: divisible by data x fsdp on every mesh tried.
   # One level (chains of 3x3 convolutions, spatial, temporal and text attention in the mid
   # block): each mesh's step compiles 2.5x faster than the unit-test U-Net's.
   config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
@@ -110,9 +110,8 @@ def placements(state: state_lib.TrainState) -> dict[str, dict[str, list]]:
   return found
 
 
-# The reference, data parallelism alone, and every axis at once (each mesh is one more compile
-# of the step).
-MESHES = ((1, 1, 1), (8, 1, 1), (2, 2, 2))
+# The reference and every axis at once (each mesh is one more compile of the step).
+MESHES = ((1, 1, 1), (2, 2, 2))
 STEPS = 3
 
 

@@ -2,6 +2,7 @@
 the console: quiet by default, one-line errors for bad config overrides."""
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ from PIL import Image
 
 from configs import unit_test
 from pixeldance_jax import console, video_io
+from pixeldance_jax.sampling import jobs
 
 import helpers
 from processes import run_python as _run
@@ -62,7 +64,6 @@ def test_train_console_shows_progress_without_library_chatter(train_run):
 def test_log_level_decides_whose_lines_show(level, shown):
   """In-process (the quiet default is checked on a real train.py run above): --log_level=info
   brings the libraries' INFO lines (Orbax's, say) back; the default shows only ours."""
-  import logging  # pylint: disable=import-outside-toplevel
   from absl import logging as absl_logging  # pylint: disable=import-outside-toplevel
   import orbax.checkpoint  # pylint: disable=import-outside-toplevel
   sources = {"ours": console.__file__, "library": orbax.checkpoint.__file__}
@@ -92,15 +93,18 @@ def test_sample_from_heldout_clip(workdir, tmp_path):
   assert record["sampler"] == "dpmpp_2m" and record["mode"] == "magic" and record["tau"] == 2
 
 
-def test_sample_prompts_file_writes_a_folder_per_line(workdir, tmp_path):
+def test_sample_prompts_file_writes_a_folder_per_line(workdir, tmp_path, caplog):
+  """In-process from here on: sample.py passes its flags to `jobs` (the run above is the
+  command's own), and a subprocess per case would pay jax's import each time."""
   Image.fromarray(np.full((16, 16), 90, np.uint8), "L").save(tmp_path / "grey.png")
   lines = [{"prompt": "a red square moves up", "first_frame": "grey.png", "name": "basic"},
            {"heldout_index": 1, "last_frame": "heldout", "last_frame_edges": True, "seed": 9,
             "tau": 1}]
   (tmp_path / "jobs.jsonl").write_text("\n".join(json.dumps(line) for line in lines))
-  result = _run("sample.py", f"--workdir={workdir}", f"--prompts_file={tmp_path}/jobs.jsonl",
-                f"--output_dir={tmp_path}/out", "--batch_size=2", "--upscale=1")
-  assert "batch 1/1 (videos: 2" in result.stderr and "mode L" in result.stderr
+  with caplog.at_level(logging.INFO):
+    jobs.sample_prompts_file(str(workdir), prompts_file=f"{tmp_path}/jobs.jsonl",
+                             output_dir=f"{tmp_path}/out", batch_size=2, upscale=1)
+  assert "batch 1/1 (videos: 2" in caplog.text and "mode L" in caplog.text
   assert sorted(os.listdir(tmp_path / "out")) == ["0001", "basic"]
   for name in ("basic", "0001"):
     folder = tmp_path / "out" / name
@@ -124,26 +128,29 @@ def test_sample_help_documents_every_flag_with_its_default():
 
 
 def test_sample_missing_checkpoint_step_is_a_clear_error(workdir, tmp_path):
+  """As the command prints it: one line, no traceback (the library's errors below are the
+  same ValueError/FileNotFoundError that sample.py prints this way)."""
   result = _run("sample.py", f"--workdir={workdir}", "--checkpoint_step=3",
                 f"--output={tmp_path}/v.mp4", check=False)
   assert result.returncode != 0 and "No checkpoint for step 3" in result.stderr
   assert "Traceback" not in result.stderr
 
 
-def test_sample_resizes_a_wrong_size_first_frame(workdir, tmp_path):
+def test_sample_resizes_a_wrong_size_first_frame(workdir, tmp_path, caplog):
   Image.fromarray(np.full((40, 40, 4), 200, np.uint8), "RGBA").save(tmp_path / "first.png")
-  result = _run("sample.py", f"--workdir={workdir}", f"--first_frame={tmp_path}/first.png",
-                "--prompt=a red square moves quickly up", f"--output={tmp_path}/v.mp4")
-  assert "40x40" in result.stderr and (tmp_path / "v.gif").exists()
-  refused = _run("sample.py", f"--workdir={workdir}", f"--first_frame={tmp_path}/first.png",
-                 "--prompt=x", "--noresize", f"--output={tmp_path}/w.mp4", check=False)
-  assert refused.returncode != 0 and "16x16" in refused.stderr
+  with caplog.at_level(logging.INFO):
+    jobs.sample(str(workdir), output=f"{tmp_path}/v.mp4", first_frame=f"{tmp_path}/first.png",
+                prompt="a red square moves quickly up")
+  assert "40x40" in caplog.text and (tmp_path / "v.gif").exists()
+  with pytest.raises(ValueError, match="16x16"):
+    jobs.sample(str(workdir), output=f"{tmp_path}/w.mp4", first_frame=f"{tmp_path}/first.png",
+                prompt="x", resize=False)
   assert not (tmp_path / "w.mp4").exists()
 
 
 def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
-  result = _run("sample.py", f"--workdir={tmp_path}", f"--output={tmp_path}/v.mp4", check=False)
-  assert result.returncode != 0 and "No checkpoint in" in result.stderr
+  with pytest.raises(FileNotFoundError, match="No checkpoint in"):
+    jobs.sample(str(tmp_path), output=f"{tmp_path}/v.mp4")
 
 
 def test_sample_incompatible_checkpoint_is_a_clear_error(workdir, tmp_path):
@@ -154,9 +161,8 @@ def test_sample_incompatible_checkpoint_is_a_clear_error(workdir, tmp_path):
   config = json.loads(config_path.read_text())
   config["unet"]["block_out_channels"] = [24]
   config_path.write_text(json.dumps(config))
-  result = _run("sample.py", f"--workdir={broken}", f"--output={tmp_path}/v.mp4", check=False)
-  assert result.returncode != 0 and "Traceback" not in result.stderr
-  assert "does not fit the model its own config describes" in result.stderr
+  with pytest.raises(ValueError, match="does not fit the model its own config describes"):
+    jobs.sample(str(broken), output=f"{tmp_path}/v.mp4")
 
 
 def test_misspelled_config_override_is_an_error(tmp_path):
