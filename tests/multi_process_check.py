@@ -1,4 +1,4 @@
-"""A few train steps of the unit-test model, run by tests/test_multiprocess_equivalence.py.
+"""A few train steps of the unit-test model, run by tests/test_train_at_scale.py.
 
   python tests/multi_process_check.py OUTPUT.npz [COORDINATOR_ADDRESS NUM_PROCESSES PROCESS_ID]
 

@@ -23,13 +23,17 @@ def cpu_env(devices: int = 1) -> dict[str, str]:
       f"--xla_force_host_platform_device_count={devices}"))
 
 
-def process_group_env(devices: int = 1) -> dict[str, str]:
-  """`cpu_env` for one of several processes joined by `jax.distributed`, without the persistent
-  compilation cache: its key does not tell the processes of a group from one process with as
-  many devices, so a member could load that process's program and skip the cross-process
-  collectives (seen: process 0 finished while process 1 waited in its first step)."""
+def process_group_env(devices: int = 1, processes: int = 2) -> dict[str, str]:
+  """`cpu_env` for one of `processes` processes joined by `jax.distributed`, with a persistent
+  compilation cache of their own: the cache key does not tell the processes of a group from one
+  process with as many devices, so a member that shared the single-process cache could load
+  that process's program and skip the cross-process collectives (seen: process 0 finished
+  while process 1 waited in its first step). Groups of one shape share programs, as the hosts
+  of a pod share one cache."""
   env = cpu_env(devices)
-  env.pop("JAX_COMPILATION_CACHE_DIR", None)
+  if "JAX_COMPILATION_CACHE_DIR" in env:
+    env["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+        env["JAX_COMPILATION_CACHE_DIR"], f"group_{processes}x{devices}")
   return env
 
 

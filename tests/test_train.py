@@ -82,9 +82,13 @@ def test_optimiser_numbers_do_not_change_the_program():
 def test_checkpoint_round_trip_is_exact(tmp_path):
   config = unit_test.get_config()
   mesh = mesh_lib.make_mesh(config.mesh)
-  state = state_lib.create_train_state(config, mesh, jax.random.key(0))
+  _, shardings = state_lib.abstract_state(config, mesh)
+  # Numpy-drawn weights (no initialiser to compile); EMA and moments made to differ from them.
+  params = jax.device_put(helpers.random_params(config), shardings.params)
+  state = state_lib.state_from_weights(config, mesh, params, {})
   state = state.replace(step=state.step + 7,
-                        ema_params=jax.tree.map(lambda x: x + 1.0, state.ema_params))
+                        ema_params=jax.tree.map(lambda x: x + 1.0, state.ema_params),
+                        opt_state=jax.tree.map(lambda x: x + 2, state.opt_state))
   iterator = iter(pipeline.make_train_loader(config, str(tmp_path / "data")))
   next(iterator)
   manager = checkpoints.make_manager(str(tmp_path), config)
