@@ -7,14 +7,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from configs import unit_test
 from pixeldance_jax.models import autoencoder, pixeldance, text_encoder, unet3d
 
 
 @pytest.fixture(scope="module")
 def setup():
-  """(config, jitted denoise(params, sample, timesteps, context, use_temporal), params)."""
+  """(config, jitted denoise(params, sample, timesteps, context, use_temporal), params) of the
+  unit-test model at one level (every kind of layer, in the mid block; faster to compile)."""
   config = unit_test.get_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
   model = pixeldance.make_model(config)
   params = jax.jit(model.init)(jax.random.key(0), *pixeldance.dummy_inputs(config))
   denoise = jax.jit(lambda p, x, t, c, temporal: model.apply(p, x, t, c, temporal,
@@ -87,9 +90,10 @@ def test_text_encoder_is_causal():
   config = unit_test.get_config()
   encoder = text_encoder.TextEncoder(text_encoder.TextEncoderSpec.from_config(config))
   ids = jnp.arange(16, dtype=jnp.int32)[None] + 100
-  params = encoder.init(jax.random.key(0), ids)
+  params = jax.jit(encoder.init)(jax.random.key(0), ids)
   changed = ids.at[0, 10].set(7)
-  a, b = encoder.apply(params, ids), encoder.apply(params, changed)
+  apply = jax.jit(encoder.apply)
+  a, b = apply(params, ids), apply(params, changed)
   np.testing.assert_allclose(a[:, :10], b[:, :10], atol=1e-6)
   assert np.abs(a[:, 10:] - b[:, 10:]).max() > 1e-4
 
