@@ -36,6 +36,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # Set once, by the first pyte
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# One thread for the torch references (OpenMP): the suite already runs a process per core, and
+# OpenMP threads that spin waiting for a busy core slow both.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 def pytest_collection_finish(session):  # pylint: disable=unused-argument

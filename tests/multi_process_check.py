@@ -2,8 +2,9 @@
 
   python tests/multi_process_check.py OUTPUT.npz [COORDINATOR_ADDRESS NUM_PROCESSES PROCESS_ID]
 
-One process, or one of several joined by `jax.distributed.initialize`; the launcher sets the
-CPU device count of each (XLA_FLAGS). The mesh (`MESH`) spans the devices of all processes.
+One of several processes joined by `jax.distributed.initialize` (the launcher sets the CPU
+device count of each, XLA_FLAGS), or, through `run`, the test's own process on its one device.
+The mesh (`MESH`) spans the devices of all processes.
 Every process builds the same initial state on the host (`helpers.random_params`: no
 initialisation program to compile) and the same global batch, and passes the trainer's
 `mesh_lib.global_batch` the rows its own devices hold, as each process's data loader does.
@@ -59,13 +60,12 @@ def initial_state(config: ml_collections.ConfigDict, shardings: state_lib.TrainS
   return jax.tree.map(place, state, shardings)
 
 
-def main(output: str, *distributed: str) -> None:
-  if distributed:
-    address, count, index = distributed
-    jax.distributed.initialize(address, int(count), int(index))
+def run(mesh_shape: tuple[int, int, int] = MESH) -> dict[str, np.ndarray]:
+  """`STEPS` steps on a mesh of `mesh_shape` over every process's devices: the per-step losses
+  and the trained params (gathered from every process), flat, with the topology."""
   config = unit_test.get_config()
   config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)  # The processes are tested here.
-  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = MESH
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh_shape
   mesh = mesh_lib.make_mesh(config.mesh)
   _, shardings = state_lib.abstract_state(config, mesh)
   state = initial_state(config, shardings)
@@ -76,11 +76,19 @@ def main(output: str, *distributed: str) -> None:
     state, metrics = train_step(state, batch, jax.random.key(1))
     losses.append(float(metrics["loss"]))  # Replicated: readable in every process.
   params = multihost_utils.process_allgather(state.params, tiled=True)
+  return {"losses": np.asarray(losses), "processes": np.asarray(jax.process_count()),
+          "devices": np.asarray(jax.device_count()),
+          **{f"params{jax.tree_util.keystr(path)}": np.asarray(leaf)
+             for path, leaf in jax.tree_util.tree_leaves_with_path(params)}}
+
+
+def main(output: str, *distributed: str) -> None:
+  if distributed:
+    address, count, index = distributed
+    jax.distributed.initialize(address, int(count), int(index))
+  found = run()
   if jax.process_index() == 0:
-    flat = {jax.tree_util.keystr(path): np.asarray(leaf)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
-    np.savez(output, losses=np.asarray(losses), processes=jax.process_count(),
-             devices=jax.device_count(), **{f"params{key}": value for key, value in flat.items()})
+    np.savez(output, **found)
 
 
 if __name__ == "__main__":
