@@ -48,3 +48,30 @@ def pytest_collection_finish(session):  # pylint: disable=unused-argument
   gc.collect()
   gc.freeze()
   gc.set_threshold(50_000, 20, 100)
+
+
+def pytest_sessionstart(session):  # pylint: disable=unused-argument
+  """The first xdist worker compiles the suite's most used programs first: the one-level
+  unit-test train step and initialiser (`helpers.ONE_LEVEL_UNET`), which ~8 tests and
+  subprocesses run. Written to the persistent cache early, they are loaded by those instead of
+  compiled again by each that would otherwise need them before anyone had written them."""
+  if os.environ.get("PYTEST_XDIST_WORKER") != "gw0":  # Not the controller, nor a serial run.
+    return
+  import jax  # pylint: disable=import-outside-toplevel
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import helpers  # pylint: disable=import-outside-toplevel
+  from configs import unit_test  # pylint: disable=import-outside-toplevel
+  from pixeldance_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from pixeldance_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  from pixeldance_jax.train import step as step_lib  # pylint: disable=import-outside-toplevel
+  config = unit_test.get_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _, shardings = state_lib.abstract_state(config, mesh)
+  state = state_lib.create_train_state(config, mesh, jax.random.key(config.seed))
+  size, frames, batch_size = config.data.image_size, config.data.frames, config.batch_size
+  batch = {"video": np.zeros((batch_size, frames, size, size, 3), np.uint8),
+           "tokens": np.zeros((batch_size, config.text_encoder.max_length), np.int32)}
+  # One step, as the trainer calls it (its arguments' shardings are part of the program).
+  step_lib.jit_train_step(config, mesh, shardings)(state, mesh_lib.global_batch(batch, mesh),
+                                                   jax.random.key(0))
