@@ -58,7 +58,6 @@ def pytest_sessionstart(session):  # pylint: disable=unused-argument
   if os.environ.get("PYTEST_XDIST_WORKER") != "gw0":  # Not the controller, nor a serial run.
     return
   import jax  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   import helpers  # pylint: disable=import-outside-toplevel
   from configs import unit_test  # pylint: disable=import-outside-toplevel
   from pixeldance_jax.parallel import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
@@ -69,9 +68,6 @@ def pytest_sessionstart(session):  # pylint: disable=unused-argument
   mesh = mesh_lib.make_mesh(config.mesh)
   _, shardings = state_lib.abstract_state(config, mesh)
   state = state_lib.create_train_state(config, mesh, jax.random.key(config.seed))
-  size, frames, batch_size = config.data.image_size, config.data.frames, config.batch_size
-  batch = {"video": np.zeros((batch_size, frames, size, size, 3), np.uint8),
-           "tokens": np.zeros((batch_size, config.text_encoder.max_length), np.int32)}
+  batch = mesh_lib.global_batch(helpers.synthetic_batch(config), mesh)
   # One step, as the trainer calls it (its arguments' shardings are part of the program).
-  step_lib.jit_train_step(config, mesh, shardings)(state, mesh_lib.global_batch(batch, mesh),
-                                                   jax.random.key(0))
+  step_lib.jit_train_step(config, mesh, shardings)(state, batch, jax.random.key(0))

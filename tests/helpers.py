@@ -26,6 +26,15 @@ def one_level_flags() -> list[str]:
   return [f"--config.{key}={value}" for key, value in ONE_LEVEL_UNET.items()]
 
 
+def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """A fixed global batch in the loader's format (no dataset to generate)."""
+  rng = np.random.default_rng(0)
+  size, frames, text = config.data.image_size, config.data.frames, config.text_encoder
+  return {"video": rng.integers(0, 256, (config.batch_size, frames, size, size, 3), np.uint8),
+          "tokens": rng.integers(0, text.vocab_size, (config.batch_size, text.max_length),
+                                 dtype=np.int32)}
+
+
 def random_params(config: ml_collections.ConfigDict, seed: int = 0) -> Any:
   """Random weights of the model's shapes; nothing is zero, so the zero-initialised temporal
   outputs (and through them every frame) act. Filled in numpy from `jax.eval_shape`: no

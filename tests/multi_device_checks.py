@@ -70,16 +70,6 @@ def paper_replication() -> dict[str, list[str]]:
   return found
 
 
-def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """A fixed batch in the loader's format (no dataset generation needed)."""
-  rng = np.random.default_rng(0)
-  size, frames = config.data.image_size, config.data.frames
-  video = rng.integers(0, 256, (config.batch_size, frames, size, size, 3), dtype=np.uint8)
-  tokens = rng.integers(0, config.text_encoder.vocab_size,
-                        (config.batch_size, config.text_encoder.max_length), dtype=np.int32)
-  return {"video": video, "tokens": tokens}
-
-
 def _placement(leaf: jax.Array) -> dict[str, list]:
   return {"spec": [list(a) if isinstance(a, tuple) else a for a in leaf.sharding.spec],
           "shard_shape": list(leaf.addressable_shards[0].data.shape),
@@ -122,7 +112,7 @@ def train_on_mesh(state: state_lib.TrainState, shape: tuple[int, int, int]
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:math.prod(shape)])
   _, shardings = state_lib.abstract_state(config, mesh)
   train_step = step_lib.jit_train_step(config, mesh, shardings)
-  batch = mesh_lib.global_batch(synthetic_batch(config), mesh)
+  batch = mesh_lib.global_batch(helpers.synthetic_batch(config), mesh)
   state = jax.device_put(state, shardings)
   losses = []
   for _ in range(STEPS):

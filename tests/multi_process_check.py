@@ -38,11 +38,7 @@ STEPS = 3
 def global_batch_rows(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh
                       ) -> dict[str, np.ndarray]:
   """This process's rows `[b / processes, ...]` of one fixed global batch."""
-  rng = np.random.default_rng(0)
-  size, frames, text = config.data.image_size, config.data.frames, config.text_encoder
-  batch = {"video": rng.integers(0, 256, (config.batch_size, frames, size, size, 3), np.uint8),
-           "tokens": rng.integers(0, text.vocab_size, (config.batch_size, text.max_length),
-                                  dtype=np.int32)}
+  batch = helpers.synthetic_batch(config)
   indices = mesh_lib.batch_sharding(mesh).addressable_devices_indices_map((config.batch_size,))
   rows = sorted({index[0].indices(config.batch_size)[:2] for index in indices.values()})
   return {name: np.concatenate([value[start:stop] for start, stop in rows])

@@ -89,15 +89,6 @@ def test_trained_state_does_not_depend_on_the_mesh(eight_devices, mesh):
     assert difference <= atol, f"{part} on mesh {mesh} differ by {difference:.2e} at {where}"
 
 
-def _fixed_batch(config) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(0)
-  size, text = config.data.image_size, config.text_encoder
-  return {"video": rng.integers(0, 256, (config.batch_size, config.data.frames, size, size, 3),
-                                dtype=np.uint8),
-          "tokens": rng.integers(0, text.vocab_size, (config.batch_size, text.max_length),
-                                 dtype=np.int32)}
-
-
 def test_bfloat16_compute_keeps_float32_master_weights():
   """One step from the same float32 state with the U-Net computing in bfloat16 and float32."""
   config = unit_test.get_config()
@@ -105,7 +96,7 @@ def test_bfloat16_compute_keeps_float32_master_weights():
   mesh = mesh_lib.make_mesh(config.mesh)
   initial = state_lib.create_train_state(config, mesh, jax.random.key(0))
   _, shardings = state_lib.abstract_state(config, mesh)
-  batch = mesh_lib.global_batch(_fixed_batch(config), mesh)
+  batch = mesh_lib.global_batch(helpers.synthetic_batch(config), mesh)
 
   def one_step(dtype: str):
     changed = config.copy_and_resolve_references()
