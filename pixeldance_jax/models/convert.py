@@ -1,11 +1,13 @@
 """Conversion of PyTorch (diffusers / transformers) checkpoints to Flax parameter trees.
 
 Generic helpers come first; each model's converter is a self-contained group of functions with
-its own prefix (`vae_` for the KL autoencoder, `clip_` for the CLIP text encoder, `unet_` for
-the 3D U-Net).
+its own prefix (`vae_` for the KL autoencoder, `clip_` for the CLIP text encoder, `clip_model_`
+for the full CLIP of the CLIPSIM metric (with `load_clip`), `unet_` for the 3D U-Net).
 """
 
 import dataclasses
+import json
+import math
 import os
 import pathlib
 import re
@@ -19,6 +21,7 @@ from flax.core import meta as flax_meta
 from safetensors import numpy as safetensors_numpy
 
 from pixeldance_jax.models import autoencoder_kl
+from pixeldance_jax.models import clip
 from pixeldance_jax.models import text_encoder
 from pixeldance_jax.models import unet3d
 
@@ -126,12 +129,14 @@ def convert_tensors(state_dict: Mapping[str, np.ndarray], expected: Mapping[Path
 
 def check_and_build(converted: Mapping[PathTuple, np.ndarray],
                     expected: Mapping[PathTuple, Any], sources: Mapping[PathTuple, str],
-                    what: str, problems: tuple[str, ...] = ()) -> dict[str, Any]:
+                    what: str, problems: tuple[str, ...] = (), limit: int | None = None
+                    ) -> dict[str, Any]:
   """Unflattens `converted` if its names and shapes are exactly `expected`'s.
 
   Otherwise raises one ValueError listing every missing, unexpected and mis-shaped tensor, so a
   bad checkpoint is diagnosed in one run. `sources` names each path's torch tensor; `problems`
-  are further lines found by the caller.
+  are further lines found by the caller. With `limit`, the message counts each kind and lists
+  only its first `limit` (a wrong model's file would list hundreds).
   """
   missing = sorted("/".join(p) for p in expected.keys() - converted.keys())
   unexpected = sorted(sources[p] for p in converted.keys() - expected.keys())
@@ -142,10 +147,15 @@ def check_and_build(converted: Mapping[PathTuple, np.ndarray],
       if tuple(converted[p].shape) != tuple(expected[p].shape))
   if missing or unexpected or mis_shaped or problems:
     lines = [f"{what}: the checkpoint does not match the model."]
-    lines += [f"  {problem}" for problem in problems]
-    lines += [f"  missing (Flax path): {name}" for name in missing]
-    lines += [f"  unexpected (torch name): {name}" for name in unexpected]
-    lines += [f"  shape mismatch: {line}" for line in mis_shaped]
+    if limit is not None:
+      lines[0] += (f" {len(missing)} missing, {len(unexpected)} unexpected, "
+                   f"{len(mis_shaped)} mis-shaped tensors.")
+    for label, names in (("", problems), ("missing (Flax path)", missing),
+                         ("unexpected (torch name)", unexpected), ("shape mismatch", mis_shaped)):
+      shown = names if limit is None else names[:limit]
+      lines += [f"  {label}: {name}" if label else f"  {name}" for name in shown]
+      if len(shown) < len(names):
+        lines.append(f"  ... and {len(names) - len(shown)} more {label or 'problems'}")
     raise ValueError("\n".join(lines))
   return traverse_util.unflatten_dict(dict(converted))
 
@@ -203,6 +213,19 @@ _CLIP_LAYER = re.compile(
 _CLIP_FINAL_NORM = re.compile(r"final_layer_norm\.(weight|bias)")
 
 
+def clip_layer_flax_path(name: str) -> PathTuple | None:
+  """'encoder.layers.3.self_attn.q_proj.weight' -> ('layers_3', 'q_proj', 'kernel').
+
+  transformers' `CLIPEncoder` names, shared by the text and vision towers; None for others.
+  """
+  if match := _CLIP_LAYER.fullmatch(name):
+    index, module, leaf = match[1], match[2].split(".")[-1], match[3]
+    if leaf == "weight":
+      leaf = "scale" if module.startswith("layer_norm") else "kernel"
+    return (f"layers_{index}", module, leaf)
+  return None
+
+
 def clip_flax_path(torch_name: str) -> PathTuple | None:
   """'[text_model.]encoder.layers.3.self_attn.q_proj.weight' -> ('layers_3', 'q_proj', 'kernel').
 
@@ -213,12 +236,7 @@ def clip_flax_path(torch_name: str) -> PathTuple | None:
     return _CLIP_EMBEDDINGS[name]
   if match := _CLIP_FINAL_NORM.fullmatch(name):
     return ("final_layer_norm", "scale" if match[1] == "weight" else "bias")
-  if match := _CLIP_LAYER.fullmatch(name):
-    index, module, leaf = match[1], match[2].split(".")[-1], match[3]
-    if leaf == "weight":
-      leaf = "scale" if module.startswith("layer_norm") else "kernel"
-    return (f"layers_{index}", module, leaf)
-  return None
+  return clip_layer_flax_path(name)
 
 
 def clip_params_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
@@ -263,6 +281,178 @@ def clip_params_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
   if spec.use_penultimate_layer:
     del params[f"layers_{spec.num_layers - 1}"]
   return params
+
+
+# ---------------------------------------------------------------------------------------------
+# Full CLIP (transformers CLIPModel: both towers and projections), for the CLIPSIM metric.
+
+# Buffers that older transformers saved; the models recompute them.
+_CLIP_MODEL_IGNORED = frozenset({"text_model.embeddings.position_ids",
+                                 "vision_model.embeddings.position_ids"})
+_CLIP_VISION_PREFIX = "vision_model."
+_CLIP_VISION_NAMES = {
+    "embeddings.class_embedding": ("class_embedding",),
+    "embeddings.patch_embedding.weight": ("patch_embedding", "kernel"),
+    "embeddings.position_embedding.weight": ("position_embedding",),
+    "pre_layrnorm.weight": ("pre_layrnorm", "scale"),
+    "pre_layrnorm.bias": ("pre_layrnorm", "bias"),
+    "post_layernorm.weight": ("post_layernorm", "scale"),
+    "post_layernorm.bias": ("post_layernorm", "bias"),
+}
+_CLIP_MODEL_NAMES = {
+    "text_projection.weight": ("text_projection", "kernel"),
+    "visual_projection.weight": ("visual_projection", "kernel"),
+    "logit_scale": ("logit_scale",),
+}
+# transformers' CLIPTextConfig / CLIPVisionConfig / CLIPConfig defaults, for fields a config.json
+# leaves out.
+_CLIP_TEXT_DEFAULTS = {
+    "vocab_size": 49408, "hidden_size": 512, "intermediate_size": 2048, "num_hidden_layers": 12,
+    "num_attention_heads": 8, "max_position_embeddings": 77, "hidden_act": "quick_gelu",
+    "layer_norm_eps": 1e-5, "eos_token_id": 49407}
+_CLIP_VISION_DEFAULTS = {
+    "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
+    "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5}
+_CLIP_PROJECTION_DIM = 512
+
+
+def clip_model_flax_path(torch_name: str) -> PathTuple | None:
+  """'vision_model.encoder.layers.0.mlp.fc1.weight' -> ('vision_model', 'layers_0', 'fc1',
+  'kernel'); 'text_model.*' as `clip_flax_path` under 'text_model'. None outside CLIPModel."""
+  if torch_name in _CLIP_MODEL_NAMES:
+    return _CLIP_MODEL_NAMES[torch_name]
+  if torch_name.startswith(_CLIP_PREFIX):
+    path = clip_flax_path(torch_name)
+    return None if path is None else ("text_model", *path)
+  if torch_name.startswith(_CLIP_VISION_PREFIX):
+    name = torch_name.removeprefix(_CLIP_VISION_PREFIX)
+    path = _CLIP_VISION_NAMES.get(name) or clip_layer_flax_path(name)
+    return None if path is None else ("vision_model", *path)
+  return None
+
+
+def clip_model_params_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
+                                            spec: clip.CLIPSpec,
+                                            dtype: Any = np.float32) -> dict[str, Any]:
+  """transformers CLIPModel state dict -> params of `clip.CLIPModel(spec)`.
+
+  Linear weights `[out, in]` become kernels `[in, out]`, the patch conv's OIHW becomes HWIO,
+  LayerNorm weights become scales; `*.position_ids` buffers are skipped.
+
+  Raises:
+    ValueError: counting the missing, unexpected and mis-shaped tensors and naming the first few.
+  """
+  expected = traverse_util.flatten_dict(clip.param_shapes(spec))
+  converted: dict[PathTuple, np.ndarray] = {}
+  sources: dict[PathTuple, str] = {}
+  for torch_name, value in state_dict.items():
+    if torch_name in _CLIP_MODEL_IGNORED:
+      continue
+    path = clip_model_flax_path(torch_name) or ("<not CLIPModel>", torch_name)
+    value = np.asarray(value)
+    if path[-1] == "kernel" and value.ndim == 2:
+      value = value.T
+    elif path[-1] == "kernel" and value.ndim == 4:
+      value = value.transpose(2, 3, 1, 0)
+    converted[path] = value if dtype is None else value.astype(dtype)
+    sources[path] = torch_name
+  return check_and_build(converted, expected, sources, "CLIPModel", limit=5)
+
+
+def _square(value: Any, field: str, where: str) -> int:
+  """An image or patch size: an int, or [n, n] (CLIPVisionConfig allows both)."""
+  if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+    value = value[0]
+  if not isinstance(value, int):
+    raise ValueError(f"{where}: vision_config.{field}={value!r}: only square sizes are supported.")
+  return value
+
+
+def clip_model_spec_from_transformers_config(config: Mapping[str, Any], where: str = "config"
+                                             ) -> clip.CLIPSpec:
+  """A transformers `CLIPConfig` (config.json's dict) -> `clip.CLIPSpec`.
+
+  Fields a file leaves out take transformers' defaults; old files' `text_config_dict` /
+  `vision_config_dict` override `text_config` / `vision_config` as in transformers.
+
+  Raises:
+    ValueError: (naming `where`) for a config that is not a CLIPModel's, or one using what the
+      Flax model does not implement (LayerNorm eps other than 1e-5, other activations, non-RGB
+      or non-square input, several EOS ids).
+  """
+  if config.get("model_type", "clip") != "clip" or "vision_config" not in config:
+    raise ValueError(f"{where}: expected a transformers CLIPModel config (model_type 'clip' with "
+                     f"text_config and vision_config), got model_type "
+                     f"{config.get('model_type')!r} with keys {sorted(config)}.")
+  text = {**_CLIP_TEXT_DEFAULTS, **(config.get("text_config") or {}),
+          **(config.get("text_config_dict") or {})}
+  vision = {**_CLIP_VISION_DEFAULTS, **(config.get("vision_config") or {}),
+            **(config.get("vision_config_dict") or {})}
+  for tower, fields in (("text_config", text), ("vision_config", vision)):
+    if fields["hidden_act"] not in text_encoder.ACTIVATIONS:
+      raise ValueError(f"{where}: {tower}.hidden_act={fields['hidden_act']!r} is not one of "
+                       f"{sorted(text_encoder.ACTIVATIONS)}.")
+    if not math.isclose(fields["layer_norm_eps"], 1e-5):
+      raise ValueError(f"{where}: {tower}.layer_norm_eps={fields['layer_norm_eps']} is not "
+                       "supported (the Flax LayerNorms use CLIP's 1e-5).")
+    if fields["hidden_size"] % fields["num_attention_heads"]:
+      raise ValueError(f"{where}: {tower}.hidden_size={fields['hidden_size']} is not a multiple "
+                       f"of num_attention_heads={fields['num_attention_heads']}.")
+  if vision["num_channels"] != 3:
+    raise ValueError(f"{where}: vision_config.num_channels={vision['num_channels']}; CLIP reads "
+                     "RGB (3).")
+  if not isinstance(text["eos_token_id"], int):
+    raise ValueError(f"{where}: text_config.eos_token_id={text['eos_token_id']!r}: one id "
+                     "expected.")
+  text_spec = text_encoder.TextEncoderSpec(
+      vocab_size=text["vocab_size"], max_length=text["max_position_embeddings"],
+      hidden_size=text["hidden_size"], intermediate_size=text["intermediate_size"],
+      num_layers=text["num_hidden_layers"], num_heads=text["num_attention_heads"],
+      hidden_act=text["hidden_act"])
+  vision_spec = clip.VisionSpec(
+      image_size=_square(vision["image_size"], "image_size", where),
+      patch_size=_square(vision["patch_size"], "patch_size", where),
+      hidden_size=vision["hidden_size"], intermediate_size=vision["intermediate_size"],
+      num_layers=vision["num_hidden_layers"], num_heads=vision["num_attention_heads"],
+      hidden_act=vision["hidden_act"])
+  return clip.CLIPSpec(text=text_spec, vision=vision_spec,
+                       projection_dim=config.get("projection_dim") or _CLIP_PROJECTION_DIM,
+                       eos_token_id=text["eos_token_id"])
+
+
+def load_clip(folder: str | os.PathLike, dtype: Any = np.float32
+              ) -> tuple[clip.CLIPSpec, dict[str, Any]]:
+  """A transformers `CLIPModel` folder -> (its spec, params of `clip.CLIPModel(spec)`).
+
+  Reads `config.json` and `model.safetensors` (or the shards that
+  `model.safetensors.index.json` names) with safetensors' numpy reader: no torch.
+
+  Raises:
+    FileNotFoundError: naming the folder and what it lacks.
+    ValueError: for an unsupported config, or weights that do not match it.
+  """
+  folder = pathlib.Path(folder)
+  expectation = ("a transformers CLIPModel folder (config.json and model.safetensors, as "
+                 "CLIPModel.save_pretrained writes)")
+  if not folder.is_dir():
+    raise FileNotFoundError(f"{folder} is not a directory; expected {expectation}.")
+  config_path = folder / "config.json"
+  if not config_path.is_file():
+    raise FileNotFoundError(f"{folder} has no config.json; expected {expectation}.")
+  spec = clip_model_spec_from_transformers_config(json.loads(config_path.read_text()),
+                                                  str(config_path))
+  index_path = folder / "model.safetensors.index.json"
+  if index_path.is_file():
+    shards = set(json.loads(index_path.read_text())["weight_map"].values())
+    absent = sorted(shard for shard in shards if not (folder / shard).is_file())
+    if absent:
+      raise FileNotFoundError(f"{index_path} names shards that {folder} lacks: {absent}.")
+  try:
+    state_dict = load_safetensors_folder(folder)
+  except FileNotFoundError as error:
+    raise FileNotFoundError(f"{error} Expected {expectation}.") from error
+  return spec, clip_model_params_from_torch_state_dict(state_dict, spec, dtype)
 
 
 # ---------------------------------------------------------------------------------------------

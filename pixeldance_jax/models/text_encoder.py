@@ -7,10 +7,12 @@ U-Net's cross-attention. Causal self-attention, pre-LayerNorm, quick-GELU MLP, a
 `final_layer_norm`, as Stability's SD 2.x (`layer="penultimate"`) and diffusers' `clip_skip=1`
 do. diffusers' SD 2.x `text_encoder` checkpoints already have that last layer removed
 (`num_hidden_layers=23` of OpenCLIP ViT-H's 24): load those with the option off.
+
+`EncoderLayer` also serves CLIP's vision tower (`clip.VisionEncoder`), without the causal mask.
 """
 
 import dataclasses
-from typing import Any
+from typing import Any, Protocol
 
 import flax.linen as nn
 import jax
@@ -64,8 +66,29 @@ class TextEncoderSpec:
                use_penultimate_layer=use_penultimate_layer)
 
 
+class LayerSpec(Protocol):
+  """What an `EncoderLayer` reads: a `TextEncoderSpec`, or `clip.VisionSpec` for the image tower."""
+
+  @property
+  def hidden_size(self) -> int: ...
+
+  @property
+  def intermediate_size(self) -> int: ...
+
+  @property
+  def num_heads(self) -> int: ...
+
+  @property
+  def hidden_act(self) -> str: ...
+
+
 class EncoderLayer(nn.Module):
-  spec: TextEncoderSpec
+  """transformers' `CLIPEncoderLayer`: `[batch, length, hidden]` -> the same shape.
+
+  Causal for the text tower; CLIP's vision tower (`causal=False`) attends between all patches.
+  """
+  spec: LayerSpec
+  causal: bool = True
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
@@ -75,7 +98,7 @@ class EncoderLayer(nn.Module):
     split = lambda t: t.reshape(t.shape[:-1] + (spec.num_heads, head_dim))
     q, k, v = (split(layers.dense(spec.hidden_size, ("embed", "heads"), jnp.float32, name)(h))
                for name in ("q_proj", "k_proj", "v_proj"))
-    attended = jax.nn.dot_product_attention(q, k, v, is_causal=True)
+    attended = jax.nn.dot_product_attention(q, k, v, is_causal=self.causal)
     attended = attended.reshape(attended.shape[:-2] + (spec.hidden_size,))
     x = x + layers.dense(spec.hidden_size, ("heads", "embed"), jnp.float32, "out_proj")(attended)
     h = layers.layer_norm("layer_norm2")(x)
