@@ -147,6 +147,7 @@ def compile_seconds(config: ml_collections.ConfigDict, steps: int) -> float:
   spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
   batch = {"seeds": spec((1,), jnp.int32), "first_frame": spec((1, size, size, 3), jnp.uint8),
            "last_frame": spec((1, size, size, 3), jnp.uint8),
+           "use_first_frame": spec((1,), jnp.float32),
            "token_ids": spec((1, length), jnp.int32),
            "null_token_ids": spec((1, length), jnp.int32),
            "tau": spec((1,), jnp.int32), "guidance_scale": spec((1,), jnp.float32),

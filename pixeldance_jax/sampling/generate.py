@@ -72,7 +72,7 @@ def _check_values(per_example: dict[str, np.ndarray], steps: int,
       settings_lib.check_settings({name: value})
 
 
-def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarray,
+def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarray | None,
              last_frames: np.ndarray | None = None, *, tau: Any = None,
              guidance_scale: Any = None, guidance_rescale: Any = None, steps: int | None = None,
              seed: Any = 0, eta: Any = None, sampler: str | None = None,
@@ -80,7 +80,8 @@ def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarra
   """Samples one clip per prompt.
 
   Args:
-    first_frames: uint8 `[b, H, W, 3]`.
+    first_frames: uint8 `[b, H, W, 3]`, or None for text only (the first-frame condition
+      zeroed, as the text-to-video baseline is trained; also without last frames).
     last_frames: uint8 `[b, H, W, 3]`, or None for the basic mode (text + first frame).
     tau: leading sampler steps that see the last frame (clipped to `steps`); one value or one
       per example. Ignored without last frames. Default config.sample.tau.
@@ -99,6 +100,11 @@ def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarra
   tau = _per_item(sample_config.tau if tau is None else tau, batch, np.int32)
   if (tau < 0).any():
     raise ValueError(f"tau={tau.tolist()} must be >= 0 (sampler steps that see the last frame)")
+  use_first_frame = np.full(batch, first_frames is not None and
+                            config.conditioning.use_first_frame, np.float32)
+  if first_frames is None:
+    size = config.data.image_size
+    first_frames, last_frames = np.zeros((batch, size, size, 3), np.uint8), None
   if last_frames is None or not config.conditioning.use_last_frame:
     if last_frames is not None:
       logging.warning("This model was trained without last frames; ignoring them (tau = 0).")
@@ -109,6 +115,7 @@ def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarra
       "seeds": _per_item(seeds, batch, np.int32),
       "first_frame": np.asarray(first_frames, np.uint8),
       "last_frame": np.asarray(last_frames, np.uint8),
+      "use_first_frame": use_first_frame,
       "token_ids": _tokenize(config, prompts),
       "null_token_ids": _tokenize(config, [""] * batch),
       "tau": np.minimum(tau, steps),

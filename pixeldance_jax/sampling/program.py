@@ -41,22 +41,23 @@ def make_generate_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
   noise_timestep = config.conditioning.noise_timestep if config.sample.condition_noise else 0
   rules = sharding.logical_rules(config)
 
-  def image_conditions(autoencoder, rngs, first_frame, last_frame):
-    """uint8 `[b, H, W, 3]` x 2 -> c_image `[b, F, h, w, c]` with and without the last frame."""
+  def image_conditions(autoencoder, rngs, first_frame, last_frame, use_first_frame):
+    """uint8 `[b, H, W, 3]` x 2 -> c_image `[b, F, h, w, c]` with and without the last frame.
+    `use_first_frame` `[b]` 0 gives that example no first frame (text only, as T2V)."""
     first_rngs, last_rngs = jnp.moveaxis(jax.vmap(jax.random.split)(rngs), 1, 0)
     first = autoencoder.encode(autoencoder_lib.to_pixels(first_frame))
     last = autoencoder.encode(autoencoder_lib.to_pixels(last_frame))
     # The noise training puts on its conditions, one key per example as there.
     first = conditioning.noise_condition(first_rngs, first, alpha_bar, noise_timestep)
     last = conditioning.noise_condition(last_rngs, last, alpha_bar, noise_timestep)
-    if not config.conditioning.use_first_frame:  # The text-to-video baseline never saw one.
-      first = jnp.zeros_like(first)
+    first = first * use_first_frame.astype(first.dtype)[:, None, None, None]
     return (conditioning.image_condition(first, last, frames),
             conditioning.image_condition(first, jnp.zeros_like(last), frames))
 
   @functools.partial(jax.jit, static_argnames=("sampler",))
-  def generate(params, frozen, seeds, clip_index, first_frame, last_frame, token_ids,
-               null_token_ids, schedule, tau, guidance_scale, guidance_rescale, eta, *, sampler):
+  def generate(params, frozen, seeds, clip_index, first_frame, last_frame, use_first_frame,
+               token_ids, null_token_ids, schedule, tau, guidance_scale, guidance_rescale, eta, *,
+               sampler):
     """uint8 first/last `[b, H, W, 3]`, ids `[b, length]`, seeds `[b]` -> `[b, F, H, W, 3]`."""
     trace_counts[sampler] += 1
     variables = {"params": params}
@@ -64,7 +65,7 @@ def make_generate_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh)
     rngs = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), clip_index))(seeds)
     noise_rngs, condition_rngs = jnp.moveaxis(jax.vmap(jax.random.split)(rngs), 1, 0)
     with_last, without_last = image_conditions(autoencoder, condition_rngs, first_frame,
-                                               last_frame)
+                                               last_frame, use_first_frame)
     encode = functools.partial(model.apply, variables, method=pixeldance.PixelDance.encode_text)
     denoise = functools.partial(model.apply, variables, method=pixeldance.PixelDance.denoise)
     latents = samplers.sample(
