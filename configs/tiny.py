@@ -13,7 +13,7 @@ def get_config():
   config.data.frames = 8
   config.data.image_size = 32
   config.data.num_train_clips = 8000
-  config.data.num_test_clips = 64
+  config.data.num_test_clips = 512  # 256 held-out clips for FVD, and 256 more for its floor.
   config.data.second_object_prob = 0.0
   config.data.background_color_prob = 0.0
   config.data.worker_count = 0

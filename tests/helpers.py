@@ -7,9 +7,12 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pixeldance_jax.data import media
+from pixeldance_jax.evaluate import features
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
@@ -62,3 +65,32 @@ def random_pipeline(config: ml_collections.ConfigDict, seed: int = 0
   shardings = jax.tree.map(lambda x: x.sharding, abstract_params)
   params = jax.device_put(random_params(config, seed), shardings)
   return sampling_pipeline.make_pipeline(config, params, {}, mesh, weights="random")
+
+
+def toy_extractor() -> features.Extractor:
+  """A stand-in for the metrics' feature networks, for tests of the machinery around them: the
+  mean colour of each frame through a fixed projection, `[B, T, 5]`."""
+  weights = np.random.default_rng(0).normal(size=(3, 5)).astype(np.float32)
+
+  def apply(variables, videos):
+    return jnp.einsum("btc,cd->btd", videos.astype(jnp.float32).mean((2, 3)) / 255, variables)
+  return features.Extractor(name="toy", dim=5, apply=apply, variables=weights,
+                            description="toy v1")
+
+
+class ClipsInMemory:
+  """A video set (as `evaluate.videos`' sets) of uint8 clips `[N, T, H, W, 3]`, where the clips
+  at `unreadable` indices fail to load."""
+  description = "clips in memory"
+
+  def __init__(self, clips: np.ndarray, unreadable: tuple[int, ...] = ()):
+    self.clips, self.unreadable = clips, unreadable
+    self.clip_shape = clips.shape[1:]
+
+  def __len__(self) -> int:
+    return len(self.clips)
+
+  def load(self, index: int) -> tuple[np.ndarray, None]:
+    if index in self.unreadable:
+      raise media.SkippedInput("unreadable", f"clip {index}")
+    return self.clips[index], None

@@ -24,6 +24,7 @@ from jax.experimental import multihost_utils
 
 import helpers
 from configs import unit_test
+from pixeldance_jax.evaluate import features, suite
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
@@ -56,6 +57,19 @@ def initial_state(config: ml_collections.ConfigDict, shardings: state_lib.TrainS
   return jax.tree.map(place, state, shardings)
 
 
+def feature_statistics(mesh: jax.sharding.Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The evaluation's statistics of 13 clips (one unreadable), each process reading its share
+  and the sums reduced across processes: (mean, covariance, unreadable count)."""
+  clips = np.random.default_rng(1).integers(0, 256, (13, 4, 8, 8, 3), np.uint8)
+  networks = suite.Networks(
+      extractors={"fvd": features.ShardedExtractor(helpers.toy_extractor(), mesh, 4)},
+      encode_captions=None, conditioning=False, notes=[])
+  statistics = suite.measure_loaded_set(helpers.ClipsInMemory(clips, unreadable=(6,)),
+                                        networks, ["fvd"], 4, "clips")
+  mean, covariance = statistics.stats["fvd"].mean_and_covariance()
+  return mean, covariance, np.asarray(statistics.skipped["unreadable"])
+
+
 def run(mesh_shape: tuple[int, int, int] = MESH) -> dict[str, np.ndarray]:
   """`STEPS` steps on a mesh of `mesh_shape` over every process's devices: the per-step losses
   and the trained params (gathered from every process), flat, with the topology."""
@@ -72,7 +86,9 @@ def run(mesh_shape: tuple[int, int, int] = MESH) -> dict[str, np.ndarray]:
     state, metrics = train_step(state, batch, jax.random.key(1))
     losses.append(float(metrics["loss"]))  # Replicated: readable in every process.
   params = multihost_utils.process_allgather(state.params, tiled=True)
+  mean, covariance, skipped = feature_statistics(mesh)
   return {"losses": np.asarray(losses), "processes": np.asarray(jax.process_count()),
+          "feature_mean": mean, "feature_covariance": covariance, "skipped": skipped,
           "devices": np.asarray(jax.device_count()),
           **{f"params{jax.tree_util.keystr(path)}": np.asarray(leaf)
              for path, leaf in jax.tree_util.tree_leaves_with_path(params)}}

@@ -48,6 +48,12 @@ def test_replication_check_sees_replicated_convolutions(eight_devices):
   assert any("['conv1']['kernel']" in leaf for leaf in offenders), offenders[:5]
 
 
+def test_feature_statistics_sharded_over_8_devices_equal_one_device(eight_devices):
+  """The evaluation's feature pass (evaluate.features.ShardedExtractor) on meshes 8x1x1 and
+  2x2x2, a padded last batch included."""
+  assert eight_devices["feature_statistics_relative_error"] < 1e-6
+
+
 @pytest.mark.parametrize("name,spec,shard_shape", [
     ("conv", [None, None, "fsdp", "tensor"], [3, 3, 8, 8]),
     ("attention", ["fsdp", "tensor"], [8, 8]),

@@ -132,6 +132,18 @@ def test_two_processes_give_the_losses_of_one(runs):
   np.testing.assert_allclose(losses, runs["one"]["losses"], rtol=0, atol=1e-5)
 
 
+def test_two_processes_give_the_evaluation_statistics_of_one(runs):
+  """Each process reads its share of the clips; the sums are reduced across the processes."""
+  two, one = runs["two"], runs["one"]
+  assert int(two["skipped"]) == int(one["skipped"]) == 1
+  np.testing.assert_allclose(two["feature_mean"], one["feature_mean"], rtol=1e-6)
+  # float32 features, rounded per device layout; the covariance's cancellation (means ~0.5,
+  # variances ~1e-3) scales that up. A missing or repeated clip moves it by ~10%.
+  covariance = one["feature_covariance"]
+  np.testing.assert_allclose(two["feature_covariance"], covariance, rtol=0,
+                             atol=1e-4 * np.abs(covariance).max())
+
+
 def test_two_processes_give_the_parameters_of_one(runs):
   """Max |difference| of every parameter after the steps.
 

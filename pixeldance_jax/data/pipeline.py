@@ -250,6 +250,15 @@ def make_image_loader(config: ml_collections.ConfigDict, data_dir: str, process_
                      image_batch_size(config), process_index, process_count, seed_offset=1)
 
 
+def test_source(config: ml_collections.ConfigDict, data_dir: str) -> Any:
+  """The held-out (test) split's records, read by index; builds the dataset if needed."""
+  builder = build_dataset(config.data, data_dir)
+  if "test" not in builder.info.splits:
+    raise ValueError(f"Dataset {config.data.name!r} has no test split: set "
+                     "config.data.num_test_clips > 0 and rebuild.")
+  return builder.as_data_source("test")
+
+
 def load_test_clips(config: ml_collections.ConfigDict, data_dir: str,
                     count: int) -> list[dict[str, Any]]:
   """The first `count` held-out clips, in record order, as numpy dicts.
@@ -259,11 +268,7 @@ def load_test_clips(config: ml_collections.ConfigDict, data_dir: str,
   background, direction, speed and index; local videos their key, and the video is the first
   `config.data.frames` frames of the held-out video.
   """
-  builder = build_dataset(config.data, data_dir)
-  if "test" not in builder.info.splits:
-    raise ValueError(f"Dataset {config.data.name!r} has no test split: set "
-                     "config.data.num_test_clips > 0 and rebuild.")
-  source = builder.as_data_source("test")
+  source = test_source(config, data_dir)
   if count > len(source):
     raise ValueError(f"Asked for {count} test clips; the test split has {len(source)}.")
   return [decode_record(source[index], config.data.frames) for index in range(count)]

@@ -1,0 +1,192 @@
+"""The evaluation: I3D's weights and FVD's sensitivity, the sampled variants, the real-data
+cache, folders with bad videos, and results that never overwrite earlier ones.
+
+FVD's own network runs in the first tests only (I3D at 224x224 is the costly part on CPU); the
+machinery around it is tested with a small stand-in feature network.
+"""
+
+import json
+import os
+import pickle
+
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+import helpers
+from configs import unit_test
+from pixeldance_jax import video_io
+from pixeldance_jax.data import moving_shapes
+from pixeldance_jax.data import pipeline as data_pipeline
+from pixeldance_jax.evaluate import features, frechet, suite, videos
+from pixeldance_jax.models import i3d
+from pixeldance_jax.parallel import mesh as mesh_lib
+
+
+def _mesh():
+  return mesh_lib.make_mesh(ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1}))
+
+
+def _moving_shapes(count, frames=8, size=32, seed=0):
+  spec = moving_shapes.MovingShapesSpec(frames=frames, image_size=size, seed=seed)
+  return np.stack([moving_shapes.generate_clip(spec, "test", i)["video"] for i in range(count)])
+
+
+@pytest.fixture(scope="module")
+def i3d_fvd():
+  """FVD of 2 moving-shape clips (8 frames of 32x32) against altered copies of themselves: one
+  I3D call on the 5 sets together (I3D at 224x224 is the costly part on the CPU)."""
+  clips = _moving_shapes(2)
+  rng = np.random.default_rng(0)
+  noisy = [np.clip(clips + rng.normal(0, sigma, clips.shape), 0, 255).astype(np.uint8)
+           for sigma in (8, 32, 96)]
+  shuffled = clips[:, rng.permutation(clips.shape[1])]
+  sets = [clips, *noisy, shuffled]
+  extractor = features.ShardedExtractor(features.i3d_extractor(), _mesh(), 2 * len(sets))
+  logits = extractor(np.concatenate(sets))[:, 0]
+  stats = [frechet.RunningStats(i3d.FEATURE_DIM).update(logits[2 * k:2 * k + 2])
+           for k in range(len(sets))]
+  fvd = lambda k: frechet.frechet_distance_of(stats[0], stats[k])
+  return {"features": logits, "self": fvd(0), "noise": [fvd(1), fvd(2), fvd(3)],
+          "shuffled": fvd(4)}
+
+
+def test_i3d_weights_load_and_give_finite_logits(i3d_fvd):
+  assert i3d_fvd["features"].shape == (10, 400)
+  assert np.isfinite(i3d_fvd["features"]).all()
+  assert i3d_fvd["features"].std() > 0.1  # Not a dead network.
+
+
+def test_fvd_is_zero_for_a_set_with_itself_and_grows_with_noise_and_frame_shuffling(i3d_fvd):
+  assert abs(i3d_fvd["self"]) < 1e-3
+  noise = i3d_fvd["noise"]
+  assert 0 < noise[0] < noise[1] < noise[2], noise
+  assert i3d_fvd["shuffled"] > 1.0, i3d_fvd["shuffled"]  # Same frames, another order.
+
+
+def test_mismatched_i3d_weights_list_what_does_not_match(tmp_path):
+  with open(i3d.weights_path(), "rb") as f:
+    stored = pickle.load(f)
+  del stored["params"]["Mixed_3b"]["Branch_0/Conv3d_0a_1x1"]
+  stored["params"]["Conv3d_1a_7x7"]["Conv_0"]["kernel"] = np.zeros((3, 3, 3, 3, 64))
+  path = tmp_path / "broken.ckpt"
+  with open(path, "wb") as f:
+    pickle.dump(stored, f)
+  with pytest.raises(ValueError, match=r"missing 2 .*Branch_0/Conv3d_0a_1x1.*misshapen 1 "
+                                       r".*Conv3d_1a_7x7"):
+    i3d.load_variables(str(path))
+
+
+def test_frames_resample_to_the_clip_length_of_i3d():
+  clips = jnp.arange(8)[None, :]
+  assert features.resample_frames(clips, 16).tolist() == [[0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5,
+                                                           6, 6, 7, 7]]
+  assert features.resample_frames(jnp.arange(20)[None], 16).tolist() == [list(range(16))]
+
+
+# --- The machinery, with a stand-in feature network --------------------------------------------
+
+class _Counting(features.ShardedExtractor):
+  """Records the size of every batch it is called with."""
+
+  def __init__(self, calls):
+    super().__init__(helpers.toy_extractor(), _mesh(), 2)
+    self.calls = [] if calls is None else calls
+
+  def __call__(self, batch):
+    self.calls.append(len(batch))
+    return super().__call__(batch)
+
+
+def _toy_networks(calls=None, conditioning=True):
+  extractor = _Counting(calls)
+  return suite.Networks(extractors={"fvd": extractor}, encode_captions=None,
+                        conditioning=conditioning, notes=[])
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+  """`evaluate_pipeline` of a random-weight unit-test model, every variant."""
+  config = unit_test.get_config()
+  pipeline = helpers.random_pipeline(config, seed=1)
+  root = tmp_path_factory.mktemp("eval")
+  data_dir = data_pipeline.data_dir(config, str(root))
+  calls = []
+  networks = _toy_networks(calls)
+  results = suite.evaluate_pipeline(
+      pipeline, data_dir, metric_names=("fvd", "conditioning"), num_videos=2,
+      variants=tuple(suite.VARIANTS), global_batch=2, steps=2, networks=networks,
+      cache_dir=str(root / "cache"))
+  calls_first = len(calls)
+  again = suite.evaluate_pipeline(
+      pipeline, data_dir, metric_names=("fvd",), num_videos=2, variants=("basic",),
+      global_batch=2, steps=2, networks=_toy_networks(calls, conditioning=False),
+      cache_dir=str(root / "cache"))
+  return results, again, calls_first, len(calls) - calls_first, root
+
+
+def test_every_variant_is_sampled_and_compared_with_the_real_clips(evaluated):
+  results = evaluated[0]
+  assert list(results["variants"]) == list(suite.VARIANTS)
+  for name, values in results["variants"].items():
+    assert values["videos"] == 2, name
+    assert np.isfinite(values["fvd"]) and values["fvd"] > 0, (name, values)
+    for field in ("last_frame_centroid_px", "first_frame_centroid_px", "failed_fraction"):
+      assert field in values, (name, values)
+  assert results["real"]["videos"] == 2
+  assert np.isfinite(results["floor"]["fvd"])  # Held-out clips 0-1 against clips 2-3.
+  assert json.loads(json.dumps(results)) == results
+  table = suite.markdown_table(results)
+  assert "| text + first + last frame (tau = steps) | 2 |" in table, table
+  assert "the floor" in table
+
+
+def test_real_statistics_are_cached_and_reused(evaluated):
+  _, again, calls_first, calls_again, root = evaluated
+  # First run: real and floor sets (1 batch each) + 4 variants; then only the variant.
+  assert calls_first >= 6 and calls_again == 1, (calls_first, calls_again)
+  assert len(os.listdir(root / "cache")) == 2
+  assert again["variants"]["basic"]["fvd"] > 0
+
+
+def test_results_never_overwrite_earlier_ones(evaluated, tmp_path):
+  results = evaluated[0]
+  first = suite.write_results(results, str(tmp_path / "eval" / "3.json"))
+  second = suite.write_results(results, str(tmp_path / "eval" / "3.json"))
+  assert [os.path.basename(p) for p in first + second] == ["3.json", "3.md", "3-2.json",
+                                                           "3-2.md"]
+  assert suite.scalars(results)["eval/magic/fvd"] == results["variants"]["magic"]["fvd"]
+
+
+def test_folders_with_unreadable_and_short_videos_are_counted_and_skipped(tmp_path):
+  clips = _moving_shapes(5, frames=6, size=16)
+  real, fake = tmp_path / "real", tmp_path / "fake"
+  for index, clip in enumerate(clips[:3]):
+    video_io.write_video(clip, str(real / f"{index}.mp4"), fps=4)
+  video_io.write_video(clips[3][:3], str(real / "short.mp4"), fps=4)
+  (real / "broken.mp4").write_bytes(b"not a video")
+  for index, clip in enumerate(clips[3:]):
+    video_io.write_video(clip, str(fake / f"{index}.mp4"), fps=4)
+  mesh = _mesh()
+  video_set = videos.VideoFolder(str(real), frames=6, size=None)
+  assert video_set.size == 16  # The first readable video's.
+  statistics = suite.measure_loaded_set(
+      video_set, _toy_networks(), ["fvd"], 2, "real", cache_dir=None)
+  assert statistics.count == 3
+  assert dict(statistics.skipped) == {"unreadable": 1, "too_short": 1}
+  with pytest.raises(FileNotFoundError, match="video folder not found"):
+    videos.VideoFolder(str(tmp_path / "absent"), frames=6, size=16)
+  with pytest.raises(ValueError, match="unknown metrics"):
+    suite.load_networks(["fvd", "ssim"], mesh, 2)
+  networks = suite.load_networks(["fid", "clipsim"], mesh, 2)
+  assert [note.split(":")[0] for note in networks.notes] == ["FID skipped", "CLIPSIM skipped"]
+  with pytest.raises(FileNotFoundError):
+    suite.load_networks(["fid"], mesh, 2, fid_weights=str(tmp_path / "absent.pth"))
+
+
+def test_each_process_gets_an_equal_number_of_shares():
+  shares = [list(map(list, videos.shares(7, 4, p, 2))) for p in range(2)]
+  assert shares == [[[0, 1], [4, 5]], [[2, 3], [6]]]
+  assert [list(r) for r in videos.shares(3, 4, 1, 2)] == [[2]]
+  assert [list(r) for r in videos.shares(1, 4, 1, 2)] == [[]]
