@@ -171,4 +171,15 @@ def get_config() -> ml_collections.ConfigDict:
   sample.timestep_spacing = "trailing"
   sample.clip_denoised = False
   sample.condition_noise = True  # Add cond.noise_timestep noise to c_image at inference too.
+
+  # --- Evaluation (python -m pixeldance_jax.evaluate; periodic when eval_every_steps > 0) ------
+  config.eval_every_steps = 0  # Metrics of sampled held-out clips into eval/ and TensorBoard.
+  config.eval = evaluation = ml_collections.ConfigDict()
+  evaluation.metrics = ("fvd",)  # Of fvd, fid, clipsim, conditioning.
+  evaluation.variants = ("magic", "basic")  # Of magic, basic, no_text, text_only.
+  evaluation.num_videos = 256  # Held-out clips, sampled once per variant.
+  evaluation.batch_size = 16  # Videos per global batch (sampling and features).
+  evaluation.fid_weights = ""  # pytorch-fid's Inception .pth; "" skips FID.
+  evaluation.clip_model = ""  # A transformers CLIPModel folder; "" skips CLIPSIM.
+  evaluation.cache_dir = ""  # Real-data statistics; "" = ~/.cache/pixeldance_jax/eval_stats.
   return config

@@ -26,7 +26,15 @@ def train_run(tmp_path_factory):
   """(workdir, the finished train.py process) of a default unit-test run."""
   path = tmp_path_factory.mktemp("run")
   return path, _run("train.py", "--config=configs/unit_test.py", f"--workdir={path}",
-                    *helpers.one_level_flags())
+                    *helpers.one_level_flags(), *_EVAL_FLAGS,
+                    f"--config.eval.cache_dir={tmp_path_factory.mktemp('eval_cache')}")
+
+
+# The periodic evaluation at the last step: two held-out clips, basic mode, the conditioning
+# metrics (FVD's I3D is tested by test_evaluate.py and the evaluation command below).
+_EVAL_FLAGS = ("--config.eval_every_steps=4", "--config.eval.metrics=conditioning",
+               "--config.eval.variants=basic", "--config.eval.num_videos=2",
+               "--config.eval.batch_size=2")
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +46,33 @@ def test_train_writes_checkpoints_logs_and_config(workdir):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
   assert (workdir / "config.json").exists()
   assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
+
+
+def test_train_evaluates_periodically_into_eval_and_tensorboard(train_run):
+  workdir, result = train_run
+  results = json.loads((workdir / "eval" / "4.json").read_text())
+  assert results["step"] == 4 and list(results["variants"]) == ["basic"]
+  assert results["variants"]["basic"]["videos"] == 2
+  assert "last_frame_centroid_px" in results["variants"]["basic"]
+  assert (workdir / "eval" / "4.md").exists()
+  assert "step 4: evaluation in" in result.stderr + result.stdout
+  events = b"".join(path.read_bytes() for path in (workdir / "tensorboard").iterdir())
+  assert b"eval/basic/failed_fraction" in events
+
+
+def test_evaluate_command_writes_fvd_beside_earlier_results(workdir, tmp_path):
+  """`python -m pixeldance_jax.evaluate --workdir`: FVD (I3D) of sampled held-out clips; the
+  training run's eval/4.json stays, this run's goes to eval/4-2.json."""
+  before = (workdir / "eval" / "4.json").read_text()
+  result = _run("-m", "pixeldance_jax.evaluate", f"--workdir={workdir}", "--metrics=fvd,fid",
+                "--variants=text_only", "--num_videos=2", "--batch_size=2", "--steps=2",
+                "--nofloor", f"--cache_dir={tmp_path}")
+  assert "FID skipped: no Inception weights" in result.stdout, result.stdout
+  assert "| text only: no first or last frame | 2 |" in result.stdout, result.stdout
+  assert (workdir / "eval" / "4.json").read_text() == before
+  results = json.loads((workdir / "eval" / "4-2.json").read_text())
+  assert np.isfinite(results["variants"]["text_only"]["fvd"])
+  assert len(os.listdir(tmp_path)) == 1  # The real clips' I3D statistics, cached.
 
 
 # absl's format, which the libraries' lines (Orbax, TFDS, grain) come in: "I1129 15:17:27.288 ...

@@ -14,6 +14,7 @@ import ml_collections
 from pixeldance_jax import console
 from pixeldance_jax.data import pipeline
 from pixeldance_jax.diffusion import losses, samplers, schedules
+from pixeldance_jax.evaluate import suite
 from pixeldance_jax.models import autoencoder, text_encoder, unet3d
 from pixeldance_jax.train import state as state_lib
 
@@ -69,6 +70,21 @@ def _numbers(config: ml_collections.ConfigDict) -> list[str]:
   return errors
 
 
+def _evaluation(config: ml_collections.ConfigDict) -> list[str]:
+  """The periodic evaluation's settings, checked before training rather than at its first run."""
+  if not config.get("eval_every_steps"):
+    return []
+  settings = config.eval
+  try:
+    suite.check_names(suite.names(settings.metrics), suite.names(settings.variants))
+  except ValueError as error:
+    return [f"config.eval: {error}."]
+  if settings.batch_size < 1 or settings.num_videos < 2:
+    return [f"config.eval.batch_size={settings.batch_size} must be >= 1 and "
+            f"config.eval.num_videos={settings.num_videos} >= 2 (a covariance needs 2)."]
+  return []
+
+
 def check(config: ml_collections.ConfigDict, fresh_start: bool = True) -> None:
   """Raises `console.ConfigError`, one line per problem, for a config that cannot train.
 
@@ -83,6 +99,7 @@ def check(config: ml_collections.ConfigDict, fresh_start: bool = True) -> None:
     for validate in _VALIDATORS:
       errors += _call(validate, config)
   errors += _numbers(config)
+  errors += _evaluation(config)
   if fresh_start and config.autoencoder.kind == "kl" and not config.init_from:
     errors.append("config.autoencoder.kind='kl' needs pretrained VAE weights: convert a "
                   "diffusers checkpoint with `python -m pixeldance_jax.convert` and pass "

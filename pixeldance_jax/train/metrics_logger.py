@@ -111,6 +111,16 @@ class MetricsLogger:
       parts.append(f"eta {_eta((self.total_steps - step) / rate)}")
     return "  ".join(parts)
 
+  def log_scalars(self, scalars: dict[str, float], step: int, seconds: float = 0.0) -> None:
+    """Scalars under their own tags (e.g. `eval/magic/fvd`). `seconds` spent producing them is
+    left out of the next training rates."""
+    self.last_time += seconds
+    if self.writer is None:
+      return
+    for tag, value in scalars.items():
+      self.writer.add_scalar(tag, value, step)
+    self.writer.flush()
+
   def log_gif(self, tag: str, gif: bytes, height: int, width: int, step: int) -> None:
     """An animated gif in TensorBoard's images tab."""
     if self.writer is None:

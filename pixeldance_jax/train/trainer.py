@@ -18,6 +18,7 @@ from absl import logging
 from pixeldance_jax import checkpoints
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.train import config_checks, iterators, latent_cache, metrics_logger
+from pixeldance_jax.train import evaluation as evaluation_lib
 from pixeldance_jax.train import preemption as preemption_lib
 from pixeldance_jax.train import preview as preview_lib
 from pixeldance_jax.train import state as state_lib
@@ -127,6 +128,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   logger = metrics_logger.MetricsLogger(workdir, config)
   pending = metrics_logger.PendingMetrics(config.diffusion.num_train_timesteps)
   preview = preview_lib.Preview(config, mesh, directory, workdir)
+  evaluation = evaluation_lib.PeriodicEvaluation(config, mesh, directory, workdir)
   preemption = preemption_lib.Preemption(manager)
   first_step, last_saved = int(state.step) + 1, manager.latest_step()
 
@@ -144,6 +146,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
         _save(manager, step, state, config, data)
         last_saved = step
       preview(state, step, logger)
+      evaluation(state, step, logger)
       if preempted:
         manager.wait_until_finished()
         logging.warning("preempted: saved step %d in %s; rerun the same command to resume.",
