@@ -169,12 +169,13 @@ def test_folders_with_unreadable_and_short_videos_are_counted_and_skipped(tmp_pa
   for index, clip in enumerate(clips[3:]):
     video_io.write_video(clip, str(fake / f"{index}.mp4"), fps=4)
   mesh = _mesh()
-  video_set = videos.VideoFolder(str(real), frames=6, size=None)
-  assert video_set.size == 16  # The first readable video's.
-  statistics = suite.measure_loaded_set(
-      video_set, _toy_networks(), ["fvd"], 2, "real", cache_dir=None)
-  assert statistics.count == 3
-  assert dict(statistics.skipped) == {"unreadable": 1, "too_short": 1}
+  assert videos.VideoFolder(str(real), frames=6, size=None).size == 16  # The first video's.
+  results = suite.compare_folders(str(real), str(fake), metric_names=["fvd"], frames=6,
+                                  size=None, mesh=mesh, global_batch=2, cache_dir=None,
+                                  networks=_toy_networks())
+  assert results["real"] == {"videos": 3, "skipped": {"unreadable": 1, "too_short": 1}}
+  assert results["fake"]["videos"] == 2 and results["fake"]["fvd"] > 0
+  assert "| fake folder vs real folder | 2 |" in suite.markdown_table(results)
   with pytest.raises(FileNotFoundError, match="video folder not found"):
     videos.VideoFolder(str(tmp_path / "absent"), frames=6, size=16)
   with pytest.raises(ValueError, match="unknown metrics"):

@@ -324,23 +324,26 @@ def _compare(real: SetStatistics, fake: SetStatistics) -> dict[str, Any]:
 def compare_folders(real_folder: str, fake_folder: str, *, metric_names: Iterable[str],
                     frames: int, size: int, mesh: jax.sharding.Mesh, global_batch: int = 16,
                     fid_weights: str | None = None, clip_model: str | None = None,
-                    cache_dir: str | None = DEFAULT_CACHE_DIR) -> dict[str, Any]:
-  """FVD / FID between two folders of videos (first `frames` frames, `size` x `size`), and
-  each folder's CLIPSIM where every video has a caption."""
+                    cache_dir: str | None = DEFAULT_CACHE_DIR,
+                    networks: Networks | None = None) -> dict[str, Any]:
+  """FVD / FID between two folders of videos (first `frames` frames, `size` x `size`; default
+  the first real video's shorter side), and each folder's CLIPSIM where every video has a
+  caption. Unreadable and too short videos are skipped and counted."""
   started = time.time()
   metric_names = [m for m in names(metric_names) if m != "conditioning"]
-  networks = load_networks(metric_names, mesh, global_batch, fid_weights, clip_model)
+  if networks is None:
+    networks = load_networks(metric_names, mesh, global_batch, fid_weights, clip_model)
   notes = list(networks.notes)
   feature_metrics = [m for m in metric_names if m in networks.extractors]
   sets = {}
   real_set = videos.VideoFolder(real_folder, frames, size)
   for role, folder, cache in (("real", real_folder, cache_dir), ("fake", fake_folder, None)):
     video_set = real_set if role == "real" else videos.VideoFolder(folder, frames, real_set.size)
-    names = list(feature_metrics)
-    if "clipsim" in names and any(e.caption is None for e in video_set.entries):
-      names.remove("clipsim")
+    set_metrics = list(feature_metrics)
+    if "clipsim" in set_metrics and any(e.caption is None for e in video_set.entries):
+      set_metrics.remove("clipsim")
       notes.append(f"CLIPSIM of {role} skipped: not every video in {folder} has a caption.")
-    sets[role] = measure_loaded_set(video_set, networks, names, global_batch,
+    sets[role] = measure_loaded_set(video_set, networks, set_metrics, global_batch,
                                     f"{role} videos", cache)
   results = {"real_folder": os.path.abspath(real_folder),
              "fake_folder": os.path.abspath(fake_folder), "frames": frames, "size": size,
