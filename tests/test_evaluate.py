@@ -191,3 +191,41 @@ def test_each_process_gets_an_equal_number_of_shares():
   assert shares == [[[0, 1], [4, 5]], [[2, 3], [6]]]
   assert [list(r) for r in videos.shares(3, 4, 1, 2)] == [[2]]
   assert [list(r) for r in videos.shares(1, 4, 1, 2)] == [[]]
+
+
+def test_clipsim_of_a_captioned_folder_is_the_mean_frame_caption_cosine(tmp_path):
+  """CLIPSIM through the whole path (folder, captions, jitted CLIP, averaging) against the CLIP
+  module applied directly; a tiny random transformers CLIPModel with CLIP's vocabulary."""
+  import torch  # pylint: disable=import-outside-toplevel
+  import transformers  # pylint: disable=import-outside-toplevel
+  from pixeldance_jax import tokenizer  # pylint: disable=import-outside-toplevel
+  from pixeldance_jax.models import clip, convert  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  config = transformers.CLIPConfig(
+      text_config=dict(vocab_size=49408, hidden_size=16, intermediate_size=32,
+                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=16,
+                       bos_token_id=49406, eos_token_id=49407, pad_token_id=49407),
+      vision_config=dict(image_size=32, patch_size=8, hidden_size=16, intermediate_size=32,
+                         num_hidden_layers=1, num_attention_heads=2),
+      projection_dim=8)
+  transformers.CLIPModel(config).save_pretrained(tmp_path / "clip")
+  clips = _moving_shapes(3, frames=4, size=16)
+  captions = ["a red square moves left", "a blue circle", "a green triangle moves up"]
+  folder = tmp_path / "videos"
+  for index, clip_frames in enumerate(clips):
+    video_io.write_video(clip_frames, str(folder / f"{index}.mp4"), fps=4)
+    (folder / f"{index}.txt").write_text(captions[index])
+  results = suite.compare_folders(str(folder), str(folder), metric_names=["clipsim"], frames=4,
+                                  size=None, mesh=_mesh(), global_batch=2, cache_dir=None,
+                                  clip_model=str(tmp_path / "clip"))
+  spec, params = convert.load_clip(tmp_path / "clip")
+  model = clip.CLIPModel(spec)
+  decoded = np.stack([videos.VideoFolder(str(folder), 4, 16).load(i)[0] for i in range(3)])
+  pixels = clip.preprocess_frames(decoded.astype(np.float32) / 255, spec.vision.image_size)
+  image = model.apply({"params": params}, pixels.reshape((-1,) + pixels.shape[2:]),
+                      method="encode_image").reshape(3, 4, -1)
+  text = model.apply({"params": params}, tokenizer.tokenize(captions, spec.text.max_length),
+                     method="encode_text")
+  expected = float(np.mean(clip.video_clipsim(image, text)))
+  assert results["real"]["clipsim"] == pytest.approx(expected, abs=1e-5)
+  assert results["fake"]["clipsim"] == pytest.approx(expected, abs=1e-5)

@@ -1,9 +1,9 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
 Set up (config checks, data, mesh, checkpoint manager), restore or initialise (state and data
-iterators), loop (next batch, step, log, checkpoint, preview, preemption), finish (wait for the
-saves). The parts live beside it: `iterators` (data), `metrics_logger` (console and
-TensorBoard), `preview` (samples), `preemption` (SIGTERM).
+iterators), loop (next batch, step, log, checkpoint, preview, evaluation, preemption), finish
+(wait for the saves). The parts live beside it: `iterators` (data), `metrics_logger` (console
+and TensorBoard), `preview` (samples), `evaluation` (metrics), `preemption` (SIGTERM).
 """
 
 import json
