@@ -36,11 +36,11 @@ def _moving_shapes(count, frames=8, size=32, seed=0):
 @pytest.fixture(scope="module")
 def i3d_fvd():
   """FVD of 2 moving-shape clips (8 frames of 32x32) against altered copies of themselves: one
-  I3D call on the 5 sets together (I3D at 224x224 is the costly part on the CPU)."""
+  I3D call on the 4 sets together (I3D at 224x224 is the costly part on the CPU)."""
   clips = _moving_shapes(2)
   rng = np.random.default_rng(0)
   noisy = [np.clip(clips + rng.normal(0, sigma, clips.shape), 0, 255).astype(np.uint8)
-           for sigma in (8, 32, 96)]
+           for sigma in (16, 64)]
   shuffled = clips[:, rng.permutation(clips.shape[1])]
   sets = [clips, *noisy, shuffled]
   extractor = features.ShardedExtractor(features.i3d_extractor(), _mesh(), 2 * len(sets))
@@ -48,12 +48,11 @@ def i3d_fvd():
   stats = [frechet.RunningStats(i3d.FEATURE_DIM).update(logits[2 * k:2 * k + 2])
            for k in range(len(sets))]
   fvd = lambda k: frechet.frechet_distance_of(stats[0], stats[k])
-  return {"features": logits, "self": fvd(0), "noise": [fvd(1), fvd(2), fvd(3)],
-          "shuffled": fvd(4)}
+  return {"features": logits, "self": fvd(0), "noise": [fvd(1), fvd(2)], "shuffled": fvd(3)}
 
 
 def test_i3d_weights_load_and_give_finite_logits(i3d_fvd):
-  assert i3d_fvd["features"].shape == (10, 400)
+  assert i3d_fvd["features"].shape == (8, 400)
   assert np.isfinite(i3d_fvd["features"]).all()
   assert i3d_fvd["features"].std() > 0.1  # Not a dead network.
 
@@ -61,7 +60,7 @@ def test_i3d_weights_load_and_give_finite_logits(i3d_fvd):
 def test_fvd_is_zero_for_a_set_with_itself_and_grows_with_noise_and_frame_shuffling(i3d_fvd):
   assert abs(i3d_fvd["self"]) < 1e-3
   noise = i3d_fvd["noise"]
-  assert 0 < noise[0] < noise[1] < noise[2], noise
+  assert 0 < noise[0] < noise[1], noise
   assert i3d_fvd["shuffled"] > 1.0, i3d_fvd["shuffled"]  # Same frames, another order.
 
 

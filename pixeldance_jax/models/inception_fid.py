@@ -22,7 +22,7 @@ names, so a torch name maps to its path by splitting at the dots:
 import functools
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -273,17 +273,6 @@ def extract_features(variables: Mapping[str, Any], images: Array) -> Array:
   replicated as it chooses) rather than baking ~90 MB of constants into the program.
   """
   return FIDInceptionV3().apply(variables, images)
-
-
-def make_feature_fn(variables: Mapping[str, Any]) -> Callable[[Array], Array]:
-  """`images [n, h, w, 3] in [0, 1] -> [n, 2048]` with `variables` bound; jit-able.
-
-  Jitting it (or a function calling it) makes the weights compile-time constants of that
-  program; to pass them as inputs instead, jit `extract_features`.
-  """
-  def feature_fn(images: Array) -> Array:
-    return extract_features(variables, images)
-  return feature_fn
 
 
 # ---------------------------------------------------------------------------------------------

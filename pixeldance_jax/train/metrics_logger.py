@@ -4,15 +4,34 @@ as a console progress line and TensorBoard scalars (process 0)."""
 import os
 import time
 
+import sys
+
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from tensorboardX import SummaryWriter
-from tensorboardX.proto import summary_pb2
 
 from pixeldance_jax.train import step as step_lib
 from pixeldance_jax.train import throughput
+
+
+def _import_tensorboardx():
+  """tensorboardX imports torch, where it is installed, only to accept torch tensors: 1.2 s of
+  every training start. It is imported with torch hidden (unless torch is already loaded)."""
+  hide = "torch" not in sys.modules
+  if hide:
+    sys.modules["torch"] = None  # `import torch` raises ImportError: tensorboardX goes on.
+  try:
+    import tensorboardX  # pylint: disable=import-outside-toplevel
+    from tensorboardX.proto import summary_pb2  # pylint: disable=import-outside-toplevel
+  finally:
+    if hide:
+      del sys.modules["torch"]
+  return tensorboardX.SummaryWriter, summary_pb2
+
+
+SummaryWriter, summary_pb2 = _import_tensorboardx()
+
 
 
 class PendingMetrics:
