@@ -15,19 +15,18 @@ os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import json  # pylint: disable=g-import-not-at-top,wrong-import-position
-import math
 
 import jax
 import ml_collections
 import numpy as np
 
 import helpers
-from configs import pixeldance, unit_test
+import mesh_steps
+from configs import pixeldance
 from pixeldance_jax.evaluate import features, frechet, videos
 from pixeldance_jax.models import layers
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.train import state as state_lib
-from pixeldance_jax.train import step as step_lib
 
 REPLICATION_LIMIT_BYTES = 2**20
 # Parameters whose placement the test pins down: [*window, conv_in, conv_out] convolutions,
@@ -77,15 +76,6 @@ def _placement(leaf: jax.Array) -> dict[str, list]:
           "shape": list(leaf.shape)}
 
 
-def _unit_test_config(shape: tuple[int, int, int]) -> ml_collections.ConfigDict:
-  config = _with_mesh(unit_test.get_config(), shape)
-  # batch_size 4: divisible by data x fsdp on every mesh tried.
-  # One level (chains of 3x3 convolutions, spatial, temporal and text attention in the mid
-  # block): each mesh's step compiles 2.5x faster than the unit-test U-Net's.
-  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
-  return config
-
-
 def placements(state: state_lib.TrainState) -> dict[str, dict[str, list]]:
   """Where the pinned parameters, and the Adam moment of the conv kernel, live."""
   found = {}
@@ -101,67 +91,22 @@ def placements(state: state_lib.TrainState) -> dict[str, dict[str, list]]:
   return found
 
 
-# The reference and every axis at once (each mesh is one more compile of the step).
-MESHES = ((1, 1, 1), (2, 2, 2))
-STEPS = 3
-
-
-def train_on_mesh(state: state_lib.TrainState, shape: tuple[int, int, int]
-                  ) -> tuple[list[float], float, state_lib.TrainState]:
-  """`STEPS` train steps of the unit-test config with `state` moved onto a mesh of `shape`."""
-  config = _unit_test_config(shape)
-  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:math.prod(shape)])
-  _, shardings = state_lib.abstract_state(config, mesh)
-  train_step = step_lib.jit_train_step(config, mesh, shardings)
-  batch = mesh_lib.global_batch(helpers.synthetic_batch(config), mesh)
-  state = jax.device_put(state, shardings)
-  losses = []
-  for _ in range(STEPS):
-    state, metrics = train_step(state, batch, jax.random.key(1))
-    if not losses:
-      first_grad_norm = float(metrics["grad_norm"])
-    losses.append(float(metrics["loss"]))
-  return losses, first_grad_norm, jax.device_get(state)
-
-
-def _max_difference(tree, reference) -> tuple[float, str]:
-  """Largest absolute difference between two trees of arrays, and where it is."""
-  return max((float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)))),
-               jax.tree_util.keystr(path))
-              for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tree),
-                                      jax.tree.leaves(reference)))
-
-
-def sharded_steps() -> dict:
-  """Initialises on a 2x2x2 mesh, then trains the same state on every mesh in `MESHES`.
-
-  One initialisation for all (compiling it is as slow as compiling a step). Each mesh reports
-  its losses, the first step's gradient norm, and how far its params, EMA and Adam moments end
-  up from those of the one-device run.
-  """
-  config = _unit_test_config((2, 2, 2))
-  state = state_lib.create_train_state(config, mesh_lib.make_mesh(config.mesh),
-                                       jax.random.key(0))
+def sharded_steps(trained_path: str) -> dict:
+  """The state's placement on a 2x2x2 mesh, and `mesh_steps.STEPS` steps on it: losses and
+  first gradient norm here, the trained trees to `trained_path` (the test compares them with
+  one device's, run in its own process)."""
+  state = mesh_steps.initial_state((2, 2, 2))
   found = {"placements": placements(state)}
-  # On the host: the steps donate their state, and it is stepped again on each mesh.
-  state = jax.device_get(state)
-  reference = None
-  for shape in MESHES:
-    losses, grad_norm, trained = train_on_mesh(state, shape)
-    if reference is None:
-      reference = trained
-    found["x".join(map(str, shape))] = {
-        "losses": losses, "grad_norm": grad_norm, "step": int(trained.step),
-        "params": _max_difference(trained.params, reference.params),
-        "ema_params": _max_difference(trained.ema_params, reference.ema_params),
-        "opt_state": _max_difference(trained.opt_state, reference.opt_state)}
+  losses, grad_norm, trained = mesh_steps.train((2, 2, 2), state)
+  np.savez(trained_path, **mesh_steps.flat(trained))
+  found["2x2x2"] = {"losses": losses, "grad_norm": grad_norm, "step": int(trained.step)}
   return found
 
 
 def splash_error() -> float:
   """Max over the outputs and gradients of an attention layer on a 2x2x2 mesh of
   |splash - xla| / max |xla| (gradients of the test's sum-of-sines loss reach ~1e2)."""
-  mesh = mesh_lib.make_mesh(_unit_test_config((2, 2, 2)).mesh)
+  mesh = mesh_lib.make_mesh(mesh_steps.config_on((2, 2, 2)).mesh)
   rng = np.random.default_rng(0)
   x = jax.numpy.asarray(rng.normal(size=(8, 128, 32)), np.float32)
   results = []
@@ -198,14 +143,14 @@ def feature_statistics_error() -> float:
              for other in results[1:] for a, b in zip(results[0], other))
 
 
-def main() -> None:
+def main(trained_path: str) -> None:
   assert jax.device_count() == 8, jax.devices()
   results = {"replicated": paper_replication(),
-             "step": sharded_steps(),
+             "step": sharded_steps(trained_path),
              "splash_2x2x2_relative_error": splash_error(),
              "feature_statistics_relative_error": feature_statistics_error()}
   print(json.dumps(results))
 
 
 if __name__ == "__main__":
-  main()
+  main(sys.argv[1])

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 import helpers
+import mesh_steps
 from configs import unit_test
 from pixeldance_jax.models import layers, pixeldance, unet3d
 from pixeldance_jax.parallel import mesh as mesh_lib
@@ -26,13 +27,26 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def eight_devices() -> dict:
+def eight_devices(tmp_path_factory) -> dict:
+  """The subprocess's findings; meanwhile the one-device reference steps run here."""
+  trained_path = tmp_path_factory.mktemp("eight_devices") / "trained_2x2x2.npz"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, str(REPO / "tests" / "multi_device_checks.py")],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-  if result.returncode:
-    raise AssertionError(f"multi_device_checks.py failed:\n{result.stderr[-5000:]}")
-  return json.loads(result.stdout.strip().splitlines()[-1])
+  child = subprocess.Popen([sys.executable, str(REPO / "tests" / "multi_device_checks.py"),
+                            str(trained_path)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  try:
+    losses, grad_norm, reference = mesh_steps.train((1, 1, 1))
+    stdout, stderr = child.communicate(timeout=900)
+  finally:  # A failure here leaves the child running.
+    if child.poll() is None:
+      child.kill()
+  if child.returncode:
+    raise AssertionError(f"multi_device_checks.py failed:\n{stderr[-5000:]}")
+  found = json.loads(stdout.strip().splitlines()[-1])
+  found["step"]["1x1x1"] = {"losses": losses, "grad_norm": grad_norm}
+  found["step"]["2x2x2"].update(mesh_steps.max_differences(
+      dict(np.load(trained_path)), mesh_steps.flat(reference)))
+  return found
 
 
 @pytest.mark.parametrize("mesh", ["1x8x1", "2x2x2"])
@@ -60,7 +74,7 @@ def test_feature_statistics_sharded_over_8_devices_equal_one_device(eight_device
     ("token_embedding", ["tensor", "fsdp"], [24704, 16]),
     ("adam_mu_conv", [None, None, "fsdp", "tensor"], [3, 3, 8, 8]),
 ])
-def test_create_train_state_shards_on_a_2x2x2_mesh(eight_devices, name, spec, shard_shape):
+def test_train_state_shards_on_a_2x2x2_mesh(eight_devices, name, spec, shard_shape):
   placement = eight_devices["step"]["placements"][name]
   assert placement["spec"] == spec, placement
   assert placement["shard_shape"] == shard_shape, placement
