@@ -389,7 +389,8 @@ def markdown_table(results: dict[str, Any]) -> str:
     rows += [(VARIANTS[name], values) for name, values in results["variants"].items()]
     if "floor" in results:
       rows.append(("real vs disjoint real clips (the floor)", results["floor"]))
-    rows.append(("real held-out clips", results["real"]))
+    if results["real"].get("videos"):  # Only where the real clips went through a network.
+      rows.append(("real held-out clips", results["real"]))
   else:
     rows += [("fake folder vs real folder", results["fake"]), ("real folder", results["real"])]
   columns = [c for c in ("fvd", "fid", "clipsim") + _CONDITIONING_FIELDS
