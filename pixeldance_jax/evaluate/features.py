@@ -49,8 +49,8 @@ def i3d_preprocess(videos: Array) -> Array:
   """uint8 `[B, T, H, W, 3]` -> float32 `[B, 16, 224, 224, 3]` in [-1, 1]."""
   clips = resample_frames(videos, i3d.NUM_FRAMES).astype(jnp.float32)
   batch, frames, height, width, _ = clips.shape
-  frames_first = clips.reshape(batch * frames, height, width, 3)
-  resized = inception_fid.resize_bilinear(frames_first, i3d.IMAGE_SIZE, i3d.IMAGE_SIZE)
+  images = clips.reshape(batch * frames, height, width, 3)
+  resized = inception_fid.resize_bilinear(images, i3d.IMAGE_SIZE, i3d.IMAGE_SIZE)
   return resized.reshape(batch, frames, i3d.IMAGE_SIZE, i3d.IMAGE_SIZE, 3) / 127.5 - 1.0
 
 
