@@ -62,7 +62,7 @@ def _pad_to_multiple(frames: np.ndarray, block: int) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _atomic_path(path: str) -> Iterator[str]:
+def atomic_path(path: str) -> Iterator[str]:
   """Yields a temporary path next to `path`, moved onto `path` on success."""
   folder = os.path.dirname(os.path.abspath(path))
   os.makedirs(folder, exist_ok=True)
@@ -129,7 +129,7 @@ def write_video(frames: np.ndarray, path: str, fps: int,
   frames = _upscale(_check_frames(frames), upscale)
   if suffix == ".mp4":
     frames = _pad_to_multiple(frames, _MP4_BLOCK)
-  with _atomic_path(path) as tmp_path:
+  with atomic_path(path) as tmp_path:
     _VIDEO_WRITERS[suffix](frames, tmp_path, fps)
 
 
@@ -137,7 +137,7 @@ def _save_still(image: np.ndarray, path: str) -> None:
   """Writes uint8 `[H, W, 3]` atomically; the format follows the suffix."""
   suffix = os.path.splitext(path)[1].lower()
   image_format = Image.registered_extensions().get(suffix, "PNG")
-  with _atomic_path(path) as tmp_path:
+  with atomic_path(path) as tmp_path:
     Image.fromarray(image).save(tmp_path, format=image_format)
 
 

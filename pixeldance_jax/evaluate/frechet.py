@@ -12,10 +12,11 @@ the end.
 """
 
 import dataclasses
-import os
 from typing import Callable
 
 import numpy as np
+
+from pixeldance_jax import video_io
 
 
 @dataclasses.dataclass
@@ -68,9 +69,8 @@ class RunningStats:
 
   def save(self, path: str) -> None:
     """Writes the statistics (an .npz) atomically: a cache is never left half written."""
-    partial = f"{path}.partial.npz"
-    np.savez(partial, dim=self.dim, count=self.count, total=self.total, outer=self.outer)
-    os.replace(partial, path)
+    with video_io.atomic_path(path) as partial:  # Ends in .npz: savez keeps the name.
+      np.savez(partial, dim=self.dim, count=self.count, total=self.total, outer=self.outer)
 
   @classmethod
   def load(cls, path: str) -> "RunningStats":

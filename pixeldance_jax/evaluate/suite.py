@@ -25,6 +25,7 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
+from pixeldance_jax import video_io
 from pixeldance_jax.data import media
 from pixeldance_jax.evaluate import features, frechet, metrics, videos
 from pixeldance_jax.sampling import generate as generate_lib
@@ -360,11 +361,8 @@ def _write_new(path: str, text: str) -> str:
   while os.path.exists(candidate):
     index += 1
     candidate = f"{stem}-{index}{extension}"
-  os.makedirs(os.path.dirname(os.path.abspath(candidate)), exist_ok=True)
-  partial = candidate + ".partial"
-  with open(partial, "w") as f:
+  with video_io.atomic_path(candidate) as partial, open(partial, "w") as f:
     f.write(text)
-  os.replace(partial, candidate)
   return candidate
 
 
