@@ -110,6 +110,9 @@ def get_config() -> ml_collections.ConfigDict:
   cond.last_frame_candidates = 3  # The last frame is drawn from the clip's last N frames.
   cond.noise_timestep = 100  # Forward-process noise level added to c_image.
   cond.last_frame_drop_prob = 0.25  # eta in the paper.
+  # The first N steps drop every last frame (eta = 1), so that the text learns the motion
+  # before the last frame can give it away. 0: the paper's recipe.
+  cond.last_frame_warmup_steps = 0
   cond.text_drop_prob = 0.1  # For classifier-free guidance.
   cond.use_text = True  # False: the "without text" ablation (the empty prompt always).
 

@@ -23,6 +23,8 @@ def get_config():
   unet.norm_num_groups = 4
   unet.cross_attention_dim = 32
 
+  config.conditioning.last_frame_warmup_steps = 0  # Last frames from the first step.
+
   config.batch_size = 4
   config.num_train_steps = 4
   config.warmup_steps = 1

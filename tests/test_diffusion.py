@@ -297,3 +297,35 @@ def test_training_condition_dropouts():
   expected_std = np.sqrt(1 - alpha_bar[100])
   assert abs(first.std() - expected_std) < 0.03
   assert abs(first.mean() - np.sqrt(alpha_bar[100])) < 0.03
+
+
+def test_switched_off_conditions_are_dropped_with_probability_one():
+  config = unit_test.get_config()
+  assert conditioning.rates(config) == {"text_drop_prob": 0.1, "last_frame_drop_prob": 0.25,
+                                        "first_frame_weight": 1.0,
+                                        "last_frame_warmup_steps": 0.0}
+  config.conditioning.use_text = False
+  config.conditioning.use_last_frame = False
+  config.conditioning.use_first_frame = False
+  assert conditioning.rates(config) == {"text_drop_prob": 1.0, "last_frame_drop_prob": 1.0,
+                                        "first_frame_weight": 0.0,
+                                        "last_frame_warmup_steps": 0.0}
+  config.conditioning.last_frame_drop_prob = 1.5
+  with pytest.raises(ValueError, match="last_frame_drop_prob=1.5 is a probability"):
+    conditioning.rates(config)
+
+
+def test_last_frame_warmup_drops_every_last_frame_until_its_step():
+  config = unit_test.get_config()
+  config.conditioning.noise_timestep = 0
+  config.conditioning.last_frame_warmup_steps = 10
+  rates = {k: jnp.float32(v) for k, v in conditioning.rates(config).items()}
+  latents = jnp.ones((2000, 4, 1, 1, 1))
+  alpha_bar = jnp.asarray(schedules.alphas_cumprod(config.diffusion))
+  kept = []
+  for step in (0, 9, 10):
+    c_image, _ = conditioning.training_conditions(
+        jax.random.key(0), latents, jnp.ones((2000, 3), jnp.int32), jnp.zeros(3, jnp.int32),
+        alpha_bar, config, conditioning.rates_at_step(rates, jnp.int32(step)))
+    kept.append(float(np.mean(np.asarray(c_image[:, -1, 0, 0, 0]) != 0.0)))
+  assert kept[:2] == [0.0, 0.0] and abs(kept[2] - 0.75) < 0.04

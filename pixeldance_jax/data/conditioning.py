@@ -27,8 +27,40 @@ def image_condition(first: Array, last: Array, frames: int) -> Array:
   return jnp.concatenate([first[:, None], middle, last[:, None]], axis=1)
 
 
-def _bernoulli(rng: Array, prob: float, batch: int) -> Array:
+def _bernoulli(rng: Array, prob: float | Array, batch: int) -> Array:
   return jax.random.bernoulli(rng, prob, (batch,))
+
+
+# The conditioning's numbers, which the train step takes as traced scalars (like the optimiser's):
+# the ablation's variants (no text, no last frame, T2V) then share one compiled program.
+RATES = ("text_drop_prob", "last_frame_drop_prob", "first_frame_weight",
+         "last_frame_warmup_steps")
+
+
+def rates(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """The `use_*` switches and dropout probabilities of `config.conditioning` as numbers:
+  a condition turned off is one dropped with probability 1 (the first frame: weight 0)."""
+  cond = config.conditioning
+  for key in ("text_drop_prob", "last_frame_drop_prob"):
+    if not 0.0 <= cond[key] <= 1.0:
+      raise ValueError(f"config.conditioning.{key}={cond[key]!r} is a probability: give a "
+                       "value in [0, 1]")
+  if cond.last_frame_warmup_steps < 0:
+    raise ValueError(f"config.conditioning.last_frame_warmup_steps="
+                     f"{cond.last_frame_warmup_steps!r} must be >= 0")
+  return {"text_drop_prob": float(cond.text_drop_prob) if cond.use_text else 1.0,
+          "last_frame_drop_prob": (float(cond.last_frame_drop_prob) if cond.use_last_frame
+                                   else 1.0),
+          "first_frame_weight": 1.0 if cond.use_first_frame else 0.0,
+          "last_frame_warmup_steps": float(cond.last_frame_warmup_steps)}
+
+
+def rates_at_step(condition_rates: dict[str, Array], step: Array) -> dict[str, Array]:
+  """The rates in force at optimiser step `step`: during the first `last_frame_warmup_steps`
+  every last frame is dropped (the text alone must then carry the motion)."""
+  warming = step < condition_rates["last_frame_warmup_steps"]
+  return dict(condition_rates, last_frame_drop_prob=jnp.where(
+      warming, 1.0, condition_rates["last_frame_drop_prob"]))
 
 
 def _where_batch(mask: Array, a: Array, b: Array) -> Array:
@@ -51,7 +83,8 @@ def noise_condition(rngs: Array, frame_latent: Array, alpha_bar: Array, timestep
 
 
 def training_conditions(rng: Array, latents: Array, text: Array, null_text: Array,
-                        alpha_bar: Array, config: ml_collections.ConfigDict
+                        alpha_bar: Array, config: ml_collections.ConfigDict,
+                        condition_rates: dict[str, float | Array] | None = None
                         ) -> tuple[Array, Array]:
   """Draws (c_image `[b, f, h, w, c]`, text) for one training batch.
 
@@ -61,14 +94,16 @@ def training_conditions(rng: Array, latents: Array, text: Array, null_text: Arra
   `cond.last_frame_candidates` frames; first and last get `cond.noise_timestep` noise; the last
   frame is dropped (zeros) with probability eta; the text is replaced by the empty prompt with
   probability `cond.text_drop_prob`. The `use_*` switches turn a condition off entirely.
+  `condition_rates`: `rates(config)`, possibly traced; by default the config's own.
 
   A single frame (the image batches of joint training) has no other frame to condition on:
   its c_image is zeros, so image steps train text-to-image, with text dropout as for videos.
   """
   cond = config.conditioning
+  condition_rates = rates(config) if condition_rates is None else condition_rates
   batch, frames = latents.shape[:2]
   last_rng, first_noise_rng, last_noise_rng, drop_rng, text_rng = jax.random.split(rng, 5)
-  keep_text = ~_bernoulli(text_rng, cond.text_drop_prob, batch) & cond.use_text
+  keep_text = ~_bernoulli(text_rng, condition_rates["text_drop_prob"], batch)
   text = _where_batch(keep_text, text, jnp.broadcast_to(null_text, text.shape))
   if frames == 1:
     return jnp.zeros_like(latents), text
@@ -81,7 +116,7 @@ def training_conditions(rng: Array, latents: Array, text: Array, null_text: Arra
   last = noise_condition(jax.random.split(last_noise_rng, batch), last, alpha_bar,
                          cond.noise_timestep)
 
-  keep_last = ~_bernoulli(drop_rng, cond.last_frame_drop_prob, batch) & cond.use_last_frame
+  keep_last = ~_bernoulli(drop_rng, condition_rates["last_frame_drop_prob"], batch)
   last = _where_batch(keep_last, last, jnp.zeros_like(last))
-  first = first if cond.use_first_frame else jnp.zeros_like(first)
+  first = first * jnp.asarray(condition_rates["first_frame_weight"], first.dtype)
   return image_condition(first, last, frames), text

@@ -12,7 +12,7 @@ from typing import Any
 import ml_collections
 
 from pixeldance_jax import console
-from pixeldance_jax.data import pipeline
+from pixeldance_jax.data import conditioning, pipeline
 from pixeldance_jax.diffusion import losses, samplers, schedules
 from pixeldance_jax.evaluate import suite
 from pixeldance_jax.models import autoencoder, text_encoder, unet3d
@@ -55,6 +55,7 @@ _VALIDATORS: tuple[Callable[[ml_collections.ConfigDict], Any], ...] = (
     state_lib.learning_rate_schedule,  # lr_schedule
     unet3d.UNetSpec.from_config,  # attention_levels per level, attention_impl with dtype
     text_encoder.TextEncoderSpec.from_config,  # cross_attention_dim == hidden_size
+    conditioning.rates,  # Dropout probabilities in [0, 1].
 )
 
 

@@ -190,7 +190,8 @@ def make_cached_loader(config: ml_collections.ConfigDict, data_dir: str, params:
 
 
 def cached_loss_fn(params, frozen, batch: dict[str, Array], rng: Array,
-                   config: ml_collections.ConfigDict, use_temporal: bool = True
+                   config: ml_collections.ConfigDict, use_temporal: bool = True,
+                   condition_rates: dict[str, Array] | None = None
                    ) -> tuple[Array, dict[str, Array]]:
   """`step.loss_fn` on a cached batch (see `make_cached_loader`): same rng, same loss.
 
@@ -211,7 +212,7 @@ def cached_loss_fn(params, frozen, batch: dict[str, Array], rng: Array,
   else:
     text, null_text = batch["tokens"], null_ids
   image_condition, text = conditioning.training_conditions(
-      cond_rng, latents, text, null_text, alpha_bar, config)
+      cond_rng, latents, text, null_text, alpha_bar, config, condition_rates)
   context = text if "text_embedding" in batch else encode_text(text)
   if not config.text_encoder.trainable:
     context = jax.lax.stop_gradient(context)

@@ -14,6 +14,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from pixeldance_jax.data import conditioning
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import sharding
 
@@ -41,8 +42,11 @@ Hyperparameters = dict[str, Array]
 
 
 def hyperparameters(config: ml_collections.ConfigDict) -> Hyperparameters:
-  """The config's optimiser numbers as float32 scalars (the train step's last argument)."""
-  return {name: np.float32(config[name]) for name in HYPERPARAMETERS}
+  """The config's optimiser numbers and the conditioning's rates (`conditioning.rates`) as
+  float32 scalars (the train step's last argument)."""
+  values = {name: np.float32(config[name]) for name in HYPERPARAMETERS}
+  values.update({name: np.float32(value) for name, value in conditioning.rates(config).items()})
+  return values
 
 
 def _check_schedule(config: ml_collections.ConfigDict) -> None:
@@ -160,7 +164,11 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, rng: Array
     frozen_config = config.copy_and_resolve_references()
     return jax.jit(lambda r: nn.meta.unbox(_init_state(r, frozen_config)),
                    out_shardings=shardings)
-  return _INITIALISERS.get((config_key(config), mesh), build)(rng)
+  # The model never reads the conditioning section: variants that differ only there (the
+  # ablation's) share the initialiser.
+  key = config_key(ml_collections.ConfigDict(
+      {k: v for k, v in config.items() if k != "conditioning"}))
+  return _INITIALISERS.get((key, mesh), build)(rng)
 
 
 def state_from_weights(config: ml_collections.ConfigDict, mesh: Mesh, params: Params,

@@ -22,7 +22,7 @@ from pixeldance_jax.train import state as state_lib
 
 Array = jax.Array
 Batch = dict[str, Array]
-# (params, frozen, batch, rng, config, use_temporal) -> (loss, metrics).
+# (params, frozen, batch, rng, config, use_temporal, condition_rates) -> (loss, metrics).
 LossFn = Callable[..., tuple[Array, dict[str, Array]]]
 
 
@@ -33,10 +33,12 @@ def null_token_ids(config: ml_collections.ConfigDict) -> Array:
 
 
 def loss_fn(params, frozen, batch: Batch, rng: Array, config: ml_collections.ConfigDict,
-            use_temporal: bool = True) -> tuple[Array, dict[str, Array]]:
+            use_temporal: bool = True, condition_rates: dict[str, Array] | None = None
+            ) -> tuple[Array, dict[str, Array]]:
   """Denoising loss of one batch; conditions and noise are drawn from `rng`.
 
   `frozen` holds the pretrained weights that are not trained (the KL autoencoder's).
+  `condition_rates`: `conditioning.rates(config)`, possibly traced (the default).
   `train.latent_cache.cached_loss_fn` is the same loss on pre-encoded batches.
   """
   model = pixeldance.make_model(config)
@@ -46,7 +48,8 @@ def loss_fn(params, frozen, batch: Batch, rng: Array, config: ml_collections.Con
 
   latents = autoencoder.encode(autoencoder_lib.to_pixels(batch["video"]), encode_rng)
   image_condition, token_ids = conditioning.training_conditions(
-      cond_rng, latents, batch["tokens"], null_token_ids(config), alpha_bar, config)
+      cond_rng, latents, batch["tokens"], null_token_ids(config), alpha_bar, config,
+      condition_rates)
   context = model.apply({"params": params}, token_ids, method=pixeldance.PixelDance.encode_text)
   if not config.text_encoder.trainable:
     context = jax.lax.stop_gradient(context)
@@ -99,7 +102,8 @@ def _microbatches(batch: Batch, count: int) -> Batch:
 
 
 def loss_and_grads(params, frozen, batch: Batch, rng: Array, config: ml_collections.ConfigDict,
-                   use_temporal: bool = True, loss: LossFn = loss_fn):
+                   use_temporal: bool = True, loss: LossFn = loss_fn,
+                   condition_rates: dict[str, Array] | None = None):
   """Mean loss, metrics and gradients, over `config.grad_accum_steps` microbatches.
 
   Microbatch i draws its conditions and noise from `fold_in(rng, i)`; with one microbatch the
@@ -109,7 +113,8 @@ def loss_and_grads(params, frozen, batch: Batch, rng: Array, config: ml_collecti
   grad_fn = jax.value_and_grad(loss, has_aux=True)
   count = config.grad_accum_steps
   if count == 1:
-    (_, metrics), grads = grad_fn(params, frozen, batch, rng, config, use_temporal)
+    (_, metrics), grads = grad_fn(params, frozen, batch, rng, config, use_temporal,
+                                  condition_rates)
     return metrics, grads
 
   def accumulate(grads_sum, inputs):
@@ -118,7 +123,7 @@ def loss_and_grads(params, frozen, batch: Batch, rng: Array, config: ml_collecti
         lambda x: nn.with_logical_constraint(x, ("batch",) + (None,) * (x.ndim - 1)),
         microbatch)
     (_, metrics), grads = grad_fn(params, frozen, microbatch, jax.random.fold_in(rng, index),
-                                  config, use_temporal)
+                                  config, use_temporal, condition_rates)
     return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -148,11 +153,14 @@ def train_step(state: state_lib.TrainState, batch: Batch, base_rng: Array,
 
   The step's randomness is `fold_in(base_rng, step)`, so a resumed run replays it exactly.
   `hyperparameters`: `state.hyperparameters(config)`, traced (learning rate, schedule length,
-  Adam and EMA numbers), so that changing them does not change the program.
+  Adam and EMA numbers, the conditioning's dropout rates and switches), so that changing them
+  does not change the program.
   """
   rng = jax.random.fold_in(base_rng, state.step)
+  condition_rates = conditioning.rates_at_step(
+      {name: hyperparameters[name] for name in conditioning.RATES}, state.step)
   metrics, grads = loss_and_grads(state.params, state.frozen, batch, rng, config, use_temporal,
-                                  loss)
+                                  loss, condition_rates)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   new_state = _update(state, grads, config, hyperparameters)
@@ -216,8 +224,10 @@ class CompiledStep:
 
 _PROGRAMS = state_lib.ProgramCache()
 # What the step program may read of the config (anything else fails loudly when traced). The
-# optimiser's numbers are not here: they are the traced `hyperparameters` argument.
-PROGRAM_FIELDS = ("autoencoder", "conditioning", "diffusion", "text_encoder", "unet",
+# optimiser's numbers and the conditioning's rates are not here: they are the traced
+# `hyperparameters` argument.
+PROGRAM_FIELDS = ("autoencoder", "conditioning.last_frame_candidates",
+                  "conditioning.noise_timestep", "diffusion", "text_encoder", "unet",
                   "logical_axis_rules", "lr_schedule", "ema_warmup", "grad_accum_steps",
                   "data.frames", "data.image_size", "data.cache_latents")
 
