@@ -77,7 +77,7 @@ def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarra
              guidance_scale: Any = None, guidance_rescale: Any = None, steps: int | None = None,
              seed: Any = 0, eta: Any = None, sampler: str | None = None,
              timestep_spacing: str | None = None, clip_index: int = 0) -> np.ndarray:
-  """Samples one clip per prompt.
+  """Samples one clip per prompt (every prompt empty for a model trained without text).
 
   Args:
     first_frames: uint8 `[b, H, W, 3]`, or None for text only (the first-frame condition
@@ -95,6 +95,8 @@ def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarra
   """
   config, sample_config = pipeline.config, pipeline.config.sample
   batch = len(prompts)
+  if not config.conditioning.use_text:
+    prompts = [""] * batch  # Trained on the empty prompt only ("without text").
   _check_frame_shapes(config, batch, first_frames=first_frames, last_frames=last_frames)
   steps = steps or sample_config.num_steps
   tau = _per_item(sample_config.tau if tau is None else tau, batch, np.int32)
