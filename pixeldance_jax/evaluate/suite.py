@@ -32,11 +32,25 @@ from pixeldance_jax.sampling import generate as generate_lib
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
 
 METRICS = ("fvd", "fid", "clipsim", "conditioning")
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """Which conditions a sampled variant gives the model (the held-out clip's caption, its first
+  frame, its last frame for every sampler step)."""
+  description: str
+  text: bool
+  first_frame: bool
+  last_frame: bool
+
+
 VARIANTS = {
-    "magic": "text + first + last frame (tau = steps)",
-    "basic": "text + first frame (tau = 0)",
-    "no_text": "first frame, empty prompt (tau = 0)",
-    "text_only": "text only: no first or last frame",
+    "magic": Variant("text + first + last frame (tau = steps)", True, True, True),
+    "basic": Variant("text + first frame (tau = 0)", True, True, False),
+    "no_text": Variant("first frame, empty prompt (tau = 0)", False, True, False),
+    "text_only": Variant("text only: no first or last frame", True, False, False),
+    "magic_no_text": Variant("first + last frame, empty prompt (tau = steps)", False, True, True),
+    "unconditional": Variant("empty prompt, no first or last frame", False, False, False),
 }
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "pixeldance_jax",
                                  "eval_stats")
@@ -243,11 +257,12 @@ def _generated_batches(pipeline: sampling_pipeline.Pipeline, clips: videos.HeldO
     records = [clips.record(i) for i in range(start, min(start + global_batch, count))]
     valid = len(records)
     records += [records[-1]] * (global_batch - valid)  # One batch shape: one compile.
-    prompts = ["" if variant == "no_text" else r["caption"] for r in records]
-    first = None if variant == "text_only" else np.stack([r["video"][0] for r in records])
-    last = np.stack([r["video"][-1] for r in records]) if variant == "magic" else None
+    spec = VARIANTS[variant]
+    prompts = [r["caption"] if spec.text else "" for r in records]
+    first = np.stack([r["video"][0] for r in records]) if spec.first_frame else None
+    last = np.stack([r["video"][-1] for r in records]) if spec.last_frame else None
     generated = generate_lib.generate(pipeline, prompts, first, last,
-                                      tau=steps if variant == "magic" else 0, steps=steps,
+                                      tau=steps if spec.last_frame else 0, steps=steps,
                                       seed=seed + start)[:valid]
     mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     yield generated[mine], [r["caption"] for r in records[:valid]][mine], records[:valid][mine]
@@ -259,13 +274,14 @@ def evaluate_pipeline(pipeline: sampling_pipeline.Pipeline, data_dir: str, *,
                       global_batch: int = 16, steps: int | None = None, seed: int = 0,
                       floor: bool = True, networks: Networks | None = None,
                       fid_weights: str | None = None, clip_model: str | None = None,
-                      cache_dir: str | None = DEFAULT_CACHE_DIR,
-                      progress: bool = True) -> dict[str, Any]:
+                      cache_dir: str | None = DEFAULT_CACHE_DIR, progress: bool = True,
+                      examples: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
   """Samples `num_videos` held-out clips per variant and compares them with the real ones.
 
   Returns a JSON-ready dict: per variant the metrics, the real set's own CLIPSIM, the floor
   (FVD/FID between the real clips and the next `num_videos` held-out clips, when the test split
-  has them), settings and notes.
+  has them), settings and notes. `examples`, when given, receives each variant's video of
+  held-out clip 0 (on process 0).
   """
   started = time.time()
   config = pipeline.config
@@ -297,14 +313,16 @@ def evaluate_pipeline(pipeline: sampling_pipeline.Pipeline, data_dir: str, *,
                                        "real clips (floor)", cache_dir, progress)
       results["floor"] = _compare(real_stats, floor_stats)
   for variant in variants:
-    if variant == "magic" and not config.conditioning.use_last_frame:
-      notes.append("magic skipped: the model was trained without last frames.")
+    if VARIANTS[variant].last_frame and not config.conditioning.use_last_frame:
+      notes.append(f"{variant} skipped: the model was trained without last frames.")
       continue
     stats = SetStatistics(networks, feature_metrics)
     with _progress(num_videos, f"sampling {variant}", progress) as bar:
       for batch, captions, records in _generated_batches(
           pipeline, real, variant, global_batch, steps, seed):
         stats.add(batch, captions, records if conditioning else None)
+        if examples is not None and variant not in examples and jax.process_index() == 0:
+          examples[variant] = batch[0]
         bar.update(global_batch)
     stats.reduce()
     results["variants"][variant] = _compare(real_stats, stats)
@@ -366,11 +384,13 @@ def _write_new(path: str, text: str) -> str:
   return candidate
 
 
-def write_results(results: dict[str, Any], json_path: str) -> list[str]:
-  """The results as JSON at `json_path` and their table as markdown beside it (.md)."""
+def write_results(results: dict[str, Any], json_path: str,
+                  markdown: str | None = None) -> list[str]:
+  """The results as JSON at `json_path` and their table as markdown beside it (.md; default
+  `markdown_table(results)`). Existing files are kept: see `_write_new`."""
   written = _write_new(json_path, json.dumps(results, indent=2) + "\n")
-  markdown = _write_new(os.path.splitext(written)[0] + ".md", markdown_table(results) + "\n")
-  return [written, markdown]
+  table = markdown_table(results) if markdown is None else markdown
+  return [written, _write_new(os.path.splitext(written)[0] + ".md", table + "\n")]
 
 
 def scalars(results: dict[str, Any]) -> dict[str, float]:
@@ -384,7 +404,8 @@ def markdown_table(results: dict[str, Any]) -> str:
   """The rows of an `evaluate_pipeline` / `compare_folders` result as a markdown table."""
   rows = []
   if "variants" in results:
-    rows += [(VARIANTS[name], values) for name, values in results["variants"].items()]
+    rows += [(VARIANTS[name].description, values)
+             for name, values in results["variants"].items()]
     if "floor" in results:
       rows.append(("real vs disjoint real clips (the floor)", results["floor"]))
     if results["real"].get("videos"):  # Only where the real clips went through a network.

@@ -1,0 +1,169 @@
+"""The ablation runner (train every variant, evaluate alike, one table) and the steering check."""
+
+import copy
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+import helpers
+from configs import unit_test
+from pixeldance_jax import checkpoints
+from pixeldance_jax.data import moving_shapes
+from pixeldance_jax.data import pipeline as data_pipeline
+from pixeldance_jax.evaluate import ablation, features, steering, suite
+from pixeldance_jax.parallel import mesh as mesh_lib
+from pixeldance_jax.sampling import generate as generate_lib
+from pixeldance_jax.train import state as state_lib
+from pixeldance_jax.train import step as step_lib
+from pixeldance_jax.train import trainer
+
+
+def _config():
+  """The unit-test config with the one-level U-Net, whose programs the suite compiles first."""
+  config = unit_test.get_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
+  return config
+
+
+def _toy_networks(mesh):
+  extractor = features.ShardedExtractor(helpers.toy_extractor(), mesh, 2)
+  return suite.Networks(extractors={"fvd": extractor}, encode_captions=None, conditioning=True,
+                        notes=[])
+
+
+@pytest.fixture(scope="module")
+def ablated(tmp_path_factory):
+  """Every variant of the unit-test config, 2 steps each, evaluated on 2 held-out clips."""
+  base = _config()
+  workdir = str(tmp_path_factory.mktemp("ablation"))
+  networks = _toy_networks(mesh_lib.make_mesh(base.mesh))
+  settings = dict(steps=2, num_videos=2, global_batch=2, sampler_steps=2,
+                  cache_dir=os.path.join(workdir, "cache"), networks=networks)
+  results = ablation.run(base, workdir, **settings)
+  return base, workdir, results, settings
+
+
+def test_each_variant_trains_with_exactly_its_overrides(ablated):
+  base, workdir, _, _ = ablated
+  expected_common = {"data.data_dir": os.path.join(workdir, "data"), "num_train_steps": 2}
+  for name, variant in ablation.VARIANTS.items():
+    with open(os.path.join(workdir, name, "config.json")) as f:
+      trained = json.load(f)
+    differences = {key: new for key, _, new
+                   in checkpoints.config_differences(base.to_dict(), trained)}
+    assert differences == dict(variant.overrides, **expected_common), name
+
+
+def test_table_and_json_have_every_metric_for_every_variant(ablated):
+  _, workdir, results, _ = ablated
+  with open(os.path.join(workdir, "ablation.json")) as f:
+    written = json.load(f)
+  assert list(written["variants"]) == list(ablation.VARIANTS)
+  for name, variant in written["variants"].items():
+    assert list(variant["rows"]) == list(ablation.VARIANTS[name].modes)
+    assert variant["step"] == 2
+    for row in variant["rows"].values():
+      assert row["videos"] == 2
+      for key, _ in ablation.COLUMNS:
+        assert key in row, (name, key)
+      assert np.isfinite(row["fvd"]) and row["first_frame_centroid_px"] is not None
+  assert written["floor"]["fvd"] >= 0
+  with open(os.path.join(workdir, "ablation.md")) as f:
+    table = f.read()
+  rows = [line for line in table.splitlines() if line.startswith("| ")][1:]
+  assert len(rows) == sum(len(v.modes) for v in ablation.VARIANTS.values()) + 1  # + the floor.
+  assert "242.82" in table and "450.58" in table  # The paper's figures beside ours.
+  assert os.path.getsize(os.path.join(workdir, "ablation.png")) > 0
+
+
+def test_a_second_run_trains_and_samples_nothing(ablated, monkeypatch):
+  base, workdir, results, settings = ablated
+  records = [os.path.join(workdir, name, ablation.Settings(2, 2, 2, 0).file_name(2) + ".json")
+             for name in ablation.VARIANTS]
+  before = [os.path.getmtime(path) for path in records]
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("a finished ablation trained or sampled again")
+  monkeypatch.setattr(trainer, "train_and_evaluate", refuse)
+  monkeypatch.setattr(generate_lib, "generate", refuse)
+  again = ablation.run(base, workdir, **settings)
+  assert [os.path.getmtime(path) for path in records] == before
+  assert again["variants"] == results["variants"]
+
+
+def test_a_workdir_trained_with_other_overrides_is_refused(ablated, tmp_path):
+  base, workdir, _, settings = ablated
+  other = tmp_path / "other"
+  os.makedirs(other)
+  os.symlink(os.path.join(workdir, "full"), other / "no_text")  # Trained with text.
+  with pytest.raises(ValueError, match="conditioning.use_text"):
+    ablation.run(base, str(other), variants=["no_text"], **settings)
+
+
+def test_unknown_variant_is_named(tmp_path):
+  with pytest.raises(ValueError, match="unknown ablation variants.*'no_frames'"):
+    ablation.run(_config(), str(tmp_path), variants=["full", "no_frames"])
+
+
+def test_a_model_trained_without_text_samples_the_empty_prompt():
+  config = _config()
+  pipeline = helpers.random_pipeline(config, seed=3)
+  first = np.zeros((2, config.data.image_size, config.data.image_size, 3), np.uint8)
+  prompts = ["a red square moves up", "a blue circle moves quickly down"]
+  with_text = generate_lib.generate(pipeline, prompts, first, steps=2, seed=[5, 5])
+  assert not np.array_equal(with_text[0], with_text[1])  # The text steers this model...
+  without_text = copy.deepcopy(config)
+  without_text.conditioning.use_text = False
+  pipeline = dataclasses.replace(pipeline, config=without_text)
+  without = generate_lib.generate(pipeline, prompts, first, steps=2, seed=[5, 5])
+  empty = generate_lib.generate(pipeline, ["", ""], first, steps=2, seed=[5, 5])
+  np.testing.assert_array_equal(without, empty)  # ... and not one trained without it.
+
+
+# --- Steering: every direction and speed prompt from one first frame -----------------------------
+
+def test_displacement_and_cosine_of_a_known_motion():
+  spec = moving_shapes.MovingShapesSpec(frames=8, image_size=32)
+  clip = moving_shapes.generate_clip(spec, "test", 3)
+  shift = steering.displacement(clip["video"], clip["background"])
+  np.testing.assert_allclose(shift, clip["velocity"] * 7, atol=0.6)
+  direction = moving_shapes.DIRECTIONS[clip["direction"]]
+  assert steering._cosine(shift, direction) == pytest.approx(1, abs=0.02)
+  assert steering._cosine(-shift, direction) == pytest.approx(-1, abs=0.02)
+  assert np.isnan(steering._cosine(np.zeros(2), direction))
+
+
+def test_prompts_keep_the_subject_and_name_each_motion():
+  grid = steering.prompts_for("a red square moves slowly to the upper left", ("up", "lower right"),
+                              ("slow", "fast"))
+  assert [prompt for _, _, prompt in grid] == [
+      "a red square moves slowly up", "a red square moves quickly up",
+      "a red square moves slowly to the lower right",
+      "a red square moves quickly to the lower right"]
+
+
+def test_steering_measures_every_prompt(tmp_path):
+  config = _config()
+  pipeline = helpers.random_pipeline(config, seed=1)
+  data_dir = data_pipeline.data_dir(config, str(tmp_path))
+  results, figure = steering.measure(pipeline, data_dir, num_videos=1, directions=("up", "down"),
+                                     speeds=("slow", "fast"), steps=2, progress=False)
+  assert results["prompts_per_video"] == 5 and results["num_videos"] == 1
+  assert set(results["displacement_px"]) == {"slow", "fast"}
+  assert figure.ndim == 3 and figure.shape[0] > 6 * config.data.image_size  # 6 rows of frames.
+  paths = steering.write(results, figure, str(tmp_path))
+  assert [os.path.basename(p) for p in paths] == ["steering-0.json", "steering-0.md",
+                                                  "steering-0.png"]
+
+
+def test_the_variants_share_one_compiled_train_step():
+  """Their overrides are traced numbers of the step, not parts of its program."""
+  base = _config()
+  mesh = mesh_lib.make_mesh(base.mesh)
+  _, shardings = state_lib.abstract_state(base, mesh)
+  steps = [step_lib.jit_train_step(ablation.variant_config(base, name, "data"), mesh, shardings)
+           for name in ablation.VARIANTS]
+  assert all(step._program is steps[0]._program for step in steps)
