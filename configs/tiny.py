@@ -53,6 +53,13 @@ def get_config():
   # z_0 itself gives clean frames in the same budget.
   config.diffusion.prediction_type = "sample"
 
+  # The text learns the motion first: the first 1000 steps drop every last frame, then the
+  # paper's eta = 0.25 applies. Measured after 1500 steps (64 held-out clips): without the
+  # warmup the model ignores its text (basic-mode direction cosine -0.01 at eta 0.25, 0.62 at
+  # eta 0.75: the last frame gives the motion away); with it 0.97, and the last frame is still
+  # met to 1.3 px.
+  config.conditioning.last_frame_warmup_steps = 1000
+
   config.batch_size = 8
   config.num_train_steps = 1500
   config.learning_rate = 1e-3
