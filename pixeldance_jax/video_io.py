@@ -61,6 +61,12 @@ def _pad_to_multiple(frames: np.ndarray, block: int) -> np.ndarray:
   return np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
 
 
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str) -> Iterator[str]:
   """Yields a temporary path next to `path`, moved onto `path` on success."""
@@ -74,6 +80,8 @@ def atomic_path(path: str) -> Iterator[str]:
   os.close(handle)
   try:
     yield tmp_path
+    # mkstemp makes the file private (0600); give it the mode a plain open() would.
+    os.chmod(tmp_path, 0o666 & ~_umask())
     os.replace(tmp_path, path)
   finally:
     if os.path.exists(tmp_path):

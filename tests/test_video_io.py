@@ -85,6 +85,12 @@ def test_write_creates_folders_and_leaves_no_temp_files(tmp_path):
     video_io.write_video(_moving_square(), str(folder / name), fps=8)
     video_io.write_video(_moving_square(), str(folder / name), fps=8)  # Over.
   assert sorted(os.listdir(folder)) == ["video.gif", "video.mp4"]
+  mask = os.umask(0o022)
+  try:
+    video_io.save_image(_moving_square()[0], str(folder / "frame.png"))
+  finally:
+    os.umask(mask)
+  assert os.stat(folder / "frame.png").st_mode & 0o777 == 0o644  # As open() makes it.
 
 
 def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
