@@ -36,7 +36,7 @@ def make_pipeline(config: ml_collections.ConfigDict, params: Any, frozen: Any,
                   mesh: jax.sharding.Mesh, *, step: int = 0, weights: str = "ema",
                   workdir: str = "", generate_fn: Any = None) -> Pipeline:
   """A pipeline of weights already on `mesh`. `generate_fn`: a program from
-  `program.make_generate_fn(config, mesh)` to reuse (a new one traces and compiles again)."""
+  `program.make_generate_fn(config, mesh)` (by default the process's program for this config)."""
   if generate_fn is None:
     generate_fn = program.make_generate_fn(config, mesh)
   return Pipeline(config=config, params=params, frozen=frozen, step=step,

@@ -16,6 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from pixeldance_jax import programs
 from pixeldance_jax.data import conditioning
 from pixeldance_jax.diffusion import samplers, schedules
 from pixeldance_jax.models import autoencoder as autoencoder_lib
@@ -28,13 +29,28 @@ from pixeldance_jax.parallel import sharding
 trace_counts: collections.Counter = collections.Counter()
 
 
+# What the sampling program may read of the config (anything else fails loudly when traced):
+# pipelines whose configs agree here (an ablation's variants, say) share one program.
+PROGRAM_FIELDS = ("autoencoder", "diffusion", "text_encoder", "unet", "logical_axis_rules",
+                  "data.frames", "conditioning.noise_timestep", "sample.condition_noise",
+                  "sample.clip_denoised")
+_PROGRAMS = programs.ProgramCache()
+
+
 def make_generate_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   """The jitted sampling program; per-example inputs are placed with the batch over data x fsdp.
 
   Returns `run(params, frozen, batch, shared, sampler) -> uint8 [b, F, H, W, 3]` where `batch`
   holds the per-example arrays (see `generate.generate`) and `shared` the clip index and the
-  step schedule; `run.lower(...)` lowers it for (possibly abstract) inputs.
+  step schedule; `run.lower(...)` lowers it for (possibly abstract) inputs. Configs with equal
+  `PROGRAM_FIELDS` on one mesh get the same program (traced and compiled once per process).
   """
+  config = programs.program_config(config, PROGRAM_FIELDS)
+  return _PROGRAMS.get((programs.config_key(config), mesh),
+                       lambda: _build_generate_fn(config, mesh))
+
+
+def _build_generate_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh):
   model = pixeldance.make_model(config)
   alpha_bar = jnp.asarray(schedules.alphas_cumprod(config.diffusion))
   frames = config.data.frames

@@ -1,9 +1,7 @@
 """Train state, optimiser and sharded initialisation."""
 
-import collections
 import functools
-import json
-from typing import Any, Callable, Hashable
+from typing import Any
 
 import flax
 import flax.linen as nn
@@ -14,6 +12,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from pixeldance_jax import programs
 from pixeldance_jax.data import conditioning
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import sharding
@@ -115,32 +114,8 @@ def _init_state(rng: Array, config: ml_collections.ConfigDict) -> TrainState:
                     opt_state=opt_state, frozen=frozen)
 
 
-def config_key(config: ml_collections.ConfigDict) -> str:
-  """A hashable snapshot of every field, to reuse what was traced or compiled for an equal
-  config within a process (equal configs give equal programs)."""
-  return json.dumps(config.to_dict(), sort_keys=True, default=repr)
-
-
-class ProgramCache:
-  """The last few programs (or traces) built in this process, by key: an interactive session
-  or a test that trains twice with one config compiles, or loads from the persistent cache,
-  once."""
-
-  def __init__(self, size: int = 8):
-    self._size, self._entries = size, collections.OrderedDict()
-
-  def get(self, key: Hashable, build: Callable[[], Any]) -> Any:
-    if key in self._entries:
-      self._entries.move_to_end(key)
-    else:
-      self._entries[key] = build()
-      if len(self._entries) > self._size:
-        self._entries.popitem(last=False)
-    return self._entries[key]
-
-
-_BOXED_STATES = ProgramCache()
-_INITIALISERS = ProgramCache()
+_BOXED_STATES = programs.ProgramCache()
+_INITIALISERS = programs.ProgramCache()
 
 
 def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainState, Any]:
@@ -148,7 +123,7 @@ def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[Train
   weights are those of `pixeldance.abstract_weights`; the optimiser's moments are sharded like
   the params they track."""
   # The boxed tree holds logical axis names: the mesh and the rules apply after.
-  key = config_key(ml_collections.ConfigDict(
+  key = programs.config_key(ml_collections.ConfigDict(
       {k: v for k, v in config.items() if k not in ("mesh", "logical_axis_rules")}))
   boxed = _BOXED_STATES.get(key, lambda: jax.eval_shape(
       functools.partial(_init_state, config=config), jax.random.key(0)))
@@ -166,7 +141,7 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, rng: Array
                    out_shardings=shardings)
   # The model never reads the conditioning section: variants that differ only there (the
   # ablation's) share the initialiser.
-  key = config_key(ml_collections.ConfigDict(
+  key = programs.config_key(ml_collections.ConfigDict(
       {k: v for k, v in config.items() if k != "conditioning"}))
   return _INITIALISERS.get((key, mesh), build)(rng)
 

@@ -11,7 +11,7 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from pixeldance_jax import tokenizer
+from pixeldance_jax import programs, tokenizer
 from pixeldance_jax.data import conditioning
 from pixeldance_jax.diffusion import losses, schedules
 from pixeldance_jax.models import autoencoder as autoencoder_lib
@@ -222,7 +222,7 @@ class CompiledStep:
       return program.compiled(state, batch, rng, self._hyperparameters)
 
 
-_PROGRAMS = state_lib.ProgramCache()
+_PROGRAMS = programs.ProgramCache()
 # What the step program may read of the config (anything else fails loudly when traced). The
 # optimiser's numbers and the conditioning's rates are not here: they are the traced
 # `hyperparameters` argument.
@@ -230,23 +230,6 @@ PROGRAM_FIELDS = ("autoencoder", "conditioning.last_frame_candidates",
                   "conditioning.noise_timestep", "diffusion", "text_encoder", "unet",
                   "logical_axis_rules", "lr_schedule", "ema_warmup", "grad_accum_steps",
                   "data.frames", "data.image_size", "data.cache_latents")
-
-
-def _program_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """A copy of `config` with only its `PROGRAM_FIELDS`."""
-  program = ml_collections.ConfigDict()
-  for field in PROGRAM_FIELDS:
-    *parents, name = field.split(".")
-    source, target = config, program
-    for parent in parents:
-      source = source[parent]
-      if parent not in target:
-        target[parent] = ml_collections.ConfigDict()
-      target = target[parent]
-    value = source[name]
-    target[name] = value.copy_and_resolve_references() if isinstance(
-        value, ml_collections.ConfigDict) else value
-  return program
 
 
 def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state_shardings: Any,
@@ -259,9 +242,9 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state_sharding
   configs differing elsewhere (the optimiser's numbers, logging, data sizes) share one program
   in a process.
   """
-  program_config = _program_config(config)
+  program_config = programs.program_config(config, PROGRAM_FIELDS)
   leaves, treedef = jax.tree.flatten(state_shardings)
-  key = (state_lib.config_key(program_config), mesh, tuple(leaves), treedef, use_temporal, loss)
+  key = (programs.config_key(program_config), mesh, tuple(leaves), treedef, use_temporal, loss)
 
   def build() -> _Program:
     step = functools.partial(train_step, config=program_config, use_temporal=use_temporal,
