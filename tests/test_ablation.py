@@ -13,7 +13,7 @@ from configs import unit_test
 from pixeldance_jax import checkpoints
 from pixeldance_jax.data import moving_shapes
 from pixeldance_jax.data import pipeline as data_pipeline
-from pixeldance_jax.evaluate import ablation, features, steering, suite
+from pixeldance_jax.evaluate import ablation, features, metrics, steering, suite
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import generate as generate_lib
 from pixeldance_jax.train import state as state_lib
@@ -128,12 +128,12 @@ def test_a_model_trained_without_text_samples_the_empty_prompt():
 def test_displacement_and_cosine_of_a_known_motion():
   spec = moving_shapes.MovingShapesSpec(frames=8, image_size=32)
   clip = moving_shapes.generate_clip(spec, "test", 3)
-  shift = steering.displacement(clip["video"], clip["background"])
+  shift = metrics.displacement(clip["video"], clip["background"])
   np.testing.assert_allclose(shift, clip["velocity"] * 7, atol=0.6)
   direction = moving_shapes.DIRECTIONS[clip["direction"]]
-  assert steering._cosine(shift, direction) == pytest.approx(1, abs=0.02)
-  assert steering._cosine(-shift, direction) == pytest.approx(-1, abs=0.02)
-  assert np.isnan(steering._cosine(np.zeros(2), direction))
+  assert metrics.direction_cosine(shift, direction) == pytest.approx(1, abs=0.02)
+  assert metrics.direction_cosine(-shift, direction) == pytest.approx(-1, abs=0.02)
+  assert np.isnan(metrics.direction_cosine(np.zeros(2), direction))
 
 
 def test_prompts_keep_the_subject_and_name_each_motion():

@@ -19,7 +19,6 @@ killed run resumes training from the variant's latest checkpoint.
 
 import copy
 import dataclasses
-import functools
 import json
 import os
 import sys
@@ -80,9 +79,7 @@ def variant_config(base: ml_collections.ConfigDict, name: str, data_dir: str,
   overrides = dict(VARIANTS[name].overrides, **{"data.data_dir": data_dir})
   if steps is not None:
     overrides["num_train_steps"] = steps
-  for key, value in overrides.items():
-    *parents, leaf = key.split(".")
-    setattr(functools.reduce(getattr, parents, config), leaf, value)
+  config.update_from_flattened_dict(overrides)
   return config
 
 
@@ -109,10 +106,15 @@ def _read_json(path: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
-def _write_json(path: str, value: dict[str, Any]) -> None:
+def _write_text(path: str, text: str) -> None:
+  """Replaces `path` atomically (process 0 writes)."""
   if jax.process_index() == 0:
     with video_io.atomic_path(path) as partial, open(partial, "w") as f:
-      f.write(json.dumps(value, indent=2) + "\n")
+      f.write(text)
+
+
+def _write_json(path: str, value: dict[str, Any]) -> None:
+  _write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -278,9 +280,7 @@ def run(base: ml_collections.ConfigDict, workdir: str, *,
   real = videos.HeldOutClips(next(iter(configs.values())), data_dir, 0, 1).record(0)
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, "ablation.json"), results)
-    with video_io.atomic_path(os.path.join(workdir, "ablation.md")) as partial:
-      with open(partial, "w") as f:
-        f.write(table(results) + "\n")
+    _write_text(os.path.join(workdir, "ablation.md"), table(results) + "\n")
     video_io.save_image(figure(results, examples, real["video"]),
                         os.path.join(workdir, "ablation.png"))
   return results

@@ -82,15 +82,30 @@ def motion_direction_agreement(video: np.ndarray,
     object is missing in the first or last frame, it (almost) did not move, or
     the velocity is zero.
   """
+  return direction_cosine(displacement(video, background, threshold), expected_velocity,
+                          min_displacement)
+
+
+def displacement(video: np.ndarray, background: VectorLike,
+                 threshold: float = 60.0) -> np.ndarray:
+  """(dy, dx) of the object's centroid from the first to the last frame of `[frames, H, W, 3]`;
+  NaN where the object is missing."""
   video = np.asarray(video)
   if video.ndim != 4 or video.shape[0] < 2:
     raise ValueError(
         f"expected a video [frames>=2, H, W, 3], got {video.shape}")
-  displacement = (centroid(video[-1], background, threshold)
-                  - centroid(video[0], background, threshold))
+  return (centroid(video[-1], background, threshold)
+          - centroid(video[0], background, threshold))
+
+
+def direction_cosine(moved: VectorLike, expected_velocity: VectorLike,
+                     min_displacement: float = 0.5) -> float:
+  """Cosine between a displacement and a velocity; NaN if the displacement is shorter than
+  `min_displacement` (or NaN) or the velocity is zero."""
+  moved = np.asarray(moved, np.float64).reshape(2)
   velocity = np.asarray(expected_velocity, np.float64).reshape(2)
-  moved, speed = np.linalg.norm(displacement), np.linalg.norm(velocity)
+  length, speed = np.linalg.norm(moved), np.linalg.norm(velocity)
   # NaN comparisons are False, so a missing object also lands here.
-  if not (moved >= min_displacement and speed > 0):
+  if not (length >= min_displacement and speed > 0):
     return float("nan")
-  return float(np.dot(displacement, velocity) / (moved * speed))
+  return float(np.dot(moved, velocity) / (length * speed))

@@ -50,19 +50,6 @@ def prompts_for(caption: str, directions: Sequence[str],
           for direction in directions for speed in speeds]
 
 
-def displacement(video: np.ndarray, background: np.ndarray) -> np.ndarray:
-  """(dy, dx) of the shape's centroid from the first to the last frame; NaN if it is missing."""
-  return metrics.centroid(video[-1], background) - metrics.centroid(video[0], background)
-
-
-def _cosine(vector: np.ndarray, direction: Sequence[float], min_length: float = 0.5) -> float:
-  length = float(np.linalg.norm(vector))
-  if not length >= min_length:  # Also NaN: no direction to compare.
-    return math.nan
-  unit = np.asarray(direction, np.float64)
-  return float(np.dot(vector, unit) / (length * np.linalg.norm(unit)))
-
-
 def _mean(values: Sequence[float]) -> float | None:
   finite = [v for v in values if not math.isnan(v)]
   return float(np.mean(finite)) if finite else None  # JSON has no NaN.
@@ -90,15 +77,15 @@ def measure(pipeline: sampling_pipeline.Pipeline, data_dir: str, *, num_videos: 
       first = np.repeat(record["video"][:1], len(prompts), axis=0)
       generated = generate_lib.generate(pipeline, prompts, first, None, tau=0, steps=steps,
                                         seed=np.full(len(prompts), seed + index))
-      shifts = [displacement(video, record["background"]) for video in generated]
+      shifts = [metrics.displacement(video, record["background"]) for video in generated]
       by_pair = {}
       for (direction, speed, _), shift in zip(grid, shifts):
-        cosine = _cosine(shift, moving_shapes.DIRECTIONS[direction])
+        cosine = metrics.direction_cosine(shift, moving_shapes.DIRECTIONS[direction])
         failed += math.isnan(cosine)
         cosines.append(cosine)
         moved[speed].append(float(np.linalg.norm(shift)))
         by_pair[direction, speed] = float(np.linalg.norm(shift))
-      empty_cosines.append(_cosine(shifts[-1], record["velocity"]))
+      empty_cosines.append(metrics.direction_cosine(shifts[-1], record["velocity"]))
       if "slow" in speeds and "fast" in speeds:
         ordered += [by_pair[d, "fast"] > by_pair[d, "slow"] + _SPEED_MARGIN_PX
                     for d in directions
