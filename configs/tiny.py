@@ -71,6 +71,8 @@ def get_config():
   config.log_every_steps = 50
   config.checkpoint_every_steps = 500
 
+  config.eval.num_videos = 64  # Periodic evaluation and the ablation's default --num_videos.
+
   config.sample.num_steps = 25
   config.sample.tau = 25
   config.sample.guidance_scale = 2.0

@@ -103,6 +103,23 @@ def test_a_workdir_trained_with_other_overrides_is_refused(ablated, tmp_path):
     ablation.run(base, str(other), variants=["no_text"], **settings)
 
 
+def test_a_preempted_variant_stops_the_ablation(ablated, tmp_path, monkeypatch):
+  base, workdir, _, settings = ablated
+  base = copy.deepcopy(base)
+  base.data.data_dir = os.path.join(workdir, "data")
+  train = trainer.train_and_evaluate
+
+  def preempted_after_one_step(config, variant_dir):  # As SIGTERM does: save, then return.
+    config = copy.deepcopy(config)
+    config.num_train_steps = 1
+    return train(config, variant_dir)
+  monkeypatch.setattr(trainer, "train_and_evaluate", preempted_after_one_step)
+  with pytest.raises(ablation.Preempted, match="step 1 of 2"):
+    ablation.run(base, str(tmp_path), variants=["full", "no_text"], **settings)
+  assert not os.path.exists(tmp_path / "no_text")  # Not started, and nothing evaluated.
+  assert not os.path.exists(tmp_path / "ablation.json")
+
+
 def test_unknown_variant_is_named(tmp_path):
   with pytest.raises(ValueError, match="unknown ablation variants.*'no_frames'"):
     ablation.run(_config(), str(tmp_path), variants=["full", "no_frames"])

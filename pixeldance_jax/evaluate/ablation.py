@@ -1,7 +1,7 @@
 """The paper's ablation as one command: train each variant, evaluate each alike, one table.
 
   python -m pixeldance_jax.evaluate.ablation --config=configs/tiny.py --workdir=DIR \\
-      [--variants=full,no_text,no_last_frame,t2v] [--steps=N] [--num_videos=64]
+      [--variants=full,no_text,no_last_frame,t2v] [--steps=N] [--num_videos=N]
 
 Each variant trains in DIR/<variant> from the same config and seed with only its own overrides
 (`VARIANTS`; `--config.<key>=...` changes the base of all of them alike, and all read one
@@ -117,6 +117,10 @@ def _write_json(path: str, value: dict[str, Any]) -> None:
   _write_text(path, json.dumps(value, indent=2) + "\n")
 
 
+class Preempted(RuntimeError):
+  """A variant's training stopped before its last step: the ablation stops there too."""
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """What an evaluation depends on besides the checkpoint."""
@@ -142,6 +146,9 @@ def train_variant(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
     record["train_minutes"] = round(record["train_minutes"] + (time.time() - started) / 60, 2)
     step = _trained_step(workdir, config)
     _write_json(record_path, dict(record, step=step))
+    if step != config.num_train_steps:  # Preempted (SIGTERM): the trainer saved and returned.
+      raise Preempted(f"{workdir}: training stopped at step {step} of "
+                      f"{config.num_train_steps}; rerun the same command to resume.")
   return dict(record, step=step)
 
 
@@ -237,11 +244,13 @@ def figure(results: dict[str, Any], examples: dict[str, dict[str, np.ndarray]],
 
 def run(base: ml_collections.ConfigDict, workdir: str, *,
         variants: Iterable[str] = tuple(VARIANTS), steps: int | None = None,
-        num_videos: int = 64, global_batch: int = 16, sampler_steps: int | None = None,
+        num_videos: int | None = None, global_batch: int | None = None,
+        sampler_steps: int | None = None,
         seed: int = 0, cache_dir: str | None = suite.DEFAULT_CACHE_DIR,
         networks: suite.Networks | None = None) -> dict[str, Any]:
   """Trains and evaluates each variant (skipping what is done) and writes the ablation's table,
-  JSON and figure into `workdir`. Returns the JSON's content."""
+  JSON and figure into `workdir`. Returns the JSON's content. `num_videos` and `global_batch`
+  default to the config's eval.num_videos and eval.batch_size."""
   variants = suite.names(variants)
   unknown = sorted(set(variants) - set(VARIANTS))
   if unknown:
@@ -251,6 +260,8 @@ def run(base: ml_collections.ConfigDict, workdir: str, *,
   configs = {name: variant_config(base, name, data_dir, steps) for name in variants}
   for name, config in configs.items():  # Every mismatch before hours of training.
     _trained_step(os.path.join(workdir, name), config)
+  num_videos = num_videos or base.eval.num_videos
+  global_batch = global_batch or base.eval.batch_size
   settings = Settings(num_videos, global_batch, sampler_steps, seed)
   started = time.time()
   trained = {}
@@ -298,9 +309,10 @@ def _define_flags() -> dict[str, Any]:
       "variants": flags.DEFINE_list("variants", list(VARIANTS), f"Of {', '.join(VARIANTS)}."),
       "steps": flags.DEFINE_integer("steps", None, "Training steps per variant. Default: "
                                     "config.num_train_steps."),
-      "num_videos": flags.DEFINE_integer("num_videos", 64, "Held-out clips sampled per mode."),
-      "global_batch": flags.DEFINE_integer("batch_size", 16, "Videos per global batch when "
-                                           "evaluating."),
+      "num_videos": flags.DEFINE_integer("num_videos", None, "Held-out clips sampled per "
+                                         "mode. Default: config.eval.num_videos."),
+      "global_batch": flags.DEFINE_integer("batch_size", None, "Videos per global batch when "
+                                           "evaluating. Default: config.eval.batch_size."),
       "sampler_steps": flags.DEFINE_integer("sampler_steps", None, "Default: "
                                             "config.sample.num_steps."),
       "seed": flags.DEFINE_integer("seed", 0, "Sampling seed: held-out clip i gets seed + i."),
@@ -321,6 +333,8 @@ def main(argv: list[str], holders: dict[str, Any]) -> None:
     results = run(base, workdir, **values)
   except (FileNotFoundError, ValueError) as error:
     sys.exit(f"pixeldance_jax.evaluate.ablation: error: {error}")
+  except Preempted as error:
+    sys.exit(f"pixeldance_jax.evaluate.ablation: preempted: {error}")
   print(table(results))
   print(f"({results['minutes_this_run']:.1f} min); wrote "
         + " ".join(os.path.join(workdir, f"ablation.{e}") for e in ("md", "json", "png")))
