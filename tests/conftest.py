@@ -14,7 +14,6 @@ import pathlib
 import shutil
 import sys
 import tempfile
-import types
 
 _REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
@@ -24,13 +23,7 @@ if _TESTS not in sys.path:
   sys.path.insert(0, _TESTS)
 
 import processes  # pylint: disable=wrong-import-position
-
-# The registry's torchvision wheels are CUDA builds: beside the CPU torch their compiled ops do
-# not load, and the fake-kernel registrations of those ops then raise at `import torchvision`,
-# breaking transformers' CLIP and pytorch-fid's Inception (the references). Both use only its
-# pure-Python model code, so the registrations are skipped.
-sys.modules.setdefault("torchvision._meta_registrations",
-                       types.ModuleType("torchvision._meta_registrations"))
+import torch_compat  # pylint: disable=wrong-import-position,unused-import  # Before torch.
 
 # The README installs with `pip --no-compile` (compiling the byte code of every installed file,
 # torch's included, is half the install): the suite and its subprocesses write that of what they
