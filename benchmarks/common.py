@@ -26,7 +26,7 @@ from ml_collections import config_flags  # pylint: disable=wrong-import-position
 from configs import pixeldance as paper  # pylint: disable=wrong-import-position
 from configs import tiny  # pylint: disable=wrong-import-position
 from pixeldance_jax.parallel import mesh as mesh_lib  # pylint: disable=wrong-import-position
-from tests import torch_compat  # pylint: disable=wrong-import-position,unused-import
+from tests import torch_compat  # noqa: F401  # pylint: disable=wrong-import-position,unused-import
 
 GiB = 2**30
 

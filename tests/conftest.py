@@ -23,7 +23,7 @@ if _TESTS not in sys.path:
   sys.path.insert(0, _TESTS)
 
 import processes  # pylint: disable=wrong-import-position
-import torch_compat  # pylint: disable=wrong-import-position,unused-import  # Before torch.
+import torch_compat  # noqa: F401  # pylint: disable=wrong-import-position,unused-import
 
 # The README installs with `pip --no-compile` (compiling the byte code of every installed file,
 # torch's included, is half the install): the suite and its subprocesses write that of what they
