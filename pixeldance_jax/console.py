@@ -245,13 +245,12 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
   one line too. Exits with code 2 on an error; returns the remaining arguments."""
   configs = {}
   for name, flag in _config_file_flags(flag_values).items():
-    path = _config_argument(argv, name) or flag.default
-    if not path:
-      continue
+    path = _config_argument(argv, name)
     # A first, cheap load of the config file (plain Python); one that cannot be read is
-    # reported by the real parse below.
-    config = flag.parser.parse(path)
-    if _keys(config) is None:
+    # reported by the real parse below. Without the flag on the command line, its default,
+    # which absl already parsed when the flag was defined (None without one).
+    config = flag.parser.parse(path) if path else flag.default
+    if config is None or _keys(config) is None:
       continue
     configs[name] = config
     errors = config_override_errors(config, argv, name)

@@ -239,6 +239,18 @@ def test_bad_config_override_is_one_line_naming_the_key(override, message, capsy
   assert len(lines) == 1 and message in lines[0], lines
 
 
+def test_a_config_flag_with_a_default_file_takes_overrides_and_names_bad_keys(capsys):
+  flag_values = flags.FlagValues()
+  argv = ["model_size.py", "--config.batch_size=2"]
+  config_flags.DEFINE_config_file("config", "configs/unit_test.py", "Config file.",
+                                  flag_values=flag_values, sys_argv=argv)
+  assert console.parse_flags(argv, flag_values) == ["model_size.py"]
+  assert flag_values.config.batch_size == 2
+  with pytest.raises(SystemExit):
+    console.parse_flags(["model_size.py", "--config.batch_sise=2"], flag_values)
+  assert "did you mean --config.batch_size?" in capsys.readouterr().err
+
+
 def test_config_override_errors_pass_valid_keys():
   config = unit_test.get_config()
   argv = ["--config.unet.dropout=0.1", "--config.sample.tau", "3",
