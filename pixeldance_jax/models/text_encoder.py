@@ -25,7 +25,7 @@ Array = jax.Array
 
 ACTIVATIONS = {
     "quick_gelu": lambda x: x * jax.nn.sigmoid(1.702 * x),
-    "gelu": layers.gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
 }
 
 
