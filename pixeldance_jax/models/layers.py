@@ -145,13 +145,15 @@ class TemporalConvBlock(nn.Module):
 
 
 class FrameConv(nn.Module):
-  """A Conv3d with kernel (3, 1, 1) over `[b, f, h, w, c]`, zero-padded in time, as one matmul.
+  """A Conv3d with kernel (3, 1, 1) over `[b, f, h, w, c]`, zero-padded in time, run as a 2-D
+  convolution over (frames, pixels).
 
   Its parameters are nn.Conv's (kernel `[3, 1, 1, c_in, c_out]`, bias `[c_out]`, the same
-  logical axes), so checkpoints and diffusers' weights load unchanged. The three neighbouring
-  frames are stacked on the channel axis and multiplied by the kernel as a `[3 c_in, c_out]`
-  matrix: the same sums as the convolution, but one large matrix product instead of a 5-D
-  convolution, which XLA:CPU runs several times slower (no fast path for 5-D windows).
+  logical axes), so checkpoints and diffusers' weights load unchanged. Viewing the video as
+  `[b, f, h * w, c]` (a free reshape) makes the same sums a (3, 1) image convolution, which
+  XLA:CPU runs on its fast 2-D path instead of the slow generic 5-D one (tiny U-Net train step
+  0.497 -> 0.468 s). A convolution, not a matrix product of stacked frames (as fast): its
+  results do not depend on the batch size, so a seed gives the same video in any batch.
   """
   features: int
   dtype: Dtype = jnp.float32
@@ -165,10 +167,12 @@ class FrameConv(nn.Module):
     kernel = self.param("kernel", logical(kernel_init, (None, None, None, "conv_in", "conv_out")),
                         (3, 1, 1, channels, self.features), jnp.float32)
     bias = self.param("bias", logical(zeros_init, ("conv_out",)), (self.features,), jnp.float32)
-    padded = jnp.pad(x.astype(self.dtype), ((0, 0), (1, 1), (0, 0), (0, 0), (0, 0)))
-    stacked = jnp.concatenate([padded[:, i:i + frames] for i in range(3)], axis=-1)
-    kernel = kernel.reshape(3 * channels, self.features).astype(self.dtype)
-    return stacked @ kernel + bias.astype(self.dtype)
+    b, _, height, width, _ = x.shape
+    images = x.astype(self.dtype).reshape(b, frames, height * width, channels)
+    y = jax.lax.conv_general_dilated(
+        images, kernel.reshape(3, 1, channels, self.features).astype(self.dtype), (1, 1),
+        ((1, 1), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y.reshape(b, frames, height, width, self.features) + bias.astype(self.dtype)
 
 
 def attention(q: Array, k: Array, v: Array, impl: str | None) -> Array:
