@@ -162,12 +162,11 @@ class FrameConv(nn.Module):
   @nn.compact
   def __call__(self, x: Array) -> Array:
     x = nn.with_logical_constraint(x, _CONV_INPUT_AXES[5])
-    channels, frames = x.shape[-1], x.shape[1]
+    b, frames, height, width, channels = x.shape
     kernel_init = zeros_init if self.zero_init else default_kernel_init
     kernel = self.param("kernel", logical(kernel_init, (None, None, None, "conv_in", "conv_out")),
                         (3, 1, 1, channels, self.features), jnp.float32)
     bias = self.param("bias", logical(zeros_init, ("conv_out",)), (self.features,), jnp.float32)
-    b, _, height, width, _ = x.shape
     images = x.astype(self.dtype).reshape(b, frames, height * width, channels)
     y = jax.lax.conv_general_dilated(
         images, kernel.reshape(3, 1, channels, self.features).astype(self.dtype), (1, 1),
