@@ -40,6 +40,8 @@ DEV_REQUIRES = [
     # pytorch-fid's Inception (the FID reference) is built from torchvision's Inception3.
     "torchvision==0.28.0",
     "pytorch-fid==0.3.0",
+    # The demo's browser test drives the system's Chromium through its chromedriver.
+    "selenium==4.51.0",
 ]
 
 setuptools.setup(
@@ -48,6 +50,7 @@ setuptools.setup(
     description="PixelDance (Make Pixels Dance) video diffusion in JAX/Flax",
     packages=setuptools.find_packages(include=["pixeldance_jax", "pixeldance_jax.*"]),
     include_package_data=True,
+    package_data={"pixeldance_jax.demo": ["static/*"]},
     python_requires=">=3.11,<3.12",
     install_requires=INSTALL_REQUIRES,
     extras_require={"dev": DEV_REQUIRES},

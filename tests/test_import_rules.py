@@ -1,6 +1,6 @@
 """The package's import graph points one way and has no cycles.
 
-Entry points -> train / sampling / evaluate -> data, diffusion, models, parallel. Every import
+Entry points (the demo among them) -> train / sampling / evaluate -> data, diffusion, models, parallel. Every import
 counts, also one inside a function (a function-level import hides a cycle; it does not remove
 it). Top-level modules (tokenizer, checkpoints, video_io, console, convert) are their own rooms.
 """
@@ -14,11 +14,15 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "pixeldance_jax"
 
 # Room -> rooms it must never import.
 FORBIDDEN = {
-    "models": {"train", "data", "sampling", "evaluate"},
-    "diffusion": {"models", "train", "data", "sampling", "evaluate"},
-    "data": {"models", "train", "sampling", "evaluate"},
-    "parallel": {"models", "train", "data", "sampling", "evaluate"},
-    "sampling": {"train", "evaluate"},
+    "models": {"train", "data", "sampling", "evaluate", "demo"},
+    "diffusion": {"models", "train", "data", "sampling", "evaluate", "demo"},
+    "data": {"models", "train", "sampling", "evaluate", "demo"},
+    "parallel": {"models", "train", "data", "sampling", "evaluate", "demo"},
+    "sampling": {"train", "evaluate", "demo"},
+    "train": {"demo"},
+    "evaluate": {"demo"},
+    # The demo is an entry point over sampling: it never needs training code.
+    "demo": {"train"},
 }
 
 

@@ -200,9 +200,10 @@ def _batches(requests: Sequence[Request], batch_size: int) -> list[list[Request]
           for start in range(0, len(group), batch_size)]
 
 
-def run_requests(pipeline: Pipeline, requests: Sequence[Request], batch_size: int = 8
-                 ) -> Iterator[tuple[Request, generate_lib.LongVideo]]:
-  """Samples every request, `batch_size` at a time, yielding (request, one-example LongVideo)."""
+def run_requests(pipeline: Pipeline, requests: Sequence[Request], batch_size: int = 8,
+                 log: bool = True) -> Iterator[tuple[Request, generate_lib.LongVideo]]:
+  """Samples every request, `batch_size` at a time, yielding (request, one-example LongVideo);
+  `log`: a line per batch."""
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be >= 1")
   batches = _batches(requests, batch_size)
@@ -220,9 +221,10 @@ def run_requests(pipeline: Pipeline, requests: Sequence[Request], batch_size: in
            for key in ("seed", "guidance_scale", "guidance_rescale", "eta")},
         steps=settings["steps"], sampler=settings["sampler"],
         timestep_spacing=settings["timestep_spacing"])
-    logging.info("batch %d/%d (videos: %d, %s, %d steps, clips: %d) sampled in %.1f s", number,
-                 len(batches), len(batch), settings["sampler"], settings["steps"],
-                 settings["num_clips"], time.perf_counter() - start)
+    if log:
+      logging.info("batch %d/%d (videos: %d, %s, %d steps, clips: %d) sampled in %.1f s", number,
+                   len(batches), len(batch), settings["sampler"], settings["steps"],
+                   settings["num_clips"], time.perf_counter() - start)
     for index, request in enumerate(batch):
       yield request, generate_lib.LongVideo(*(x[index:index + 1]
                                               for x in dataclasses.astuple(result)))

@@ -1,0 +1,292 @@
+"""The demo's model side: one restored pipeline, some held-out clips, and a queue of one.
+
+`Demo.generate(payload)` checks a request (the JSON the page posts, see `parse_request`),
+queues it behind the requests already waiting, samples it on the single worker thread, and
+writes its files to OUTPUT_DIR/NNNN/. Requests never run in parallel: one device, one
+program at a time, and the compiled program is reused across requests (tau, guidance, steps,
+seed, eta and the number of clips are traced inputs; only another sampler compiles again).
+"""
+
+import base64
+import binascii
+import concurrent.futures
+import dataclasses
+import io
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from absl import logging
+from PIL import Image, UnidentifiedImageError
+
+from pixeldance_jax import video_io
+from pixeldance_jax.diffusion import samplers
+from pixeldance_jax.sampling import outputs, program
+from pixeldance_jax.sampling import requests as requests_lib
+from pixeldance_jax.sampling import settings as settings_lib
+from pixeldance_jax.sampling.pipeline import Pipeline
+
+# What a generate request may hold besides the sampling settings (settings.SETTINGS).
+INPUTS = ("prompt", "first_frame", "last_frame", "last_frame_edges")
+# How a frame is given: a held-out clip's (its index), an uploaded image, or a drawn sketch
+# (last frame only; images are PNG / JPEG data URLs or plain base64).
+FRAME_KINDS = {"first_frame": ("heldout", "image"), "last_frame": ("heldout", "image", "sketch")}
+MAX_IMAGE_BYTES = 16 << 20
+_DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,")
+_OUTPUT_NAME = re.compile(r"^\d{4,}$")
+
+
+class Busy(RuntimeError):
+  """Too many requests are already waiting."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FrameInput:
+  kind: str  # One of FRAME_KINDS.
+  heldout: int = 0  # kind "heldout": the clip's index.
+  image: bytes = b""  # kinds "image" and "sketch": the encoded image.
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoRequest:
+  """A checked request: its inputs and the settings it gave (the rest come from the config)."""
+  prompt: str | tuple[str, ...]
+  first_frame: FrameInput
+  last_frame: FrameInput | None
+  last_frame_edges: bool
+  settings: dict[str, Any]
+
+
+def _frame_input(name: str, value: Any, num_heldout: int) -> FrameInput | None:
+  if value is None and name == "last_frame":
+    return None
+  kinds = FRAME_KINDS[name]
+  if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in kinds:
+    raise ValueError(f"{name} must be an object with one key of {list(kinds)}"
+                     f"{' (or null)' if name == 'last_frame' else ''}; got {value!r:.80}")
+  (kind, item), = value.items()
+  if kind == "heldout":
+    if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < num_heldout:
+      raise ValueError(f"{name}: held-out clip {item!r} does not exist"
+                       + (f" (0 to {num_heldout - 1})" if num_heldout else
+                          "; this demo has no held-out clips: upload an image"))
+    return FrameInput(kind, heldout=item)
+  return FrameInput(kind, image=decode_image_data(item, name))
+
+
+def decode_image_data(data: Any, name: str) -> bytes:
+  """The bytes of an image sent as a data URL (`data:image/png;base64,...`) or plain base64."""
+  if not isinstance(data, str) or not data:
+    raise ValueError(f"{name}: expected an image as a base64 data URL")
+  try:
+    encoded = base64.b64decode(_DATA_URL.sub("", data, count=1), validate=True)
+  except (binascii.Error, ValueError) as error:
+    raise ValueError(f"{name}: the image is not valid base64 ({error})") from error
+  if len(encoded) > MAX_IMAGE_BYTES:
+    raise ValueError(f"{name}: the image is {len(encoded) >> 20} MiB, more than "
+                     f"{MAX_IMAGE_BYTES >> 20} MiB")
+  try:
+    with Image.open(io.BytesIO(encoded)) as image:
+      image.verify()
+  except (UnidentifiedImageError, OSError, SyntaxError) as error:
+    raise ValueError(f"{name}: the upload is not an image this server can read (PNG, JPEG, "
+                     "WebP, ...)") from error
+  return encoded
+
+
+def _prompt(value: Any, num_clips: int | None) -> str | tuple[str, ...]:
+  """One prompt for every clip, or (several lines and several clips) one line per clip."""
+  if not isinstance(value, str):
+    raise ValueError(f"prompt must be a string; got {value!r:.80}")
+  lines = [line.strip() for line in value.strip().splitlines() if line.strip()]
+  if len(lines) > 1 and (num_clips or 1) > 1:
+    return tuple(lines)
+  return " ".join(lines)
+
+
+def parse_request(payload: Any, num_heldout: int) -> DemoRequest:
+  """A generate request, checked before it waits in the queue. ValueError names the problem.
+
+  `payload`: {"prompt": str, "first_frame": {"heldout": i} | {"image": data URL},
+  "last_frame": null | {"heldout": i} | {"image": data URL} | {"sketch": data URL},
+  "last_frame_edges": bool (turn a held-out or uploaded last frame into an edge map), and
+  any of settings.SETTINGS (tau, guidance_scale, steps, sampler, seed, num_clips, ...)}.
+  """
+  if not isinstance(payload, dict):
+    raise ValueError("the request must be a JSON object")
+  unknown = sorted(set(payload) - set(INPUTS) - set(settings_lib.SETTINGS))
+  if unknown:
+    raise ValueError(f"unknown field(s) {unknown}; known: {list(INPUTS + settings_lib.SETTINGS)}")
+  settings = {name: settings_lib.convert_setting(name, payload[name])
+              for name in settings_lib.SETTINGS if payload.get(name) not in (None, "")}
+  settings_lib.check_settings(settings)
+  edges = payload.get("last_frame_edges", False)
+  if not isinstance(edges, bool):
+    raise ValueError(f"last_frame_edges must be true or false; got {edges!r:.40}")
+  return DemoRequest(
+      prompt=_prompt(payload.get("prompt", ""), settings.get("num_clips")),
+      first_frame=_frame_input("first_frame", payload.get("first_frame"), num_heldout),
+      last_frame=_frame_input("last_frame", payload.get("last_frame"), num_heldout),
+      last_frame_edges=edges, settings=settings)
+
+
+def _next_name(output_dir: str) -> str:
+  numbers = [int(name) for name in os.listdir(output_dir) if _OUTPUT_NAME.match(name)]
+  return f"{max(numbers, default=-1) + 1:04d}"
+
+
+class Demo:
+  """Samples the demo's requests one at a time on a worker thread, with one restored model."""
+
+  def __init__(self, pipeline: Pipeline, heldout: Sequence[Mapping[str, Any]], output_dir: str,
+               *, max_clips: int = 8, max_waiting: int = 8, upscale: int = 4):
+    """`heldout`: clips with `video` uint8 [F, H, W, 3] and `caption` (may be empty)."""
+    self.pipeline = pipeline
+    self.heldout = list(heldout)
+    self.output_dir = os.path.abspath(output_dir)
+    self.max_clips, self.max_waiting, self.upscale = max_clips, max_waiting, upscale
+    os.makedirs(self.output_dir, exist_ok=True)
+    self._executor = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="demo-sampler")
+    self._lock = threading.Lock()
+    self._waiting = 0  # Requests queued or running.
+    self.generated = 0
+
+  def info(self) -> dict[str, Any]:
+    """What the page needs to build its form: the model, the defaults, the held-out clips."""
+    config = self.pipeline.config
+    conditioning = config.conditioning
+    return {
+        "checkpoint_step": self.pipeline.step, "weights": self.pipeline.weights,
+        "workdir": self.pipeline.workdir, "image_size": config.data.image_size,
+        "frames": config.data.frames, "fps": config.data.fps,
+        "use_text": bool(conditioning.use_text),
+        "use_first_frame": bool(conditioning.use_first_frame),
+        "use_last_frame": bool(conditioning.use_last_frame),
+        "defaults": settings_lib.default_settings(config),
+        "samplers": sorted(samplers.SAMPLERS),
+        "timestep_spacings": list(samplers.TIMESTEP_SPACINGS),
+        "max_steps": config.diffusion.num_train_timesteps, "max_clips": self.max_clips,
+        "heldout": [{"index": index, "caption": str(clip.get("caption", ""))}
+                    for index, clip in enumerate(self.heldout)],
+        "waiting": self._waiting, "generated": self.generated,
+        "compiles": sum(program.trace_counts.values()),
+    }
+
+  def heldout_frame(self, index: int, which: str) -> np.ndarray:
+    """uint8 [H, W, 3]: the first or last frame of held-out clip `index`."""
+    if which not in ("first", "last") or not 0 <= index < len(self.heldout):
+      raise KeyError(f"no {which} frame of held-out clip {index}")
+    video = self.heldout[index]["video"]
+    return video[0] if which == "first" else video[-1]
+
+  def generate(self, payload: Any) -> dict[str, Any]:
+    """Checks `payload` (see `parse_request`), waits for its turn, samples and writes it.
+
+    Returns the output's name, files (relative to the output dir), record, timings and
+    whether the program was compiled for it. Raises ValueError for bad input, Busy when
+    `max_waiting` requests are already waiting.
+    """
+    request = parse_request(payload, len(self.heldout))
+    num_clips = request.settings.get("num_clips", 1)
+    if num_clips > self.max_clips:
+      raise ValueError(f"num_clips={num_clips} is more than this demo's --max_clips="
+                       f"{self.max_clips}")
+    with self._lock:
+      if self._waiting >= self.max_waiting:
+        raise Busy(f"{self._waiting} requests are already waiting; try again later")
+      self._waiting += 1
+    queued = time.perf_counter()
+    try:
+      return self._executor.submit(self._run, request, queued).result()
+    finally:
+      with self._lock:
+        self._waiting -= 1
+
+  def warm_up(self) -> concurrent.futures.Future:
+    """Queues a one-step generation with the default sampler, so that the first request
+    finds the program compiled. Returns its future (the seconds it took)."""
+    return self._executor.submit(self._warm_up)
+
+  def close(self) -> None:
+    self._executor.shutdown(wait=True, cancel_futures=True)
+
+  def _warm_up(self) -> float:
+    start = time.perf_counter()
+    size = self.pipeline.config.data.image_size
+    frame = np.zeros((size, size, 3), np.uint8)
+    settings = requests_lib.resolve_settings(self.pipeline.config, "", {"steps": 1})
+    warm = requests_lib.Request(prompts=("",), first_frame=frame, last_frame=frame,
+                                settings=settings, record={})
+    list(requests_lib.run_requests(self.pipeline, [warm], batch_size=1, log=False))
+    seconds = time.perf_counter() - start
+    logging.info("The sampling program is compiled (%.1f s): ready.", seconds)
+    return seconds
+
+  def _frame_path(self, frame: FrameInput, name: str, folder: str) -> str:
+    """The frame as an image file in `folder` (held-out frames are written as PNG)."""
+    path = os.path.join(folder, "inputs", f"{name}.png")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    if frame.kind == "heldout":
+      video_io.save_image(self.heldout_frame(frame.heldout, name.split("_")[0]), path)
+    else:
+      with open(path, "wb") as f:
+        f.write(frame.image)
+    return path
+
+  def _make_request(self, request: DemoRequest, folder: str) -> requests_lib.Request:
+    first = self._frame_path(request.first_frame, "first_frame", folder)
+    last = (None if request.last_frame is None else
+            self._frame_path(request.last_frame, "last_frame", folder))
+    edges = request.last_frame_edges and request.last_frame is not None and (
+        request.last_frame.kind != "sketch")
+    made = requests_lib.make_request(self.pipeline, prompt=request.prompt, first_frame=first,
+                                     last_frame=last, last_frame_edges=edges,
+                                     **request.settings)
+    record = made.record
+    for name, frame in (("first_frame", request.first_frame), ("last_frame", request.last_frame)):
+      if frame is not None:
+        record[name] = (f"held-out clip {frame.heldout}" if frame.kind == "heldout" else
+                        f"{'drawn sketch' if frame.kind == 'sketch' else 'upload'}: "
+                        f"inputs/{name}.png")
+    if request.last_frame is not None and request.last_frame.kind == "sketch":
+      record["mode"] = record["mode"].replace("magic", "sketch")
+    return made
+
+  def _run(self, request: DemoRequest, queued: float) -> dict[str, Any]:
+    """On the worker thread: sample `request` into a hidden folder, then rename it NNNN."""
+    start = time.perf_counter()
+    compiles = sum(program.trace_counts.values())
+    folder = tempfile.mkdtemp(prefix=".request-", dir=self.output_dir)
+    try:
+      os.chmod(folder, 0o755)  # mkdtemp's 0o700 would outlive the rename.
+      made = self._make_request(request, folder)
+      (_, result), = requests_lib.run_requests(self.pipeline, [made], batch_size=1, log=False)
+      name = _next_name(self.output_dir)
+      record = {**made.record, "checkpoint_step": self.pipeline.step,
+                "weights": self.pipeline.weights, "workdir": self.pipeline.workdir,
+                "name": name}
+      written = outputs.write_folder(result.video[0], folder, self.pipeline.config.data.fps,
+                                     self.upscale, record)
+      os.rename(folder, os.path.join(self.output_dir, name))
+    except BaseException:
+      shutil.rmtree(folder, ignore_errors=True)
+      raise
+    self.generated += 1
+    seconds = time.perf_counter() - start
+    compiled = sum(program.trace_counts.values()) > compiles
+    logging.info("%s: %s, %d steps, %s in %.1f s%s", name, record["mode"], record["steps"],
+                 record["sampler"], seconds, " (compiled the program)" if compiled else "")
+    files = dict(zip(("mp4", "gif", "contact_sheet", "record"),
+                     (os.path.relpath(path, folder) for path in written)))
+    files["first_frame"] = "inputs/first_frame.png"
+    if request.last_frame is not None:
+      files["last_frame"] = "inputs/last_frame.png"
+    return {"name": name, "files": files, "record": record, "compiled": compiled,
+            "seconds": round(seconds, 3), "queued_seconds": round(start - queued, 3)}
