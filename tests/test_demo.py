@@ -6,6 +6,7 @@ import concurrent.futures
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -260,3 +261,12 @@ def test_the_command_names_a_missing_checkpoint(tmp_path):
   lines = result.stderr.strip().splitlines()
   assert len(lines) == 1 and lines[0].startswith(
       f"pixeldance_jax.demo: error: No checkpoint in {tmp_path / 'nowhere' / 'checkpoints'}")
+
+
+def test_a_port_in_use_is_named(demo):
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    with pytest.raises(ValueError, match=f"cannot listen on 127.0.0.1:{port}.*another --port"):
+      app.start_server(demo, "127.0.0.1", port)
