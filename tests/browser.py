@@ -2,9 +2,11 @@
 chromedriver (Debian's packages chromium and chromium-driver, which `.ci/run` installs):
 nothing is downloaded, and the network stays closed."""
 
+import contextlib
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
@@ -28,12 +30,18 @@ def _find(names: tuple[str, ...], what: str) -> str:
                      ".ci/run")
 
 
-def chromium() -> webdriver.Chrome:
-  """A headless Chromium with its own empty profile; quit() it when done."""
+@contextlib.contextmanager
+def chromium() -> Iterator[webdriver.Chrome]:
+  """A headless Chromium with its own empty profile, removed with the browser at the end."""
   options = webdriver.ChromeOptions()
   options.binary_location = _find(("chromium", "chromium-browser", "google-chrome"), "Chromium")
   for flag in CHROMIUM_FLAGS:
     options.add_argument(flag)
-  options.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-profile-')}")
-  service = Service(_find(("chromedriver",), "chromedriver"), log_output=os.devnull)
-  return webdriver.Chrome(service=service, options=options)
+  with tempfile.TemporaryDirectory(prefix="chromium-profile-") as profile:
+    options.add_argument(f"--user-data-dir={profile}")
+    service = Service(_find(("chromedriver",), "chromedriver"), log_output=os.devnull)
+    driver = webdriver.Chrome(service=service, options=options)
+    try:
+      yield driver
+    finally:
+      driver.quit()

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import urllib.error
 import urllib.request
 
@@ -25,7 +26,7 @@ import browser
 import helpers
 from configs import unit_test
 from pixeldance_jax import checkpoints
-from pixeldance_jax.demo import app
+from pixeldance_jax.demo import app, service
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import generate as generate_lib
@@ -175,7 +176,8 @@ def test_uploaded_frames_and_sketches(demo, server):
     ({"prompt": "x", "first_frame": {"image": "aGVsbG8="}}, "not an image"),
     ({"prompt": "x", "first_frame": {"heldout": 0}, "num_clips": 4}, "--max_clips=3"),
     ({"prompt": "a\nb\nc", "first_frame": {"heldout": 0}, "num_clips": 2},
-     "3 prompts for num_clips=2"),
+     "3 prompt lines for num_clips=2"),
+    ({"prompt": "x", "first_frame": {"heldout": 0}, "seed": 2**32}, "seed=4294967296 must be"),
 ])
 def test_bad_input_is_an_error_and_the_server_keeps_serving(demo, server, payload, message):
   before = _outputs(demo)
@@ -186,15 +188,29 @@ def test_bad_input_is_an_error_and_the_server_keeps_serving(demo, server, payloa
   assert json.loads(_get(server, "/api/info")[1])["waiting"] == 0
 
 
-def test_requests_are_queued_one_at_a_time(demo, server):
-  payload = {"prompt": "a green star moves down", "first_frame": {"heldout": 1}, "steps": 4}
-  with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    results = [future.result() for future in [pool.submit(_post, server, payload)
-                                              for _ in range(2)]]
-  assert [status for status, _ in results] == [200, 200]
-  first, second = sorted((body for _, body in results), key=lambda body: body["queued_seconds"])
-  assert first["name"] != second["name"]
-  assert second["queued_seconds"] >= 0.5 * first["seconds"]  # It waited for the first.
+def test_requests_are_queued_one_at_a_time(demo, server, monkeypatch):
+  """Three requests at once: each is sampled, never two at the same time."""
+  lock, running, most = threading.Lock(), [0], [0]
+  run_requests = service.requests_lib.run_requests
+
+  def counted(*args, **kwargs):
+    with lock:
+      running[0] += 1
+      most[0] = max(most[0], running[0])
+    try:
+      time.sleep(0.2)  # Long enough for the others to arrive, were they let in.
+      yield from run_requests(*args, **kwargs)
+    finally:
+      with lock:
+        running[0] -= 1
+
+  monkeypatch.setattr(service.requests_lib, "run_requests", counted)
+  payload = {"prompt": "a green star moves down", "first_frame": {"heldout": 1}, "steps": 2}
+  with concurrent.futures.ThreadPoolExecutor(3) as pool:
+    results = list(pool.map(lambda _: _post(server, payload), range(3)))
+  assert [status for status, _ in results] == [200] * 3, results
+  assert len({body["name"] for _, body in results}) == 3
+  assert most[0] == 1
 
 
 def test_a_full_queue_answers_busy(demo, server):
@@ -216,8 +232,7 @@ def test_a_full_queue_answers_busy(demo, server):
 
 
 def test_the_page_in_chromium_generates_a_video_from_a_sketch(demo, server):
-  driver = browser.chromium()
-  try:
+  with browser.chromium() as driver:
     driver.get(server.url)
     WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "generate").is_enabled())
     for control in CONTROLS:
@@ -249,8 +264,6 @@ def test_the_page_in_chromium_generates_a_video_from_a_sketch(demo, server):
                                                 "last_frame.png")).convert("L"))
     assert (sketch < 128).any() and (sketch > 128).any()  # The stroke arrived.
     assert driver.find_element(By.ID, "download-mp4").get_attribute("href").endswith(".mp4")
-  finally:
-    driver.quit()
 
 
 def test_the_command_names_a_missing_checkpoint(tmp_path):

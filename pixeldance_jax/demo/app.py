@@ -52,6 +52,11 @@ def start_server(demo: service.Demo, host: str = "127.0.0.1", port: int = 7860
   return server
 
 
+def _report_warm_up(future) -> None:
+  if not future.cancelled() and future.exception() is not None:
+    logging.error("The warm-up failed (requests will show the error): %s", future.exception())
+
+
 def _interrupt(signum, frame):  # pylint: disable=unused-argument
   raise KeyboardInterrupt
 
@@ -66,7 +71,7 @@ def serve(demo: service.Demo, host: str = "127.0.0.1", port: int = 7860,
                demo.output_dir)
   if warm_up:
     logging.info("Compiling the sampling program (requests wait for it)...")
-    demo.warm_up()
+    demo.warm_up().add_done_callback(_report_warm_up)
   try:
     threading.Event().wait()
   except KeyboardInterrupt:

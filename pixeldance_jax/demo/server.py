@@ -117,6 +117,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
     if path != "/api/generate":
       raise HttpError(http.HTTPStatus.NOT_FOUND, f"no such endpoint: POST {path}")
     length = int(self.headers.get("Content-Length") or 0)
+    if length < 0:
+      raise ValueError(f"Content-Length {length} is negative")
     if length > MAX_BODY_BYTES:
       raise HttpError(http.HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
                       f"the request is {length >> 20} MiB, more than {MAX_BODY_BYTES >> 20} MiB")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 from absl import logging
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pixeldance_jax import video_io
 from pixeldance_jax.diffusion import samplers
@@ -81,7 +81,7 @@ def _frame_input(name: str, value: Any, num_heldout: int) -> FrameInput | None:
 
 
 def decode_image_data(data: Any, name: str) -> bytes:
-  """The bytes of an image sent as a data URL (`data:image/png;base64,...`) or plain base64."""
+  """An image sent as a data URL (`data:image/png;base64,...`) or plain base64, as PNG bytes."""
   if not isinstance(data, str) or not data:
     raise ValueError(f"{name}: expected an image as a base64 data URL")
   try:
@@ -93,11 +93,16 @@ def decode_image_data(data: Any, name: str) -> bytes:
                      f"{MAX_IMAGE_BYTES >> 20} MiB")
   try:
     with Image.open(io.BytesIO(encoded)) as image:
-      image.verify()
-  except (UnidentifiedImageError, OSError, SyntaxError) as error:
+      # Re-encoded as PNG: what is kept (and served) is pixels, not the upload's metadata.
+      image = ImageOps.exif_transpose(image)
+      png = io.BytesIO()
+      image.save(png, format="PNG")
+  except Image.DecompressionBombError as error:
+    raise ValueError(f"{name}: the image is too large ({error})") from error
+  except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
     raise ValueError(f"{name}: the upload is not an image this server can read (PNG, JPEG, "
                      "WebP, ...)") from error
-  return encoded
+  return png.getvalue()
 
 
 def _prompt(value: Any, num_clips: int | None) -> str | tuple[str, ...]:
@@ -106,11 +111,15 @@ def _prompt(value: Any, num_clips: int | None) -> str | tuple[str, ...]:
     raise ValueError(f"prompt must be a string; got {value!r:.80}")
   lines = [line.strip() for line in value.strip().splitlines() if line.strip()]
   if len(lines) > 1 and (num_clips or 1) > 1:
+    if len(lines) != num_clips:
+      raise ValueError(f"{len(lines)} prompt lines for num_clips={num_clips}: give one line "
+                       "for every clip, or one prompt for all")
     return tuple(lines)
   return " ".join(lines)
 
 
-def parse_request(payload: Any, num_heldout: int) -> DemoRequest:
+def parse_request(payload: Any, num_heldout: int,
+                  num_train_timesteps: int | None = None) -> DemoRequest:
   """A generate request, checked before it waits in the queue. ValueError names the problem.
 
   `payload`: {"prompt": str, "first_frame": {"heldout": i} | {"image": data URL},
@@ -125,7 +134,7 @@ def parse_request(payload: Any, num_heldout: int) -> DemoRequest:
     raise ValueError(f"unknown field(s) {unknown}; known: {list(INPUTS + settings_lib.SETTINGS)}")
   settings = {name: settings_lib.convert_setting(name, payload[name])
               for name in settings_lib.SETTINGS if payload.get(name) not in (None, "")}
-  settings_lib.check_settings(settings)
+  settings_lib.check_settings(settings, num_train_timesteps)
   edges = payload.get("last_frame_edges", False)
   if not isinstance(edges, bool):
     raise ValueError(f"last_frame_edges must be true or false; got {edges!r:.40}")
@@ -136,9 +145,17 @@ def parse_request(payload: Any, num_heldout: int) -> DemoRequest:
       last_frame_edges=edges, settings=settings)
 
 
-def _next_name(output_dir: str) -> str:
-  numbers = [int(name) for name in os.listdir(output_dir) if _OUTPUT_NAME.match(name)]
-  return f"{max(numbers, default=-1) + 1:04d}"
+def _claim_name(output_dir: str) -> str:
+  """The next free NNNN in `output_dir`, created empty (so that two demos sharing the folder
+  never take the same one)."""
+  while True:
+    numbers = [int(name) for name in os.listdir(output_dir) if _OUTPUT_NAME.match(name)]
+    name = f"{max(numbers, default=-1) + 1:04d}"
+    try:
+      os.mkdir(os.path.join(output_dir, name))
+      return name
+    except FileExistsError:
+      continue
 
 
 class Demo:
@@ -193,7 +210,8 @@ class Demo:
     whether the program was compiled for it. Raises ValueError for bad input, Busy when
     `max_waiting` requests are already waiting.
     """
-    request = parse_request(payload, len(self.heldout))
+    request = parse_request(payload, len(self.heldout),
+                            self.pipeline.config.diffusion.num_train_timesteps)
     num_clips = request.settings.get("num_clips", 1)
     if num_clips > self.max_clips:
       raise ValueError(f"num_clips={num_clips} is more than this demo's --max_clips="
@@ -263,20 +281,22 @@ class Demo:
     """On the worker thread: sample `request` into a hidden folder, then rename it NNNN."""
     start = time.perf_counter()
     compiles = sum(program.trace_counts.values())
-    folder = tempfile.mkdtemp(prefix=".request-", dir=self.output_dir)
+    folder, name = tempfile.mkdtemp(prefix=".request-", dir=self.output_dir), None
     try:
       os.chmod(folder, 0o755)  # mkdtemp's 0o700 would outlive the rename.
       made = self._make_request(request, folder)
       (_, result), = requests_lib.run_requests(self.pipeline, [made], batch_size=1, log=False)
-      name = _next_name(self.output_dir)
+      name = _claim_name(self.output_dir)
       record = {**made.record, "checkpoint_step": self.pipeline.step,
                 "weights": self.pipeline.weights, "workdir": self.pipeline.workdir,
                 "name": name}
       written = outputs.write_folder(result.video[0], folder, self.pipeline.config.data.fps,
                                      self.upscale, record)
-      os.rename(folder, os.path.join(self.output_dir, name))
+      os.rename(folder, os.path.join(self.output_dir, name))  # Replaces the empty claim.
     except BaseException:
       shutil.rmtree(folder, ignore_errors=True)
+      if name is not None and not os.listdir(os.path.join(self.output_dir, name)):
+        os.rmdir(os.path.join(self.output_dir, name))  # The claim, still empty.
       raise
     self.generated += 1
     seconds = time.perf_counter() - start

@@ -32,7 +32,10 @@ def _tokenize(config: ml_collections.ConfigDict, prompts: Sequence[str]) -> np.n
 
 def _per_item(value: Any, batch: int, dtype) -> np.ndarray:
   """A scalar or a length-`batch` sequence as an array `[batch]`."""
-  values = np.asarray(value, dtype)
+  try:
+    values = np.asarray(value, dtype)
+  except OverflowError as error:  # A seed past int32 (seed + index of a batch, say).
+    raise ValueError(f"{value!r:.60} does not fit {np.dtype(dtype).name}") from error
   if values.ndim == 0:
     return np.full((batch,), values, dtype)
   if values.shape != (batch,):

@@ -43,12 +43,16 @@ def _finite(value: float) -> bool:
   return math.isfinite(value)
 
 
+_INT32_MAX = 2**31 - 1  # Seeds and tau are int32 inputs of the sampling program.
+
 # setting -> (whether a value is allowed, what is allowed); steps' upper bound is the config's.
 _RANGES = {
     "guidance_scale": (_finite, "a finite number"),
     "guidance_rescale": (lambda v: 0.0 <= v <= 1.0, "in [0, 1]"),  # NaN fails too.
     "eta": (lambda v: _finite(v) and v >= 0.0, "a finite number >= 0 (0 = deterministic DDIM)"),
-    "tau": (lambda v: v >= 0, ">= 0 (sampler steps that see the last frame)"),
+    "tau": (lambda v: 0 <= v <= _INT32_MAX,
+            ">= 0 and < 2**31 (sampler steps that see the last frame)"),
+    "seed": (lambda v: -_INT32_MAX - 1 <= v <= _INT32_MAX, "a 32-bit integer (|seed| < 2**31)"),
     "steps": (lambda v: v >= 1, ">= 1"),
     "num_clips": (lambda v: v >= 1, ">= 1"),
     "sampler": (lambda v: v in samplers.SAMPLERS, f"one of {sorted(samplers.SAMPLERS)}"),
@@ -59,7 +63,7 @@ _RANGES = {
 
 def check_settings(settings: Mapping[str, Any], num_train_timesteps: int | None = None) -> None:
   """Raises a one-line ValueError for a setting out of range: a non-finite guidance scale or
-  eta, a rescale outside [0, 1], eta or tau < 0, steps < 1 or > num_train_timesteps, an
+  eta, a rescale outside [0, 1], eta or tau < 0, a seed or tau beyond int32, steps < 1 or > num_train_timesteps, an
   unknown sampler or spacing, num_clips < 1.
 
   Settings that are absent or None are not checked, nor the upper bound of steps without
