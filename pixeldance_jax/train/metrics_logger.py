@@ -35,15 +35,25 @@ SummaryWriter, summary_pb2 = _import_tensorboardx()
 
 
 class PendingMetrics:
-  """The steps' metrics still on the device: the loop adds one per step without waiting, and
-  `flush` fetches them all at once (every log or checkpoint)."""
+  """The steps' metrics still on the device: the loop adds one per step, and `flush` fetches
+  them all at once (every log or checkpoint).
 
-  def __init__(self, num_train_timesteps: int):
+  `add` waits only while more than `max_in_flight` steps could still be running: the host
+  prepares the next batches while the device works, but never runs far ahead of it. Far
+  ahead, a preemption's save (of the step the host is at) would first wait for every queued
+  step, and those steps' batches would all be held on the device.
+  """
+
+  def __init__(self, num_train_timesteps: int, max_in_flight: int = 2):
     self.num_train_timesteps = num_train_timesteps
+    self.max_in_flight = max_in_flight
     self.pending: list[tuple[int, str, dict]] = []
 
   def add(self, step: int, name: str, metrics: dict) -> None:
     self.pending.append((step, name, metrics))
+    if len(self.pending) > self.max_in_flight:
+      # Steps run in order: once this one is done, so are all before it.
+      jax.block_until_ready(self.pending[-self.max_in_flight - 1][2]["finite"])
 
   def flush(self, last_saved: int | None) -> dict[str, float]:
     """Fetches the pending (step, step kind, metrics); stops the run at the first non-finite

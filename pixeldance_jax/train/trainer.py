@@ -24,6 +24,11 @@ from pixeldance_jax.train import preview as preview_lib
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
 
+# Steps queued on the device before the loop waits for the oldest: enough to keep the device
+# busy while the host prepares the next batch; few enough that a preemption's save (of the
+# step the host is at) comes about two steps after the signal, whatever log_every_steps is.
+MAX_STEPS_IN_FLIGHT = 2
+
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
   if jax.process_index() == 0:
@@ -126,7 +131,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   _write_config(config, workdir)
   steps = _compile_steps(config, mesh, shardings)
   logger = metrics_logger.MetricsLogger(workdir, config)
-  pending = metrics_logger.PendingMetrics(config.diffusion.num_train_timesteps)
+  pending = metrics_logger.PendingMetrics(config.diffusion.num_train_timesteps,
+                                         MAX_STEPS_IN_FLIGHT)
   preview = preview_lib.Preview(config, mesh, directory, workdir)
   evaluation = evaluation_lib.PeriodicEvaluation(config, mesh, directory, workdir)
   preemption = preemption_lib.Preemption(manager)
