@@ -10,7 +10,7 @@ from configs import unit_test
 from pixeldance_jax.data import pipeline
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax import checkpoints, console
-from pixeldance_jax.train import metrics_logger, trainer
+from pixeldance_jax.train import trainer
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
 
@@ -151,23 +151,3 @@ def test_config_checks_name_each_bad_choice_before_any_work(tmp_path):
   with pytest.raises(ValueError, match="lr_schedule='linear'.*\n.*batch_size=3 is not divisible"):
     trainer.train_and_evaluate(config, str(tmp_path))
 
-
-def test_the_loop_keeps_at_most_two_steps_in_flight(tmp_path, monkeypatch):
-  """Metrics are fetched every `log_every_steps` only; without a bound, Python would queue
-  that many steps ahead of the device, and a SIGTERM's save (of the step Python is at) would
-  wait for all of them. Counted after each step is queued: its own and the previous step."""
-  config = unit_test.get_config()
-  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
-  config.num_train_steps = 24
-  config.log_every_steps = 1000
-  config.checkpoint_every_steps = 1000
-  unfinished = []
-  add = metrics_logger.PendingMetrics.add
-
-  def counting_add(self, step, name, metrics):
-    add(self, step, name, metrics)
-    unfinished.append(sum(not m["finite"].is_ready() for _, _, m in self.pending))
-
-  monkeypatch.setattr(metrics_logger.PendingMetrics, "add", counting_add)
-  trainer.train_and_evaluate(config, str(tmp_path))
-  assert len(unfinished) == 24 and max(unfinished) <= trainer.MAX_STEPS_IN_FLIGHT == 2, unfinished

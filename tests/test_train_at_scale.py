@@ -20,7 +20,7 @@ from configs import unit_test
 from pixeldance_jax.data import pipeline
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax import checkpoints
-from pixeldance_jax.train import trainer
+from pixeldance_jax.train import metrics_logger, trainer
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
 
@@ -43,15 +43,29 @@ def _assert_trees_equal(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
-def test_preempted_run_resumes_bitwise_identically(tmp_path):
-  """SIGTERM mid-run saves and exits; resuming gives the uninterrupted run's state and data."""
+def test_preempted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
+  """SIGTERM mid-run saves and exits; resuming gives the uninterrupted run's state and data.
+  And the loop never queues more than two steps ahead of the device, though it fetches
+  metrics only every log_every_steps: else a SIGTERM's save (of the step the host is at)
+  would wait for every queued step."""
   steps = 40
   config = unit_test.get_config()
   config.update_from_flattened_dict(ONE_LEVEL_UNET)  # Resume does not depend on the depth.
   config.num_train_steps = steps
   config.checkpoint_every_steps = 1000  # Only the preemption and the last step save.
-  config.log_every_steps = 1
+  config.log_every_steps = 1000
+  unfinished = []  # After each step is queued: how many of the fetched-later steps still run.
+  add = metrics_logger.PendingMetrics.add
+
+  def counting_add(self, step, name, metrics):
+    add(self, step, name, metrics)
+    unfinished.append(sum(not m["finite"].is_ready() for _, _, m in self.pending))
+
+  monkeypatch.setattr(metrics_logger.PendingMetrics, "add", counting_add)
   straight = trainer.train_and_evaluate(config, str(tmp_path / "straight"))
+  # Without the bound this was [1, 2, 3, ..., 22] over 24 steps of this model.
+  assert len(unfinished) == steps and max(unfinished) <= trainer.MAX_STEPS_IN_FLIGHT == 2, (
+      unfinished)
 
   workdir = tmp_path / "preempted"
   flags = [f"--config.num_train_steps={steps}", "--config.checkpoint_every_steps=1000",
