@@ -21,8 +21,8 @@ def heldout_clips(pipeline: pipeline_lib.Pipeline, count: int) -> list[dict]:
   config = pipeline.config
   try:
     source = data_pipeline.test_source(config, data_pipeline.data_dir(config, pipeline.workdir))
-    return data_pipeline.load_test_clips(config, data_pipeline.data_dir(
-        config, pipeline.workdir), min(count, len(source)))
+    return [data_pipeline.decode_record(source[index], config.data.frames)
+            for index in range(min(count, len(source)))]
   except (FileNotFoundError, ValueError) as error:
     logging.warning("No held-out clips (%s): the page takes uploaded frames only.", error)
     return []
@@ -34,7 +34,6 @@ def load_demo(workdir: str, *, checkpoint_step: int | None = None, use_ema: bool
   (default WORKDIR/demo). `options`: `service.Demo`'s keyword arguments."""
   output_dir = output_dir or os.path.join(workdir, "demo")
   outputs.check_writable(output_dir, folder=True)
-  pipeline_lib.read_config(workdir, checkpoint_step)  # A missing checkpoint fails here, fast.
   pipeline = pipeline_lib.load_pipeline(workdir, checkpoint_step, use_ema)
   heldout = heldout_clips(pipeline, num_heldout)
   return service.Demo(pipeline, heldout, output_dir, **options)

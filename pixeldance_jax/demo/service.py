@@ -247,21 +247,21 @@ class Demo:
     logging.info("The sampling program is compiled (%.1f s): ready.", seconds)
     return seconds
 
-  def _frame_path(self, frame: FrameInput, name: str, folder: str) -> str:
-    """The frame as an image file in `folder` (held-out frames are written as PNG)."""
-    path = os.path.join(folder, "inputs", f"{name}.png")
+  def _frame_path(self, frame: FrameInput, which: str, folder: str) -> str:
+    """The "first" or "last" frame as FOLDER/inputs/WHICH_frame.png."""
+    path = os.path.join(folder, "inputs", f"{which}_frame.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if frame.kind == "heldout":
-      video_io.save_image(self.heldout_frame(frame.heldout, name.split("_")[0]), path)
+      video_io.save_image(self.heldout_frame(frame.heldout, which), path)
     else:
       with open(path, "wb") as f:
         f.write(frame.image)
     return path
 
   def _make_request(self, request: DemoRequest, folder: str) -> requests_lib.Request:
-    first = self._frame_path(request.first_frame, "first_frame", folder)
+    first = self._frame_path(request.first_frame, "first", folder)
     last = (None if request.last_frame is None else
-            self._frame_path(request.last_frame, "last_frame", folder))
+            self._frame_path(request.last_frame, "last", folder))
     edges = request.last_frame_edges and request.last_frame is not None and (
         request.last_frame.kind != "sketch")
     made = requests_lib.make_request(self.pipeline, prompt=request.prompt, first_frame=first,

@@ -63,8 +63,8 @@ _RANGES = {
 
 def check_settings(settings: Mapping[str, Any], num_train_timesteps: int | None = None) -> None:
   """Raises a one-line ValueError for a setting out of range: a non-finite guidance scale or
-  eta, a rescale outside [0, 1], eta or tau < 0, a seed or tau beyond int32, steps < 1 or > num_train_timesteps, an
-  unknown sampler or spacing, num_clips < 1.
+  eta, a rescale outside [0, 1], eta or tau < 0, a seed or tau beyond int32, steps < 1 or
+  > num_train_timesteps, an unknown sampler or spacing, num_clips < 1.
 
   Settings that are absent or None are not checked, nor the upper bound of steps without
   `num_train_timesteps`: the CLI checks its flags this way before reading a checkpoint.
