@@ -24,13 +24,28 @@ def logical(init, axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(init, axes)
 
 
+class Dense(nn.Dense):
+  """nn.Dense on a matrix: leading axes are folded into one before the product.
+
+  The same sums as nn.Dense, but XLA:CPU lays out the kernel gradient of a product over
+  `[n, length, features]` with a transposed copy of the output gradient and a slow strided
+  matmul; over `[n * length, features]` both are plain row-major (a GEGLU feed-forward's
+  gradient 17.9 -> 10.7 ms on one core).
+  """
+
+  def __call__(self, inputs: Array) -> Array:
+    lead = inputs.shape[:-1]
+    y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
+    return y.reshape(lead + (self.features,))
+
+
 def dense(features: int, axes: tuple[str, str], dtype: Dtype, name: str,
-          use_bias: bool = True, zero_init: bool = False) -> nn.Dense:
+          use_bias: bool = True, zero_init: bool = False) -> Dense:
   """A Dense layer whose kernel `[in, out]` and bias `[out]` carry logical axis names."""
   kernel_init = zeros_init if zero_init else default_kernel_init
-  return nn.Dense(features, use_bias=use_bias, dtype=dtype, name=name,
-                  kernel_init=logical(kernel_init, axes),
-                  bias_init=logical(zeros_init, (axes[1],)))
+  return Dense(features, use_bias=use_bias, dtype=dtype, name=name,
+               kernel_init=logical(kernel_init, axes),
+               bias_init=logical(zeros_init, (axes[1],)))
 
 
 # Logical names of the activation axes a convolution sees: images or videos, channels last.
@@ -48,8 +63,18 @@ class Conv(nn.Conv):
   an axis of size 1 agree. tests/test_parallel.py checks the gradients across meshes.
   """
 
+  @nn.compact
   def __call__(self, inputs: Array) -> Array:
-    return super().__call__(nn.with_logical_constraint(inputs, _CONV_INPUT_AXES[inputs.ndim]))
+    inputs = nn.with_logical_constraint(inputs, _CONV_INPUT_AXES[inputs.ndim])
+    if (inputs.ndim != 4 or self.kernel_size != (1, 1) or self.strides not in (1, (1, 1))
+        or self.padding not in ((0, 0), ((0, 0), (0, 0)), "VALID", "SAME")):
+      return super().__call__(inputs)
+    # A 1x1 convolution: nn.Conv's parameters, row_conv's kernel gradient.
+    kernel = self.param("kernel", self.kernel_init, (1, 1, inputs.shape[-1], self.features),
+                        self.param_dtype)
+    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+    y = row_conv(inputs.astype(self.dtype), kernel.astype(self.dtype))
+    return y + bias.astype(self.dtype)
 
 
 def conv(features: int, kernel_size: tuple[int, ...], dtype: Dtype, name: str,
@@ -168,10 +193,49 @@ class FrameConv(nn.Module):
                         (3, 1, 1, channels, self.features), jnp.float32)
     bias = self.param("bias", logical(zeros_init, ("conv_out",)), (self.features,), jnp.float32)
     images = x.astype(self.dtype).reshape(b, frames, height * width, channels)
-    y = jax.lax.conv_general_dilated(
-        images, kernel.reshape(3, 1, channels, self.features).astype(self.dtype), (1, 1),
-        ((1, 1), (0, 0)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    y = row_conv(images, kernel.reshape(3, 1, channels, self.features).astype(self.dtype))
     return y.reshape(b, frames, height, width, self.features) + bias.astype(self.dtype)
+
+
+def _row_conv(x: Array, kernel: Array) -> Array:
+  pad = kernel.shape[0] // 2
+  return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((pad, pad), (0, 0)),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@jax.custom_vjp
+def row_conv(x: Array, kernel: Array) -> Array:
+  """A convolution along rows: x `[n, rows, cols, c]`, kernel `[taps, 1, c, out]` (taps odd),
+  zero-padded to the same rows; a 1x1 convolution is one tap.
+
+  Forward and input gradient are XLA's convolutions (whose results do not depend on the batch
+  size). The kernel gradient is one matrix product per tap, `x[rows + d]^T @ dy` over every
+  position: XLA:CPU runs it as a convolution whose batch is the channels, with transposed
+  copies of both operands, at half the speed (tiny U-Net, one core: 47 vs ~85 GFLOP/s).
+  """
+  return _row_conv(x, kernel)
+
+
+def _row_conv_fwd(x: Array, kernel: Array):
+  return _row_conv(x, kernel), (x, kernel)
+
+
+def _row_conv_bwd(residuals, dy: Array):
+  x, kernel = residuals
+  dx, = jax.vjp(lambda x: _row_conv(x, kernel), x)[1](dy)
+  rows, taps = x.shape[1], kernel.shape[0]
+  matrix = lambda t: t.reshape(-1, t.shape[-1])
+  taps_grads = []
+  for tap in range(taps):
+    shift = tap - taps // 2  # Output row r reads input row r + shift.
+    xs = x[:, max(shift, 0):rows + min(shift, 0)]
+    ys = dy[:, max(-shift, 0):rows - max(shift, 0)]
+    taps_grads.append(jax.lax.dot_general(matrix(xs), matrix(ys), (((0,), (0,)), ((), ())),
+                                          preferred_element_type=jnp.float32))
+  return dx, jnp.stack(taps_grads)[:, None].astype(kernel.dtype)
+
+
+row_conv.defvjp(_row_conv_fwd, _row_conv_bwd)
 
 
 def attention(q: Array, k: Array, v: Array, impl: str | None) -> Array:
