@@ -8,7 +8,9 @@ defines its flags, then hands its `main` to `console.run`:
   if __name__ == "__main__":
     console.run(main)
 
-`run` is `absl.app.run` plus three things:
+`run` is `absl.app.run` plus four things:
+- On a CPU-only install, glibc's malloc keeps the memory XLA frees for the next step
+  (`host_memory`: the tiny train step 15% faster).
 - `--log_level` (defined here): "progress" (default) shows this project's INFO lines (data
   generation, compiles, a progress line every `log_every_steps`, checkpoints, where outputs
   went) and only the warnings and errors of libraries (Orbax, TFDS, grain, absl, JAX), whose INFO
@@ -45,6 +47,8 @@ import tensorflow_datasets as tfds
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
+
+from pixeldance_jax import host_memory
 
 LEVELS = ("warning", "progress", "info", "debug")
 LOG_LEVEL = flags.DEFINE_enum(
@@ -268,6 +272,7 @@ def run(main: Callable[[list[str]], Any]) -> None:
   `ConfigError` or `app.UsageError` printed as one line per problem (exit code 2)."""
 
   def main_on_console(argv: list[str]) -> Any:
+    host_memory.reuse_freed_memory()  # Before JAX starts its backend.
     setup(LOG_LEVEL.value)
     try:
       return main(argv)

@@ -1,0 +1,65 @@
+"""Host memory for XLA:CPU: keep freed memory for the next step instead of returning it.
+
+XLA:CPU allocates one buffer per execution for every intermediate of the program (the tiny
+train step's is 342 MB) and frees it at the end. glibc's malloc serves an allocation that large
+with a fresh `mmap` and unmaps it on free, so every step faults its pages in again (the kernel
+zeroes 83,000 pages per tiny step: 0.14 s of system time in a 0.68 s step on one core). Told to
+serve everything from one heap (`M_ARENA_MAX` 1, no `mmap`) and to keep up to 2 GiB of free
+memory at its top (`M_TRIM_THRESHOLD`), malloc hands the same pages back each step: the tiny
+U-Net step goes 0.68 -> 0.57 s on one core, with no other change. The heap grows to its
+working shape over the first steps (now and then once more, when freed blocks no longer fit the
+next request) and keeps its peak: memory is not returned to the system until it exits.
+
+Only the CPU backend gains; on a GPU or TPU host the device has its own allocator and a heap
+that never shrinks would only hold on to host memory. So `reuse_freed_memory` applies the
+setting when no accelerator plugin for JAX is installed (or `JAX_PLATFORMS=cpu`), on glibc, and
+not when the environment already tunes malloc (`MALLOC_*`, `GLIBC_TUNABLES`) or sets
+`PIXELDANCE_HOST_MALLOC=default`. It must run before JAX starts its backend: threads that have
+already allocated keep their own arenas, which still `mmap` large blocks. Every entry point
+calls it through `console.run`; the test suite calls it from its conftest.
+"""
+
+import ctypes
+import ctypes.util
+import importlib.metadata
+import os
+import platform
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_KEEP_FREE_BYTES = 2**31 - 1  # mallopt takes an int.
+_ACCELERATOR_DISTRIBUTIONS = ("libtpu", "jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm")
+_applied = False
+
+
+def _accelerator_plugin_installed() -> bool:
+  names = (dist.metadata["Name"] or "" for dist in importlib.metadata.distributions())
+  return any(name.lower().startswith(_ACCELERATOR_DISTRIBUTIONS) for name in names)
+
+
+def wanted() -> bool:
+  """Whether this process should tune malloc (see the module docstring)."""
+  env = os.environ
+  if env.get("PIXELDANCE_HOST_MALLOC", "").lower() == "default":
+    return False
+  if any(key.startswith("MALLOC_") for key in env) or "malloc" in env.get("GLIBC_TUNABLES", ""):
+    return False
+  if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    return False
+  platforms = env.get("JAX_PLATFORMS", "").lower()
+  return platforms == "cpu" or (not platforms and not _accelerator_plugin_installed())
+
+
+def reuse_freed_memory() -> bool:
+  """Sets glibc's malloc to keep freed memory for reuse when `wanted()`; True if it did."""
+  global _applied
+  if _applied:
+    return True
+  if not wanted():
+    return False
+  libc = ctypes.CDLL(ctypes.util.find_library("c"))
+  _applied = all(libc.mallopt(option, value) == 1 for option, value in (
+      (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, _KEEP_FREE_BYTES)))
+  return _applied
