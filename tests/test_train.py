@@ -43,6 +43,27 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3]), losses
 
 
+def test_a_non_finite_step_leaves_the_whole_state_unchanged(tmp_path):
+  """The step's guard (`lax.cond` on a finite loss and gradient norm) keeps every array, the
+  optimiser's and the EMA's too, and the step count; a finite step moves them."""
+  config = unit_test.get_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _, shardings = state_lib.abstract_state(config, mesh)
+  train_step = step_lib.jit_train_step(config, mesh, shardings)
+  batch = mesh_lib.global_batch(_fixed_batch(config, str(tmp_path)), mesh)
+  state = state_lib.create_train_state(config, mesh, jax.random.key(0))
+  state, metrics = train_step(state, batch, jax.random.key(1))
+  assert bool(metrics["finite"]) and int(state.step) == 1
+  leaves, treedef = jax.tree.flatten(state.params)
+  poisoned = state.replace(params=jax.tree.unflatten(
+      treedef, [leaves[0].at[(0,) * leaves[0].ndim].set(np.nan)] + leaves[1:]))
+  expected = jax.tree.map(np.asarray, poisoned)  # The step donates its input.
+  after, metrics = train_step(poisoned, batch, jax.random.key(1))
+  assert not bool(metrics["finite"])
+  jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), y), after, expected)
+
+
 @pytest.mark.parametrize("schedule,warmup", [("cosine", 10), ("cosine", 0), ("constant", 10)])
 def test_learning_rate_schedule_is_optax_warmup_then_decay(schedule, warmup):
   config = unit_test.get_config()
