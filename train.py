@@ -53,4 +53,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  console.run(main)
+  console.run(main, reuse_freed_memory=True)

@@ -324,4 +324,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-  console.run(main)
+  console.run(main, reuse_freed_memory=True)

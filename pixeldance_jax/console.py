@@ -9,8 +9,9 @@ defines its flags, then hands its `main` to `console.run`:
     console.run(main)
 
 `run` is `absl.app.run` plus four things:
-- On a CPU-only install, glibc's malloc keeps the memory XLA frees for the next step
-  (`host_memory`: the tiny train step 15% faster).
+- For training commands (`run(main, reuse_freed_memory=True)`), on a CPU-only install,
+  glibc's malloc keeps the memory XLA frees for the next step (`host_memory`: the tiny train
+  step 15% faster).
 - `--log_level` (defined here): "progress" (default) shows this project's INFO lines (data
   generation, compiles, a progress line every `log_every_steps`, checkpoints, where outputs
   went) and only the warnings and errors of libraries (Orbax, TFDS, grain, absl, JAX), whose INFO
@@ -267,12 +268,16 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
     fail(f"{message}{_type_hint(configs, error)}. See --helpshort.")
 
 
-def run(main: Callable[[list[str]], Any]) -> None:
+def run(main: Callable[[list[str]], Any], reuse_freed_memory: bool = False) -> None:
   """`absl.app.run(main)` with the checked flags, the console set up from --log_level, and
-  `ConfigError` or `app.UsageError` printed as one line per problem (exit code 2)."""
+  `ConfigError` or `app.UsageError` printed as one line per problem (exit code 2).
+
+  `reuse_freed_memory`: for commands that run a compiled step many times (training), keep
+  freed host memory for reuse on a CPU-only install (`host_memory`)."""
 
   def main_on_console(argv: list[str]) -> Any:
-    host_memory.reuse_freed_memory()  # Before JAX starts its backend.
+    if reuse_freed_memory:
+      host_memory.reuse_freed_memory()  # Before JAX starts its backend.
     setup(LOG_LEVEL.value)
     try:
       return main(argv)

@@ -23,7 +23,6 @@ if _TESTS not in sys.path:
   sys.path.insert(0, _TESTS)
 
 import processes  # pylint: disable=wrong-import-position
-from pixeldance_jax import host_memory  # pylint: disable=wrong-import-position
 import torch_compat  # noqa: F401  # pylint: disable=wrong-import-position,unused-import
 
 # The README installs with `pip --no-compile` (compiling the byte code of every installed file,
@@ -41,8 +40,6 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # One thread for the torch references (OpenMP): the suite already runs a process per core, and
 # OpenMP threads that spin waiting for a busy core slow both.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-# Freed XLA:CPU buffers kept for reuse, as every entry point does (before any backend starts).
-host_memory.reuse_freed_memory()
 
 
 def pytest_collection_finish(session):  # pylint: disable=unused-argument

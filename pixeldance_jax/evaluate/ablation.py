@@ -342,4 +342,4 @@ def main(argv: list[str], holders: dict[str, Any]) -> None:
 
 if __name__ == "__main__":
   _holders = _define_flags()
-  console.run(lambda argv: main(argv, _holders))
+  console.run(lambda argv: main(argv, _holders), reuse_freed_memory=True)
