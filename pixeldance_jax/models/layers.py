@@ -61,20 +61,27 @@ class Conv(nn.Conv):
   all > 1 (kernels `[.., fsdp, tensor]`, batch over data x fsdp): three 3x3 convs in a row
   already give O(1) errors in the first kernel's gradient, while 1x1 convs and every mesh with
   an axis of size 1 agree. tests/test_parallel.py checks the gradients across meshes.
+
+  A 1x1 convolution (stride 1, no groups) runs as `row_conv` with one tap: the same parameters
+  and results, a faster kernel gradient on XLA:CPU.
   """
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     inputs = nn.with_logical_constraint(inputs, _CONV_INPUT_AXES[inputs.ndim])
-    if (inputs.ndim != 4 or self.kernel_size != (1, 1) or self.strides not in (1, (1, 1))
-        or self.padding not in ((0, 0), ((0, 0), (0, 0)), "VALID", "SAME")):
+    pointwise = (inputs.ndim == 4 and tuple(self.kernel_size) == (1, 1)
+                 and self.strides in (1, (1, 1)) and self.feature_group_count == 1
+                 and self.padding in (0, (0, 0), ((0, 0), (0, 0)), "VALID", "SAME"))
+    if not pointwise:
       return super().__call__(inputs)
     # A 1x1 convolution: nn.Conv's parameters, row_conv's kernel gradient.
     kernel = self.param("kernel", self.kernel_init, (1, 1, inputs.shape[-1], self.features),
                         self.param_dtype)
-    bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
     y = row_conv(inputs.astype(self.dtype), kernel.astype(self.dtype))
-    return y + bias.astype(self.dtype)
+    if self.use_bias:
+      y = y + self.param("bias", self.bias_init, (self.features,), self.param_dtype).astype(
+          self.dtype)
+    return y
 
 
 def conv(features: int, kernel_size: tuple[int, ...], dtype: Dtype, name: str,

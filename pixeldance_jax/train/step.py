@@ -163,8 +163,8 @@ def train_step(state: state_lib.TrainState, batch: Batch, base_rng: Array,
                                   loss, condition_rates)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  # A branch, not a select of the new state or the old: with both alive at the end, XLA copies
-  # every donated array before updating it (tiny step, one core: 1,500 copies, ~20 ms).
+  # A branch, not a select between the new state and the old: with both alive at the end, XLA
+  # copies every donated array before updating it (tiny step, one core: 1,500 copies, ~20 ms).
   new_state = jax.lax.cond(finite, lambda s, g: _update(s, g, config, hyperparameters),
                            lambda s, g: s, state, grads)
   metrics.update(grad_norm=grad_norm, finite=finite,
