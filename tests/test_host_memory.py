@@ -2,6 +2,7 @@
 
 import json
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -29,18 +30,20 @@ _RUNS = textwrap.dedent("""
     print(json.dumps({"tuned": tuned, "faults": sorted(faults)}))
 """)
 _PAGES = 3072 * 3072 * 4 // 4096  # The intermediate, in 4 KiB pages.
+_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+_MALLOC_SETTINGS = ("GLIBC_TUNABLES", "PIXELDANCE_HOST_MALLOC")  # And every MALLOC_* variable.
 
 
 def _faults_per_run(env_update: dict[str, str]) -> dict:
-  env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+  env = {k: v for k, v in os.environ.items()
+         if not k.startswith("MALLOC_") and k not in _MALLOC_SETTINGS}
   env.update(env_update, JAX_PLATFORMS="cpu")
   out = subprocess.run([sys.executable, "-c", _RUNS], env=env, capture_output=True, text=True,
                        check=True, timeout=300)
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.skipif(not host_memory.wanted() and "PIXELDANCE_HOST_MALLOC" not in os.environ,
-                    reason="glibc on Linux, without an accelerator plugin, only")
+@pytest.mark.skipif(not _GLIBC, reason="glibc's malloc only")
 def test_tuned_malloc_reuses_the_per_run_buffer_and_default_malloc_does_not():
   tuned = _faults_per_run({})
   default = _faults_per_run({"PIXELDANCE_HOST_MALLOC": "default"})
@@ -63,9 +66,8 @@ def test_tuned_malloc_reuses_the_per_run_buffer_and_default_malloc_does_not():
 def test_tuning_is_wanted_only_for_the_cpu_backend_and_an_untuned_malloc(monkeypatch, env,
                                                                           expected):
   for key in list(os.environ):
-    if key.startswith("MALLOC_") or key in ("GLIBC_TUNABLES", "PIXELDANCE_HOST_MALLOC"):
+    if key.startswith("MALLOC_") or key in _MALLOC_SETTINGS:
       monkeypatch.delenv(key)
   for key, value in env.items():
     monkeypatch.setenv(key, value)
-  glibc = sys.platform.startswith("linux") and os.confstr("CS_GNU_LIBC_VERSION") is not None
-  assert host_memory.wanted() is (expected and glibc)
+  assert host_memory.wanted() is (expected and _GLIBC)

@@ -70,7 +70,8 @@ class Conv(nn.Conv):
   def __call__(self, inputs: Array) -> Array:
     inputs = nn.with_logical_constraint(inputs, _CONV_INPUT_AXES[inputs.ndim])
     pointwise = (inputs.ndim == 4 and tuple(self.kernel_size) == (1, 1)
-                 and self.strides in (1, (1, 1)) and self.feature_group_count == 1
+                 and self.strides in (1, (1, 1)) and self.input_dilation in (1, (1, 1))
+                 and self.feature_group_count == 1
                  and self.padding in (0, (0, 0), ((0, 0), (0, 0)), "VALID", "SAME"))
     if not pointwise:
       return super().__call__(inputs)
