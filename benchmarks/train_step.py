@@ -35,8 +35,8 @@ On CPU (--torch), per --torch_configs config, one device: the diffusers PyTorch
 `UNet3DConditionModel` of the same layout, latent size, frames and batch (forward + backward +
 AdamW step, MSE on random latents, float32), against (a) a JAX step of the same kind: our U-Net
 alone, MSE on the same random latents, optax AdamW (apples to apples), and (b) the full JAX step
-above (which does more: text encoder, autoencoder encode, conditioning, clipping, EMA). The
-steps alternate, JAX then torch, in one process, so machine load hits both alike; ratios are
+of the config's 1x1x1 row (which does more: text encoder, autoencoder encode, conditioning,
+clipping, EMA). The three steps alternate in one process, so machine load hits all alike; ratios are
 torch seconds / JAX seconds (> 1: JAX faster). torch is timed at each --torch_threads count:
 at as many threads as cores its OpenMP workers spin and stall when other processes share the
 cores (measured on a loaded 2-core machine: ~0.5-0.8 s per tiny step at 1 thread, 2-10 s at 2),
@@ -146,8 +146,8 @@ def peak_memory_gib(compiled, devices, ran: bool) -> tuple[float, str]:
   return planned / common.GiB, "xla"
 
 
-def run_steps(config: ml_collections.ConfigDict, mesh, compiled) -> float:
-  """Median seconds of --steps steps of `compiled` after one warm-up, from random weights."""
+def step_runner(config: ml_collections.ConfigDict, mesh, compiled):
+  """`run()`: one step of `compiled` (from random weights, on a synthetic batch), waited for."""
   state = state_lib.create_train_state(config, mesh, jax.random.key(config.seed))
   batch = mesh_lib.global_batch(synthetic_batch(config), mesh)
   rng, hyperparameters = jax.random.key(1), state_lib.hyperparameters(config)
@@ -157,12 +157,19 @@ def run_steps(config: ml_collections.ConfigDict, mesh, compiled) -> float:
     holder["state"], metrics = compiled(holder["state"], batch, rng, hyperparameters)
     jax.block_until_ready(metrics["loss"])
 
+  return one_step
+
+
+def run_steps(config: ml_collections.ConfigDict, mesh, compiled) -> float:
+  """Median seconds of --steps steps of `compiled` after one warm-up, from random weights."""
+  one_step = step_runner(config, mesh, compiled)
   one_step()  # Warm-up: first-run allocations, autotuning.
   return common.median_seconds(one_step, _STEPS.value)
 
 
-def measure(name: str, shape: tuple[int, int, int]) -> dict:
-  """One row of the table: compile, run --steps steps (unless --compile_only), count."""
+def measure(name: str, shape: tuple[int, int, int]) -> tuple[dict, object]:
+  """One row of the table (compile, run --steps steps unless --compile_only, count) and the
+  compiled step."""
   config = resolve_config(name, shape)
   devices = jax.devices()[:math.prod(shape)]
   mesh = mesh_lib.make_mesh(config.mesh, devices)
@@ -180,7 +187,7 @@ def measure(name: str, shape: tuple[int, int, int]) -> dict:
           "clips_per_s": config.batch_size / step_s, "tflop_per_step": flops / 1e12,
           "tflops_per_device": flops_per_s / 1e12,
           "mfu": "n/a" if math.isnan(mfu) else f"{100 * mfu:.1f}%", "memory_gib": memory_gib,
-          "memory_source": memory_source}
+          "memory_source": memory_source}, compiled
 
 
 # --- U-Net only, JAX and PyTorch, on CPU --------------------------------------------------
@@ -214,7 +221,8 @@ def jax_unet_step(config: ml_collections.ConfigDict):
                              inputs["context"], True, True)
     return jnp.mean(jnp.square(prediction - inputs["target"]))
 
-  @functools.partial(jax.jit, donate_argnums=(0, 1))
+  @functools.partial(jax.jit, donate_argnums=(0, 1),
+                     compiler_options=mesh_lib.train_compiler_options(mesh))  # As the full step.
   def step(params, opt_state, inputs):
     with nn.logical_axis_rules(rules):
       loss, grads = jax.value_and_grad(loss_fn)(params, inputs)
@@ -264,13 +272,18 @@ def torch_unet_step(config: ml_collections.ConfigDict):
   return run, sum(p.numel() for p in model.parameters())
 
 
-def compare_with_torch(name: str, full_step_s: float | None) -> None:
-  """Alternating JAX / torch U-Net-only steps on one device; prints seconds and ratios."""
+def compare_with_torch(name: str, full_step=None) -> None:
+  """Alternating steps on one device: our U-Net-only step, our full step (`full_step`, a
+  compiled step of `name` on a 1x1x1 mesh, if given) and torch's; prints seconds and ratios."""
   config = resolve_config(name, (1, 1, 1))
   jax_run, jax_params = jax_unet_step(config)
   torch_run, torch_params = torch_unet_step(config)
   threads = [int(t) or common.cpu_cores() for t in _TORCH_THREADS.value]
-  runs = {"jax": jax_run} | {t: functools.partial(run_torch, torch_run, t) for t in threads}
+  runs = {"jax": jax_run}
+  if full_step is not None:
+    runs["full"] = step_runner(config, mesh_lib.make_mesh(config.mesh, jax.devices()[:1]),
+                               full_step)
+  runs |= {t: functools.partial(run_torch, torch_run, t) for t in threads}
   for run in runs.values():
     run()  # Warm-up (JAX: compile; torch: allocator, oneDNN primitives).
   times = {key: [] for key in runs}
@@ -283,12 +296,12 @@ def compare_with_torch(name: str, full_step_s: float | None) -> None:
         f"{2 * config.autoencoder.latent_channels}->{config.autoencoder.latent_channels}, "
         f"U-Net params JAX {jax_params / 1e6:.2f}M / torch {torch_params / 1e6:.2f}M")
   print(f"    JAX U-Net-only step {median['jax']:.3f} s"
-        + (f"; JAX full step (1x1x1 row) {full_step_s:.3f} s" if full_step_s else ""))
+        + (f"; JAX full step {median['full']:.3f} s" if "full" in median else ""))
   for t in threads:
     line = (f"    torch, {t} thread(s): {median[t]:.3f} s -> torch / JAX U-Net-only = "
             f"{median[t] / median['jax']:.2f}x")
-    if full_step_s:
-      line += f", torch U-Net-only / JAX full step = {median[t] / full_step_s:.2f}x"
+    if "full" in median:
+      line += f", torch U-Net-only / JAX full step = {median[t] / median['full']:.2f}x"
     print(line)
 
 
@@ -309,17 +322,18 @@ def main(argv) -> None:
   if platform == "cpu" and not _COMPILE_ONLY.value and any(name == "paper" for name, _ in runs):
     raise app.UsageError("The paper config runs on a GPU/TPU; on CPU add --compile_only.")
   print(common.header_line(COLUMNS))
-  rows = []
+  one_device_steps = {}
   for name, shape in runs:
-    rows.append(measure(name, shape))
-    print(common.row_line(COLUMNS, list(rows[-1].values())), flush=True)
+    row, compiled = measure(name, shape)
+    if shape == (1, 1, 1):
+      one_device_steps[name] = compiled
+    print(common.row_line(COLUMNS, list(row.values())), flush=True)
   if _TORCH.value and platform == "cpu" and not _COMPILE_ONLY.value:
     import torch  # pylint: disable=g-import-not-at-top  # A development dependency.
     print("\nOn one CPU device, alternating steps: diffusers UNet3DConditionModel (PyTorch "
           f"{torch.__version__}, float32) vs our U-Net alone (same inputs, AdamW, MSE):")
     for name in _TORCH_CONFIGS.value:
-      full = [r["step_s"] for r in rows if r["config"] == name and r["mesh"] == "1x1x1"]
-      compare_with_torch(name, full[0] if full else None)
+      compare_with_torch(name, one_device_steps.get(name))
   print(f"\nwall time {time.perf_counter() - start:.0f} s")
 
 

@@ -229,3 +229,33 @@ def test_unknown_attention_implementation_is_a_config_error():
   config.unet.attention_impl = "flash"
   with pytest.raises(ValueError, match="attention_impl"):
     unet3d.UNetSpec.from_config(config)
+
+
+def _entry_ops(compiled) -> str:
+  """The optimised program's entry computation (fused computations left out)."""
+  text = compiled.as_text()
+  entry = text[text.index("\nENTRY"):]
+  return entry[:entry.index("\n}")]
+
+
+def test_the_cpu_train_step_gives_convolutions_to_eigen_and_keeps_matmuls_on_ynnpack():
+  mesh = mesh_lib.make_mesh(unit_test.get_config().mesh, jax.devices()[:1])
+  options = mesh_lib.train_compiler_options(mesh)
+  assert options is not None  # The suite runs on CPU.
+
+  def conv_then_matmul(x, kernel, matrix):
+    y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                     dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return y, jnp.tanh(y).reshape(-1, y.shape[-1]) @ matrix
+
+  rng = np.random.default_rng(0)
+  args = (rng.standard_normal((4, 8, 8, 32), np.float32),  # YNNPACK takes >= 32 channels.
+          rng.standard_normal((3, 3, 32, 32), np.float32),
+          rng.standard_normal((32, 16), np.float32))
+  default = jax.jit(conv_then_matmul).lower(*args).compile()
+  tuned = jax.jit(conv_then_matmul, compiler_options=options).lower(*args).compile()
+  assert " convolution(" not in _entry_ops(default)  # XLA's default: inside a YNNPACK fusion.
+  assert " convolution(" in _entry_ops(tuned)  # Eigen's, on all of XLA's threads.
+  assert "__ynn_fusion" in _entry_ops(tuned)  # The matmul.
+  for got, want in zip(tuned(*args), default(*args)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4)  # Sums of 288 products ~ 17.

@@ -261,5 +261,6 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state_sharding
     return _Program(jax.jit(step_in_mesh, donate_argnums=0,
                             in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh),
                                           replicated, replicated),
-                            out_shardings=(state_shardings, replicated)), mesh)
+                            out_shardings=(state_shardings, replicated),
+                            compiler_options=mesh_lib.train_compiler_options(mesh)), mesh)
   return CompiledStep(_PROGRAMS.get(key, build), state_lib.hyperparameters(config))
