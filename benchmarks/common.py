@@ -9,6 +9,7 @@ repeats, threads...) are absl flags.
 
 import os
 import pathlib
+import platform
 import sys
 import time
 from typing import Any, Callable, Sequence
@@ -59,11 +60,31 @@ def cpu_cores() -> int:
   return len(os.sched_getaffinity(0))
 
 
+def cpu_model() -> str:
+  """"Intel(R) Xeon(R) Processor, AVX-512": the CPU and its widest vector unit, from
+  /proc/cpuinfo (the platform's processor string elsewhere). CPU figures and torch / JAX
+  ratios differ between CPU models (oneDNN, YNNPACK and Eigen each pick kernels per ISA)."""
+  try:
+    with open("/proc/cpuinfo") as f:
+      info = f.read()
+  except OSError:
+    return platform.processor() or platform.machine()
+  fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
+  fields = {key.strip(): value.strip() for key, value in fields.items()}
+  flags = set(fields.get("flags", "").split())
+  isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("asimd", "NEON"))
+              if flag in flags), "")
+  model = fields.get("model name") or platform.processor() or platform.machine()
+  return f"{model}, {isa}" if isa else model
+
+
 def machine_summary(threads: int | None = None) -> str:
-  """"device: cpu (cpu), 8 device(s), 2 CPU cores, load average 1.3": what the figures ran on."""
+  """"device: cpu (cpu; AMD EPYC 7B13, AVX2), 8 device(s), 2 CPU cores, load average 1.3": what
+  the figures ran on."""
   device = jax.devices()[0]
   cores = f"{threads} CPU thread(s) of " if threads else ""
-  return (f"device: {device.platform} ({device.device_kind}), {jax.device_count()} device(s), "
+  kind = f"{device.device_kind}; {cpu_model()}" if device.platform == "cpu" else device.device_kind
+  return (f"device: {device.platform} ({kind}), {jax.device_count()} device(s), "
           f"{cores}{cpu_cores()} CPU cores, load average {os.getloadavg()[0]:.1f}")
 
 
