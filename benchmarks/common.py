@@ -68,9 +68,9 @@ def cpu_model() -> str:
     with open("/proc/cpuinfo") as f:
       info = f.read()
   except OSError:
-    return platform.processor() or platform.machine()
-  fields = dict(line.split(":", 1) for line in info.splitlines() if ":" in line)
-  fields = {key.strip(): value.strip() for key, value in fields.items()}
+    info = ""
+  fields = {key.strip(): value.strip() for key, value in
+            (line.split(":", 1) for line in info.splitlines() if ":" in line)}
   flags = set(fields.get("flags", "").split())
   isa = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("asimd", "NEON"))
               if flag in flags), "")
