@@ -96,7 +96,8 @@ DEVICE_MEMORY_GIB = (
     # A v5p reports its kind as "TPU v5" (after the v5e names, which also contain it).
     ("tpu v5", 95.0), ("v4", 32.0),
 )
-# XLA CPU flags for --check_xla: faster compiles, the same buffer assignment (tests/processes.py).
+# XLA CPU flags for --check_xla: LLVM at -O0, which leaves XLA's buffer assignment as it is. Not
+# the tests' fast-compile preset (tests/processes.py): it changes HLO passes, which the plan follows.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 STATE_PARTS = ("params", "grads", "adam", "ema", "frozen")
 # Temporaries of the optimiser step (after the backward pass), in sizes of the largest trainable
@@ -611,7 +612,7 @@ def main(argv) -> None:
   unknown = sorted(set(policies + _flag("check_policies")) - set(unet3d.REMAT_POLICIES))
   if unknown:
     raise app.UsageError(f"Unknown remat policies {unknown}: of {unet3d.REMAT_POLICIES}.")
-  if _flag("check_xla"):  # LLVM at -O0 (as the tests): the plan is made before, unchanged.
+  if _flag("check_xla"):  # LLVM at -O0: the plan is made before, unchanged.
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + FAST_COMPILE).strip()
   common.start_jax(cpu_devices=math.prod(shape), platform="cpu")  # Shapes only.
   # Tracing builds large graphs of objects: collections of everything imported (frozen here)

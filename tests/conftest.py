@@ -3,7 +3,7 @@ cache per run.
 
 The suite's time is XLA compiling the unit-test programs on the CPU (running them takes
 milliseconds). LLVM's optimisation level 0 and XLA's fast-compile preset (tests/processes.py)
-compile them about 40% faster; no fast-math either way (the preset fuses a little differently:
+compile them 20-40% faster; no fast-math either way (the preset fuses a little differently:
 one unit-test step's weights move by ~1e-10 relative). The cache (inherited by the subprocesses
 through the environment) lets identical programs compile once per run.
 """

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax._src.random import threefry2x32 as jax_threefry  # JAX's own loop form, the reference.
-from jax.extend.random import threefry_2x32
+from jax.extend.random import threefry2x32_p, threefry_2x32
 
 import pixeldance_jax  # noqa: F401  # Registers the lowering.
 from pixeldance_jax import threefry_cpu
@@ -30,7 +30,7 @@ def test_compiled_hash_equals_jax_loop_form_bit_for_bit():
   x1, x2 = rng.integers(0, 2**32, (2, 1001), dtype=np.uint32)
   expected = jax_threefry._threefry2x32_lowering(key1, key2, jnp.asarray(x1), jnp.asarray(x2),
                                                  use_rolled_loops=True)
-  found = jax.jit(lambda *words: jax_threefry.threefry2x32_p.bind(*words))(
+  found = jax.jit(lambda *words: threefry2x32_p.bind(*words))(
       jnp.full_like(x1, key1), jnp.full_like(x1, key2), x1, x2)
   for word, (want, got) in enumerate(zip(expected, found)):
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want), err_msg=f"word {word}")
