@@ -97,7 +97,7 @@ DEVICE_MEMORY_GIB = (
     ("tpu v5", 95.0), ("v4", 32.0),
 )
 # XLA CPU flags for --check_xla: LLVM at -O0, which leaves XLA's buffer assignment as it is. Not
-# the tests' fast-compile preset (tests/processes.py): it changes HLO passes, which the plan follows.
+# the tests' fast-compile preset (tests/processes.py): it changes HLO passes, and so the plan.
 FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 STATE_PARTS = ("params", "grads", "adam", "ema", "frozen")
 # Temporaries of the optimiser step (after the backward pass), in sizes of the largest trainable
