@@ -25,6 +25,7 @@ from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
 
 import helpers
+import mesh_steps
 import multi_process_check
 import processes
 from helpers import ONE_LEVEL_UNET, one_level_flags
@@ -102,18 +103,17 @@ def test_preempted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
 
 # --- Two processes train like one -------------------------------------------------------------
 #
-# tests/multi_process_check.py trains the unit-test model (with a one-level U-Net) 3 steps from
-# the same initial state and global batch: as 2 processes of 1 CPU device each (jax.distributed
-# on 127.0.0.1, a data 1 x fsdp 2 x tensor 1 mesh: the batch, the parameter shards and their
-# all-gathers, the gradients' reductions cross processes), and in this process on its one
-# device. The two-process group compiles the step that train.py's group below then finds in
-# their cache.
+# train.py runs as 2 processes of 1 CPU device each (jax.distributed on 127.0.0.1, a data 1 x
+# fsdp 2 x tensor 1 mesh: the batch, the parameter shards and their all-gathers, the gradients'
+# reductions cross processes); this process repeats those steps on its one device, from the same
+# initial state and global batches, and then resumes the group's checkpoint.
+# tests/multi_process_check.py measures the evaluation's feature statistics the same two ways.
 
 SCRIPT = str(pathlib.Path(__file__).resolve().parent / "multi_process_check.py")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
+def statistics(tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
   two = str(tmp_path_factory.mktemp("multi_process") / "two.npz")
   address = f"127.0.0.1:{_free_port()}"
   children = [subprocess.Popen([sys.executable, SCRIPT, two, address, "2", str(index)],
@@ -132,23 +132,14 @@ def runs(tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
   return {"two": dict(np.load(two)), "one": one}
 
 
-def test_the_runs_have_the_topologies_claimed(runs):
-  assert (int(runs["two"]["processes"]), int(runs["two"]["devices"])) == (2, 2)
-  assert (int(runs["one"]["processes"]), int(runs["one"]["devices"])) == (1, 1)
+def test_the_statistics_runs_have_the_topologies_claimed(statistics):
+  assert (int(statistics["two"]["processes"]), int(statistics["two"]["devices"])) == (2, 2)
+  assert (int(statistics["one"]["processes"]), int(statistics["one"]["devices"])) == (1, 1)
 
 
-def test_two_processes_give_the_losses_of_one(runs):
-  """Per step, within the bound of tests/test_parallel.py's meshes against one device: the
-  sharded sums round differently (1e-5 is ~1e-5 relative on these ~0.6 losses; a wrong
-  reduction or batch changes them by far more)."""
-  losses = runs["two"]["losses"]
-  assert losses.shape == (3,) and np.isfinite(losses).all()
-  np.testing.assert_allclose(losses, runs["one"]["losses"], rtol=0, atol=1e-5)
-
-
-def test_two_processes_give_the_evaluation_statistics_of_one(runs):
+def test_two_processes_give_the_evaluation_statistics_of_one(statistics):
   """Each process reads its share of the clips; the sums are reduced across the processes."""
-  two, one = runs["two"], runs["one"]
+  two, one = statistics["two"], statistics["one"]
   assert int(two["skipped"]) == int(one["skipped"]) == 1
   np.testing.assert_allclose(two["feature_mean"], one["feature_mean"], rtol=1e-6)
   # float32 features, rounded per device layout; the covariance's cancellation (means ~0.5,
@@ -158,28 +149,55 @@ def test_two_processes_give_the_evaluation_statistics_of_one(runs):
                              atol=1e-4 * np.abs(covariance).max())
 
 
-def test_two_processes_give_the_parameters_of_one(runs):
-  """Max |difference| of every parameter after the steps.
-
-  Adam turns a gradient that is zero in exact arithmetic (the text encoder's key bias, which
-  softmax ignores) into float32 noise whose update m / (sqrt(v) + eps) is not small, so the
-  bound is that of tests/test_parallel.py: 1e-4, 3% of what three steps at the unit-test
-  learning rate (1e-3) can move a weight. A wrong reduction or batch moves weights by O(lr).
-  """
-  two, one = runs["two"], runs["one"]
-  names = sorted(name for name in two if name.startswith("params"))
-  assert names and names == sorted(name for name in one if name.startswith("params"))
-  difference, where = max((float(np.abs(two[name] - one[name]).max()), name) for name in names)
-  assert difference <= 1e-4, f"params differ by {difference:.2e} at {where}"
+def _scalars(workdir, tag: str) -> dict[int, float]:
+  """{step: value} of one scalar in the TensorBoard event files (TFRecords of Event protos)."""
+  found = {}
+  for event in _events(workdir):
+    for value in event.summary.value:
+      if value.tag == tag:
+        found[event.step] = value.simple_value
+  return found
 
 
-def test_two_processes_train_and_a_different_topology_resumes(tmp_path, caplog):
+def _one_device_replay(config, workdir, process_count: int
+                       ) -> tuple[list[float], state_lib.TrainState]:
+  """(losses, state) of the first `config.num_train_steps` steps that train.py took in
+  `workdir` with `process_count` processes, repeated on this process's one device: the same
+  initial state (the initialiser's numbers do not depend on the mesh), the same global batches
+  (each process's loader gives its rows, in process order) and the same step rng."""
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _, shardings = state_lib.abstract_state(config, mesh)
+  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
+  state = state_lib.create_train_state(config, mesh, init_rng)
+  train_step = step_lib.jit_train_step(config, mesh, shardings)
+  directory = pipeline.data_dir(config, str(workdir))
+  loaders = [iter(pipeline.make_train_loader(config, directory, index, process_count))
+             for index in range(process_count)]
+  losses = []
+  for _ in range(config.num_train_steps):
+    rows = [next(loader) for loader in loaders]
+    batch = {name: np.concatenate([part[name] for part in rows]) for name in rows[0]}
+    state, metrics = train_step(state, mesh_lib.global_batch(batch, mesh), train_rng)
+    losses.append(float(metrics["loss"]))
+  return losses, state
+
+
+def test_two_processes_train_like_one_and_a_different_topology_resumes(tmp_path, caplog):
   """2 processes x 1 CPU device (mesh fsdp 2: each process holds half of every sharded
-  weight) train and checkpoint; this process, with its one device, restores that checkpoint
-  and continues."""
+  weight) train and checkpoint; this process, with its one device, repeats their steps and
+  gets their losses and state, then restores the checkpoint and continues.
+
+  The bounds are those of tests/test_parallel.py's meshes against one device: the sharded sums
+  round differently. Losses: 1e-5, ~1e-5 relative on these ~0.6 losses (the two processes'
+  rows in the wrong order move them by ~1e-2). State: Adam turns a gradient that is zero in
+  exact arithmetic (the text encoder's key bias, which softmax ignores) into float32 noise whose
+  update m / (sqrt(v) + eps) is not small, so the params' bound is 1e-4, 3% of what two steps
+  at the unit-test learning rate (1e-3) can move a weight; a wrong reduction or batch moves
+  weights by O(lr).
+  """
   address = f"127.0.0.1:{_free_port()}"
-  flags = ["--config.num_train_steps=2", "--config.mesh.data=1", "--config.mesh.fsdp=2",
-           *one_level_flags(),
+  flags = ["--config.num_train_steps=2", "--config.log_every_steps=1", "--config.mesh.data=1",
+           "--config.mesh.fsdp=2", *one_level_flags(),
            f"--coordinator_address={address}", "--num_processes=2"]
   processes = [subprocess.Popen(_train_command(tmp_path, *flags, f"--process_id={index}"),
                                 cwd=REPO, env=process_group_env(1),
@@ -189,10 +207,24 @@ def test_two_processes_train_and_a_different_topology_resumes(tmp_path, caplog):
   for index, process in enumerate(processes):
     assert process.returncode == 0, f"process {index}:\n{logs[index][-4000:]}"
   assert "process 0 of 2; 1 local devices, 2 in all" in logs[0]
-  assert checkpoints.make_manager(str(tmp_path), read_only=True).all_steps() == [2]
+  manager = checkpoints.make_manager(str(tmp_path), read_only=True)
+  assert manager.all_steps() == [2]
 
   config = unit_test.get_config()
   config.update_from_flattened_dict(ONE_LEVEL_UNET)
+  config.num_train_steps = 2
+  losses, replayed = _one_device_replay(config, tmp_path, process_count=2)
+  logged = _scalars(tmp_path, "train/loss")
+  np.testing.assert_allclose([logged[1], logged[2]], losses, rtol=0, atol=1e-5)
+  abstract, _ = state_lib.abstract_state(config, mesh_lib.make_mesh(config.mesh))
+  saved = checkpoints.restore(manager, 2, abstract)
+  found = mesh_steps.max_differences(mesh_steps.flat(jax.device_get(saved)),
+                                     mesh_steps.flat(jax.device_get(replayed)))
+  for part, atol in (("params", 1e-4), ("ema_params", 1e-4), ("opt_state", 1e-6)):
+    difference, where = found[part]
+    assert difference <= atol, f"{part} of 2 processes and 1 differ by {difference:.2e} at {where}"
+  assert int(saved.step) == 2
+
   config.num_train_steps = 4
   with caplog.at_level(logging.INFO):
     state = trainer.train_and_evaluate(config, str(tmp_path))
@@ -219,18 +251,21 @@ def test_resuming_with_another_model_lists_every_mismatched_key(tmp_path):
   assert "num_train_steps" not in message and str(tmp_path) in message
 
 
-def _tags(workdir) -> set[str]:
-  """Tags in the TensorBoard event files (TFRecords of Event protos) under workdir."""
-  tags = set()
+def _events(workdir) -> list[event_pb2.Event]:
+  """The events of the TensorBoard event files (TFRecords of Event protos) under workdir."""
+  events = []
   for path in (workdir / "tensorboard").glob("events*"):
     data = path.read_bytes()
     offset = 0
     while offset < len(data):
       length = struct.unpack("<Q", data[offset:offset + 8])[0]
-      event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
-      tags.update(value.tag for value in event.summary.value)
+      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
       offset += 12 + length + 4
-  return tags
+  return events
+
+
+def _tags(workdir) -> set[str]:
+  return {value.tag for event in _events(workdir) for value in event.summary.value}
 
 
 def test_joint_image_training_interleaves_image_steps_and_resumes(tmp_path):
