@@ -22,9 +22,14 @@ Array = jax.Array
 
 
 def image_condition(first: Array, last: Array, frames: int) -> Array:
-  """`[b, h, w, c]` x 2 -> c_image `[b, frames, h, w, c]`: first, zeros, last."""
-  middle = jnp.zeros((first.shape[0], frames - 2) + first.shape[1:], first.dtype)
-  return jnp.concatenate([first[:, None], middle, last[:, None]], axis=1)
+  """`[b, h, w, c]` x 2 -> c_image `[b, frames, h, w, c]`: first, zeros, last.
+
+  Written into a zero video rather than concatenated: XLA fuses the frames' noise draws (their
+  random-bit hash) into whatever builds c_image, and a concatenation's fusion evaluates them
+  for every frame of the video, the zero ones too. Tiny train step, one core: 0.526 -> 0.515 s.
+  """
+  video = jnp.zeros((first.shape[0], frames) + first.shape[1:], first.dtype)
+  return video.at[:, 0].set(first).at[:, -1].set(last)
 
 
 def _bernoulli(rng: Array, prob: float | Array, batch: int) -> Array:
