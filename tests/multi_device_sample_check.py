@@ -46,7 +46,8 @@ def main():
   on_eight, on_one = sample(sharded), sample(single)
   print(json.dumps({"devices": jax.device_count(), "shape": list(on_eight.shape),
                     "max_abs_difference": int(np.abs(on_eight.astype(int) -
-                                                     on_one.astype(int)).max())}))
+                                                     on_one.astype(int)).max()),
+                    "fraction_differing": float(np.mean(on_eight != on_one))}))
 
 
 if __name__ == "__main__":

@@ -185,8 +185,14 @@ def test_long_prompts_are_truncated_with_a_warning(pipeline, caplog):
 
 
 def test_batch_sharded_over_eight_devices_samples_the_same_videos():
-  """data x fsdp = 4 x 2 fake devices, batch 3 padded to 8: the videos of one device, bitwise,
-  with XLA's default code generation (the suite's -O0 flags round a sharded batch otherwise)."""
+  """data x fsdp = 4 x 2 fake devices, batch 3 padded to 8: the videos of one device, with XLA's
+  default code generation (the suite's -O0 flags round a sharded batch otherwise).
+
+  Each device samples its own examples (one at a time, both guidance branches on it), so only
+  the weights sharded over fsdp can move a bit: XLA may split a small matrix product's sum
+  between the two fsdp devices and add the halves, which rounds differently from one device's
+  sum on some CPUs (an AMD EPYC with AVX2: 1 level in a few pixels; bitwise elsewhere, and on
+  a data-only mesh). A wrong example order, padding or seed would change whole videos."""
   script = pathlib.Path(__file__).with_name("multi_device_sample_check.py")
   result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
                           timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
@@ -194,7 +200,7 @@ def test_batch_sharded_over_eight_devices_samples_the_same_videos():
     raise AssertionError(f"multi_device_sample_check.py failed:\n{result.stderr[-5000:]}")
   findings = json.loads(result.stdout.strip().splitlines()[-1])
   assert findings["devices"] == 8 and findings["shape"] == [3, 4, 16, 16, 3]
-  assert findings["max_abs_difference"] == 0
+  assert findings["max_abs_difference"] <= 1 and findings["fraction_differing"] < 1e-3, findings
 
 
 def test_configs_older_than_the_sampler_fields_get_the_old_behaviour():

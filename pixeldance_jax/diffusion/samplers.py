@@ -98,13 +98,17 @@ def guided_prediction(denoise_fn: DenoiseFn, model_input: Array, timestep: Array
                       guidance_rescale: Array | float = 0.0) -> Array:
   """Text-only CFG: both branches see the same image condition; one batched forward.
 
-  guidance_scale, guidance_rescale: scalars or per example `[b]`.
+  guidance_scale, guidance_rescale: scalars or per example `[b]`. The branches are interleaved
+  (example 0 with and without text, example 1, ...), not concatenated: with the batch sharded,
+  each device then keeps its own examples' rows (no exchange between devices), in the same
+  places whatever the device count.
   """
   batch = model_input.shape[0]
-  both = denoise_fn(jnp.concatenate([model_input, model_input]),
-                    jnp.full((2 * batch,), timestep, jnp.int32),
-                    jnp.concatenate([context, null_context]))
-  conditional, unconditional = both[:batch], both[batch:]
+  pair = lambda a, b: jnp.stack([a, b], axis=1).reshape((2 * batch,) + a.shape[1:])
+  both = denoise_fn(pair(model_input, model_input), jnp.full((2 * batch,), timestep, jnp.int32),
+                    pair(context, null_context))
+  both = both.reshape((batch, 2) + both.shape[1:])
+  conditional, unconditional = both[:, 0], both[:, 1]
   scale = _per_example(jnp.broadcast_to(guidance_scale, (batch,)), conditional)
   guided = unconditional + scale * (conditional - unconditional)
   return rescale_guidance(guided, conditional, jnp.broadcast_to(guidance_rescale, (batch,)))

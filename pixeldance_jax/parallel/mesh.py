@@ -56,6 +56,11 @@ def train_compiler_options(mesh: Mesh) -> dict[str, str] | None:
   return dict(_CPU_COMPILER_OPTIONS) if mesh.devices.flat[0].platform == "cpu" else None
 
 
+def batch_devices(mesh: Mesh) -> int:
+  """Devices the batch is split over (data x fsdp)."""
+  return math.prod(mesh.shape[axis] for axis in BATCH_AXES)
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   """Leading (batch) axis over data x fsdp; every other axis replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES))

@@ -7,7 +7,6 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from absl import logging
@@ -52,9 +51,7 @@ def _pad_batch(arrays: dict[str, np.ndarray], multiple: int) -> dict[str, np.nda
           for name, x in arrays.items()}
 
 
-def batch_devices(mesh: jax.sharding.Mesh) -> int:
-  """Devices the batch is split over (data x fsdp)."""
-  return int(np.prod([mesh.shape[axis] for axis in mesh_lib.BATCH_AXES]))
+batch_devices = mesh_lib.batch_devices  # Devices the batch is split over (data x fsdp).
 
 
 def _check_frame_shapes(config: ml_collections.ConfigDict, batch: int,

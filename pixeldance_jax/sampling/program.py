@@ -70,12 +70,10 @@ def _build_generate_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
     return (conditioning.image_condition(first, last, frames),
             conditioning.image_condition(first, jnp.zeros_like(last), frames))
 
-  @functools.partial(jax.jit, static_argnames=("sampler",))
-  def generate(params, frozen, seeds, clip_index, first_frame, last_frame, use_first_frame,
-               token_ids, null_token_ids, schedule, tau, guidance_scale, guidance_rescale, eta, *,
-               sampler):
+  def generate_batch(params, frozen, seeds, clip_index, first_frame, last_frame,
+                     use_first_frame, token_ids, null_token_ids, schedule, tau, guidance_scale,
+                     guidance_rescale, eta, *, sampler):
     """uint8 first/last `[b, H, W, 3]`, ids `[b, length]`, seeds `[b]` -> `[b, F, H, W, 3]`."""
-    trace_counts[sampler] += 1
     variables = {"params": params}
     autoencoder = autoencoder_lib.make_autoencoder(config, frozen.get("autoencoder"))
     rngs = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), clip_index))(seeds)
@@ -91,6 +89,28 @@ def _build_generate_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
         sampler=sampler, prediction_type=config.diffusion.prediction_type,
         clip_denoised=config.sample.clip_denoised)
     return autoencoder_lib.to_uint8(autoencoder.decode(latents))
+
+  # On CPU, each device samples its examples one at a time: XLA:CPU's kernels (YNNPACK's and
+  # Eigen's convolutions, matrix products and reductions) pick their tiling by problem size, and
+  # on some CPUs (an AMD EPYC with AVX2, measured) a row's sums then depend on how many rows are
+  # in the batch. One example per device per iteration keeps every kernel's sizes the same
+  # whatever the batch or the device count, so a seed gives the same video, bitwise, in any
+  # batch. GPUs and TPUs run the batch at once.
+  shards = mesh_lib.batch_devices(mesh)
+  one_at_a_time = mesh.devices.flat[0].platform == "cpu"
+
+  @functools.partial(jax.jit, static_argnames=("sampler",))
+  def generate(params, frozen, seeds, clip_index, schedule, *, sampler, **batch):
+    """`generate_batch`, per device one example at a time on CPU."""
+    trace_counts[sampler] += 1
+    run_batch = lambda examples, seeds: generate_batch(
+        params, frozen, seeds, clip_index, schedule=schedule, sampler=sampler, **examples)
+    if not one_at_a_time:
+      return run_batch(batch, seeds)
+    # [b, ...] -> [b / shards, shards, ...]: iteration j takes example j of every device's block.
+    split = lambda x: jnp.swapaxes(x.reshape((shards, -1) + x.shape[1:]), 0, 1)
+    videos = jax.lax.map(lambda xs: run_batch(*xs), jax.tree.map(split, (batch, seeds)))
+    return jnp.swapaxes(videos, 0, 1).reshape((-1,) + videos.shape[2:])
 
   per_example = mesh_lib.batch_sharding(mesh)
   replicated = NamedSharding(mesh, PartitionSpec())
