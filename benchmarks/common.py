@@ -204,13 +204,15 @@ def set_torch_threads(threads: int) -> None:
   torch.set_num_threads(threads or cpu_cores())
 
 
-def torch_unet3d(config: ml_collections.ConfigDict):
+def torch_unet3d(config: ml_collections.ConfigDict, pooled_text: bool = False):
   """diffusers' UNet3DConditionModel laid out as our U-Net (random weights, dropout off).
 
   diffusers' `attention_head_dim` is the number of heads (diffusers issue 2011), so it gets
   channels / head width, one number for all levels (its transformer_in takes it too). Left
   different: its transformer_in has 8 heads of that many features (ours: transformer_in_heads
-  of attention_head_dim), and it has no pooled-text path; both are small beside the rest.
+  of attention_head_dim); both are small beside the rest. `pooled_text`: a projection of
+  `timestep_cond` (pass the pooled text) into the time embedding when the config has our
+  pooled-text path (diffusers adds it to the embedding MLP's input, ours to its output).
   """
   import diffusers  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
@@ -229,4 +231,6 @@ def torch_unet3d(config: ml_collections.ConfigDict):
       up_block_types=tuple("CrossAttnUpBlock3D" if a else "UpBlock3D" for _, a in levels[::-1]),
       block_out_channels=tuple(unet.block_out_channels), layers_per_block=unet.layers_per_block,
       norm_num_groups=unet.norm_num_groups, cross_attention_dim=unet.cross_attention_dim,
-      attention_head_dim=heads.pop()).eval()
+      attention_head_dim=heads.pop(),
+      time_cond_proj_dim=(unet.cross_attention_dim if pooled_text and unet.pooled_text_embedding
+                          else None)).eval()

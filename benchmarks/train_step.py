@@ -31,12 +31,17 @@ ids) and random weights:
     high-water mark, so list runs in increasing size; elsewhere, and with --compile_only, XLA's
     memory plan of the compiled step ("xla": arguments + outputs - donated aliases +
     temporaries), per device.
-On CPU (--torch), per --torch_configs config, one device: the diffusers PyTorch
-`UNet3DConditionModel` of the same layout, latent size, frames and batch (forward + backward +
-AdamW step, MSE on random latents, float32), against (a) a JAX step of the same kind: our U-Net
-alone, MSE on the same random latents, optax AdamW (apples to apples), and (b) the full JAX step
-of the config's 1x1x1 row (which does more: text encoder, autoencoder encode, conditioning,
-clipping, EMA). The three steps alternate in one process, so machine load hits all alike; ratios are
+On CPU (--torch), per --torch_configs config, one device, float32, two pairs:
+  - U-Net only: the diffusers PyTorch `UNet3DConditionModel` of the same layout, latent size,
+    frames and batch (forward + backward + AdamW step, MSE on random latents) against our U-Net
+    alone on the same inputs with optax AdamW;
+  - whole step: the config's 1x1x1 row (`step.train_step`: text encoder, autoencoder encode,
+    conditioning, U-Net, clipped AdamW, EMA) against the same work in PyTorch
+    (`torch_full_step`: a transformers `CLIPTextModel` of the config's size, the diffusers
+    U-Net with the pooled text in its time embedding, the same conditions, target, clipping,
+    AdamW and EMA). Also printed: torch's U-Net-only step over our whole step, the stricter
+    figure earlier versions reported.
+All steps alternate in one process, so machine load hits all alike; ratios are
 torch seconds / JAX seconds (> 1: JAX faster). torch is timed at each --torch_threads count:
 at as many threads as cores its OpenMP workers spin and stall when other processes share the
 cores (measured on a loaded 2-core machine: ~0.5-0.8 s per tiny step at 1 thread, 2-10 s at 2),
@@ -56,6 +61,7 @@ import optax
 from absl import app, flags
 
 from pixeldance_jax import console
+from pixeldance_jax.diffusion import schedules
 from pixeldance_jax.models import unet3d
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.parallel import sharding
@@ -272,18 +278,104 @@ def torch_unet_step(config: ml_collections.ConfigDict):
   return run, sum(p.numel() for p in model.parameters())
 
 
+def torch_full_step(config: ml_collections.ConfigDict):
+  """The whole train step in PyTorch, the same work as `step.train_step`: `run()` -> loss.
+
+  From the loader's batch (uint8 video, token ids): pixels to latents (space_to_depth, the
+  config's autoencoder), the training conditions (text dropout, the last frame drawn from the
+  clip's last frames, condition noise at `noise_timestep`, last-frame dropout, c_image), a
+  transformers `CLIPTextModel` of the config's size (random weights, trained), the diffusers
+  U-Net with the pooled text added to its time embedding, the config's prediction target,
+  global-norm clipping, AdamW, a non-finite guard and the EMA of the weights.
+  """
+  import torch  # pylint: disable=g-import-not-at-top  # Development dependencies.
+  import transformers  # pylint: disable=g-import-not-at-top
+  if config.autoencoder.kind != "space_to_depth":
+    raise ValueError("The torch whole step mirrors the space_to_depth autoencoder only.")
+  text, cond = config.text_encoder, config.conditioning
+  unet = common.torch_unet3d(config, pooled_text=True)
+  clip = transformers.CLIPTextModel(transformers.CLIPTextConfig(
+      vocab_size=text.vocab_size, hidden_size=text.hidden_size,
+      intermediate_size=text.intermediate_size, num_hidden_layers=text.num_layers,
+      num_attention_heads=text.num_heads, max_position_embeddings=text.max_length,
+      hidden_act=text.hidden_act, eos_token_id=text.pad_token_id))
+  params = list(unet.parameters()) + list(clip.parameters())
+  ema = [p.detach().clone() for p in params]
+  optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(config.adam_b1,
+                                config.adam_b2), weight_decay=config.weight_decay)
+  alpha_bar = torch.from_numpy(schedules.alphas_cumprod(config.diffusion))
+  null_tokens = torch.tensor(np.asarray(step_lib.null_token_ids(config)), dtype=torch.long)
+  batch = {k: torch.from_numpy(v) for k, v in synthetic_batch(config).items()}
+  generator = torch.Generator().manual_seed(0)
+  size, frames = config.batch_size, config.data.frames
+  holder = {"step": 0}
+
+  def noised(clean, timesteps):  # [b, c, f, h, w] or [b, c, h, w]; z_t = q(z_t | z_0).
+    a = alpha_bar[timesteps].reshape((-1,) + (1,) * (clean.ndim - 1))
+    noise = torch.randn(clean.shape, generator=generator)
+    return a.sqrt() * clean + (1 - a).sqrt() * noise, noise
+
+  def bernoulli(prob):
+    return torch.rand(size, generator=generator) < prob
+
+  def run():
+    # [b, f, H, W, 3] uint8 -> [-1, 1] -> space_to_depth latents [b, c, f, h, w].
+    pixels = batch["video"].float().div(127.5).sub(1.0).permute(0, 1, 4, 2, 3).flatten(0, 1)
+    latents = torch.nn.functional.pixel_unshuffle(pixels, config.autoencoder.patch_size)
+    latents = latents.unflatten(0, (size, frames)).transpose(1, 2)
+    tokens = torch.where(bernoulli(cond.text_drop_prob)[:, None], null_tokens, batch["tokens"])
+    last_index = frames - 1 - torch.randint(0, cond.last_frame_candidates, (size,),
+                                            generator=generator)
+    last = latents[torch.arange(size), :, last_index]
+    condition_t = torch.full((size,), cond.noise_timestep)
+    first, _ = noised(latents[:, :, 0], condition_t)
+    last, _ = noised(last, condition_t)
+    last = torch.where(bernoulli(cond.last_frame_drop_prob)[:, None, None, None], 0.0, last)
+    image_condition = torch.zeros_like(latents)
+    image_condition[:, :, 0], image_condition[:, :, -1] = first, last
+
+    timesteps = torch.randint(0, config.diffusion.num_train_timesteps, (size,),
+                              generator=generator)
+    noisy, noise = noised(latents, timesteps)
+    context = clip(input_ids=tokens).last_hidden_state
+    prediction = unet(torch.cat([noisy, image_condition], 1), timesteps, context,
+                      timestep_cond=context.mean(1)).sample
+    a = alpha_bar[timesteps].reshape(-1, 1, 1, 1, 1)
+    target = {"epsilon": noise, "sample": latents,
+              "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * latents
+              }[config.diffusion.prediction_type]
+    loss = torch.nn.functional.mse_loss(prediction, target)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.grad_clip_norm)
+    if torch.isfinite(loss) and torch.isfinite(grad_norm):
+      optimizer.step()
+      step = holder["step"]
+      decay = min(config.ema_decay, (1 + step) / (10 + step)) if config.ema_warmup else (
+          config.ema_decay)
+      with torch.no_grad():
+        torch._foreach_lerp_(ema, [p.detach() for p in params], 1.0 - decay)  # pylint: disable=protected-access
+      holder["step"] = step + 1
+    return loss.item()
+
+  return run
+
+
 def compare_with_torch(name: str, full_step=None) -> None:
-  """Alternating steps on one device: our U-Net-only step, our full step (`full_step`, a
-  compiled step of `name` on a 1x1x1 mesh, if given) and torch's; prints seconds and ratios."""
+  """Alternating steps on one device: our U-Net-only step and torch's, and (given `full_step`,
+  a compiled step of `name` on a 1x1x1 mesh) our whole step and torch's; prints seconds and
+  ratios."""
   config = resolve_config(name, (1, 1, 1))
   jax_run, jax_params = jax_unet_step(config)
   torch_run, torch_params = torch_unet_step(config)
   threads = [int(t) or common.cpu_cores() for t in _TORCH_THREADS.value]
   runs = {"jax": jax_run}
+  runs |= {t: functools.partial(run_torch, torch_run, t) for t in threads}
   if full_step is not None:
     runs["full"] = step_runner(config, mesh_lib.make_mesh(config.mesh, jax.devices()[:1]),
                                full_step)
-  runs |= {t: functools.partial(run_torch, torch_run, t) for t in threads}
+    torch_full_run = torch_full_step(config)
+    runs |= {("full", t): functools.partial(run_torch, torch_full_run, t) for t in threads}
   for run in runs.values():
     run()  # Warm-up (JAX: compile; torch: allocator, oneDNN primitives).
   times = {key: [] for key in runs}
@@ -296,12 +388,14 @@ def compare_with_torch(name: str, full_step=None) -> None:
         f"{2 * config.autoencoder.latent_channels}->{config.autoencoder.latent_channels}, "
         f"U-Net params JAX {jax_params / 1e6:.2f}M / torch {torch_params / 1e6:.2f}M")
   print(f"    JAX U-Net-only step {median['jax']:.3f} s"
-        + (f"; JAX full step {median['full']:.3f} s" if "full" in median else ""))
+        + (f"; JAX whole step {median['full']:.3f} s" if "full" in median else ""))
   for t in threads:
-    line = (f"    torch, {t} thread(s): {median[t]:.3f} s -> torch / JAX U-Net-only = "
+    line = (f"    torch, {t} thread(s): U-Net-only {median[t]:.3f} s -> torch / JAX = "
             f"{median[t] / median['jax']:.2f}x")
     if "full" in median:
-      line += f", torch U-Net-only / JAX full step = {median[t] / median['full']:.2f}x"
+      line += (f"; whole step {median['full', t]:.3f} s -> torch / JAX = "
+               f"{median['full', t] / median['full']:.2f}x (torch U-Net-only / JAX whole "
+               f"step {median[t] / median['full']:.2f}x)")
     print(line)
 
 
@@ -330,8 +424,9 @@ def main(argv) -> None:
     print(common.row_line(COLUMNS, list(row.values())), flush=True)
   if _TORCH.value and platform == "cpu" and not _COMPILE_ONLY.value:
     import torch  # pylint: disable=g-import-not-at-top  # A development dependency.
-    print("\nOn one CPU device, alternating steps: diffusers UNet3DConditionModel (PyTorch "
-          f"{torch.__version__}, float32) vs our U-Net alone (same inputs, AdamW, MSE):")
+    print("\nOn one CPU device, alternating steps, float32: the diffusers UNet3DConditionModel "
+          f"(PyTorch {torch.__version__}) vs our U-Net alone (same inputs, AdamW, MSE), and "
+          "the whole step in both (text encoder, conditions, U-Net, clipped AdamW, EMA):")
     for name in _TORCH_CONFIGS.value:
       compare_with_torch(name, one_device_steps.get(name))
   print(f"\nwall time {time.perf_counter() - start:.0f} s")
