@@ -315,6 +315,10 @@ def torch_full_step(config: ml_collections.ConfigDict):
     noise = torch.randn(clean.shape, generator=generator)
     return a.sqrt() * clean + (1 - a).sqrt() * noise, noise
 
+  def velocity(clean, noise, timesteps):  # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) z_0.
+    a = alpha_bar[timesteps].reshape((-1,) + (1,) * (clean.ndim - 1))
+    return a.sqrt() * noise - (1 - a).sqrt() * clean
+
   def bernoulli(prob):
     return torch.rand(size, generator=generator) < prob
 
@@ -340,10 +344,9 @@ def torch_full_step(config: ml_collections.ConfigDict):
     context = clip(input_ids=tokens).last_hidden_state
     prediction = unet(torch.cat([noisy, image_condition], 1), timesteps, context,
                       timestep_cond=context.mean(1)).sample
-    a = alpha_bar[timesteps].reshape(-1, 1, 1, 1, 1)
-    target = {"epsilon": noise, "sample": latents,
-              "v_prediction": a.sqrt() * noise - (1 - a).sqrt() * latents
-              }[config.diffusion.prediction_type]
+    target = {"epsilon": lambda: noise, "sample": lambda: latents,
+              "v_prediction": lambda: velocity(latents, noise, timesteps)
+              }[config.diffusion.prediction_type]()
     loss = torch.nn.functional.mse_loss(prediction, target)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

@@ -146,7 +146,7 @@ class ShardedExtractor:
   """
 
   def __init__(self, extractor: Extractor, mesh: Mesh, global_batch: int):
-    batch_devices = mesh.shape["data"] * mesh.shape["fsdp"]
+    batch_devices = mesh_lib.batch_devices(mesh)
     if global_batch % batch_devices or global_batch % jax.process_count():
       raise ValueError(f"the evaluation batch ({global_batch}) must be a multiple of the "
                        f"{batch_devices} data x fsdp devices and of the {jax.process_count()} "

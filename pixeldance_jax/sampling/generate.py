@@ -51,9 +51,6 @@ def _pad_batch(arrays: dict[str, np.ndarray], multiple: int) -> dict[str, np.nda
           for name, x in arrays.items()}
 
 
-batch_devices = mesh_lib.batch_devices  # Devices the batch is split over (data x fsdp).
-
-
 def _check_frame_shapes(config: ml_collections.ConfigDict, batch: int,
                         **frames: np.ndarray | None) -> None:
   size = config.data.image_size
@@ -130,7 +127,7 @@ def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarra
   shared = {"clip_index": np.int32(clip_index), "schedule": samplers.make_schedule(
       schedules.alphas_cumprod(config.diffusion), steps,
       default(timestep_spacing, "timestep_spacing"))}
-  padded = _pad_batch(per_example, batch_devices(pipeline.mesh))
+  padded = _pad_batch(per_example, mesh_lib.batch_devices(pipeline.mesh))
   video = pipeline.generate_fn(pipeline.params, pipeline.frozen, padded, shared,
                                default(sampler, "sampler"))
   return np.asarray(video)[:batch]

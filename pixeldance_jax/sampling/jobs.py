@@ -8,7 +8,7 @@ from typing import Any
 
 from absl import logging
 
-from pixeldance_jax.sampling import generate as generate_lib
+from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import outputs
 from pixeldance_jax.sampling import pipeline as pipeline_lib
 from pixeldance_jax.sampling import requests as requests_lib
@@ -68,7 +68,7 @@ def sample_prompts_file(workdir: str, *, prompts_file: str, output_dir: str,
   pipeline = pipeline_lib.load_pipeline(workdir, step, use_ema)
   requests = requests_lib.read_prompts_file(pipeline, prompts_file, resize=resize, **defaults)
   logging.info("%d requests from %s, batches of up to %d over %d data-parallel device(s).",
-               len(requests), prompts_file, batch_size, generate_lib.batch_devices(pipeline.mesh))
+               len(requests), prompts_file, batch_size, mesh_lib.batch_devices(pipeline.mesh))
   folders = []
   for request, result in requests_lib.run_requests(pipeline, requests, batch_size):
     folder = os.path.join(output_dir, request.name)
