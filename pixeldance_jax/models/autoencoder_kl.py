@@ -65,7 +65,7 @@ def _downsample_conv(features: int, dtype: Dtype, name: str) -> nn.Conv:
 
 
 def _norm_silu(groups: int, name: str, x: Array, dtype: Dtype) -> Array:
-  return nn.silu(group_norm(groups, name, epsilon=NORM_EPS)(x)).astype(dtype)
+  return group_norm(groups, name, epsilon=NORM_EPS, silu=True)(x).astype(dtype)
 
 
 class ResnetBlock(nn.Module):

@@ -5,6 +5,8 @@ Activations are channels-last: videos are `[batch, frames, height, width, channe
 Every parameter carries logical axis names; `pixeldance_jax.parallel` maps them to a mesh.
 """
 
+import functools
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -97,11 +99,116 @@ def conv(features: int, kernel_size: tuple[int, ...], dtype: Dtype, name: str,
               bias_init=logical(zeros_init, ("conv_out",)))
 
 
-def group_norm(groups: int, name: str, epsilon: float = 1e-5) -> nn.GroupNorm:
-  """GroupNorm over every non-batch axis, as torch does on `[N, C, *spatial]`; float32 stats."""
-  return nn.GroupNorm(num_groups=groups, epsilon=epsilon, dtype=jnp.float32, name=name,
-                      scale_init=logical(nn.initializers.ones_init(), ("norm",)),
-                      bias_init=logical(zeros_init, ("norm",)))
+def _group_stats(x: Array, groups: int, epsilon: float) -> tuple[Array, Array]:
+  """Mean and 1/std `[batch, groups]` of x `[batch, ..., channels]`, in float32.
+
+  Sums over the positions first, per channel (`[batch, channels]`, a reduction that keeps the
+  contiguous channel axis), then over the channels of each group: XLA:CPU reduces
+  `[b, positions, groups, channels_per_group]` straight to `[b, groups]` four times slower.
+  """
+  b, channels = x.shape[0], x.shape[-1]
+  positions = tuple(range(1, x.ndim - 1))
+  count = math.prod(x.shape[1:-1]) * (channels // groups)
+  x = x.astype(jnp.float32)
+  per_group = lambda t: t.reshape(b, groups, channels // groups).sum(-1)
+  mean = per_group(jnp.sum(x, axis=positions)) / count
+  mean_square = per_group(jnp.sum(jnp.square(x), axis=positions)) / count
+  variance = jnp.maximum(mean_square - jnp.square(mean), 0.0)  # As flax's fast variance.
+  return mean, jax.lax.rsqrt(variance + epsilon)
+
+
+def _channelwise(t: Array, channels: int, ndim: int) -> Array:
+  """`[batch, groups]` or `[batch, channels]` -> `[batch, 1, ..., 1, channels]`."""
+  t = jnp.repeat(t, channels // t.shape[-1], axis=-1)
+  return t.reshape((t.shape[0],) + (1,) * (ndim - 2) + (channels,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def group_norm_fn(x: Array, scale: Array, bias: Array, groups: int, epsilon: float,
+                  silu: bool = False) -> Array:
+  """GroupNorm of x `[batch, ..., channels]` over every non-batch axis, then SiLU if `silu`.
+
+  The same function as flax's nn.GroupNorm (statistics in float32, variance as E[x^2] - E[x]^2,
+  float32 out) and jax.nn.silu, with a hand-written gradient that keeps only x: the forward pass
+  writes one array, the backward pass reads (dy, x) for two per-channel sums and once more for
+  dx. Autodiff of the two saved x - mean, the sigmoid and the output, and took several more
+  passes (one core, `[8, 8, 8, 8, 48]`: forward + backward 2.05 -> 1.11 ms without the fused
+  SiLU, `[64, 8, 8, 96]` 3.86 -> 2.47 ms).
+  """
+  return _group_norm_fwd(x, scale, bias, groups, epsilon, silu)[0]
+
+
+def _group_norm_affine(x: Array, scale: Array, bias: Array, mean: Array, rstd: Array) -> Array:
+  """(x - mean) * rstd * scale + bias, as one multiply-add per element."""
+  channels, ndim = x.shape[-1], x.ndim
+  gain = _channelwise(rstd, channels, ndim) * scale
+  shift = bias - _channelwise(mean, channels, ndim) * gain
+  return x.astype(jnp.float32) * gain + shift
+
+
+def _group_norm_fwd(x, scale, bias, groups, epsilon, silu):
+  mean, rstd = _group_stats(x, groups, epsilon)
+  y = _group_norm_affine(x, scale, bias, mean, rstd)
+  return (nn.silu(y) if silu else y), (x, scale, bias, mean, rstd)
+
+
+def _group_norm_bwd(groups, epsilon, silu, residuals, dy):
+  del epsilon  # In rstd already.
+  x, scale, bias, mean, rstd = residuals
+  if silu:  # d silu(u) / du = s * (1 + u * (1 - s)), s = sigmoid(u); u recomputed from x.
+    u = _group_norm_affine(x, scale, bias, mean, rstd)
+    s = jax.nn.sigmoid(u)
+    dy = dy * s * (1 + u * (1 - s))
+  b, channels, ndim = x.shape[0], x.shape[-1], x.ndim
+  positions = tuple(range(1, ndim - 1))
+  count = math.prod(x.shape[1:-1]) * (channels // groups)
+  x32 = x.astype(jnp.float32)
+  # Per example and channel: sum(dy) and sum(dy * (x - mean)).
+  dy_sum = jnp.sum(dy, axis=positions)
+  mean_c = jnp.repeat(mean, channels // groups, axis=-1)
+  rstd_c = jnp.repeat(rstd, channels // groups, axis=-1)
+  dy_centred = jnp.sum(dy * x32, axis=positions) - mean_c * dy_sum
+  d_bias = dy_sum.sum(0)
+  d_scale = (rstd_c * dy_centred).sum(0)
+  # dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) with g = dy * scale, means over a group:
+  # an affine map of (dy, x) per example and channel.
+  per_group = lambda t: t.reshape(b, groups, channels // groups).sum(-1)
+  g_mean = per_group(scale * dy_sum) / count
+  g_xhat_mean = per_group(scale * rstd_c * dy_centred) / count
+  x_coef = -jnp.square(rstd) * g_xhat_mean
+  offset = -rstd * g_mean - mean * x_coef
+  dx = (dy * _channelwise(rstd_c * scale, channels, ndim)
+        + x32 * _channelwise(x_coef, channels, ndim) + _channelwise(offset, channels, ndim))
+  return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
+
+
+group_norm_fn.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+class GroupNorm(nn.Module):
+  """nn.GroupNorm's parameters (`scale`, `bias` `[channels]`) over `group_norm_fn`."""
+  num_groups: int
+  epsilon: float = 1e-5
+  silu: bool = False  # Apply SiLU to the normalised output (fused, see group_norm_fn).
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    channels = x.shape[-1]
+    if channels % self.num_groups:
+      raise ValueError(f"GroupNorm {self.name}: {channels} channels do not split into "
+                       f"{self.num_groups} groups.")
+    scale = self.param("scale", logical(nn.initializers.ones_init(), ("norm",)), (channels,),
+                       jnp.float32)
+    bias = self.param("bias", logical(zeros_init, ("norm",)), (channels,), jnp.float32)
+    return group_norm_fn(x, scale, bias, self.num_groups, self.epsilon, self.silu)
+
+
+def group_norm(groups: int, name: str, epsilon: float = 1e-5, silu: bool = False) -> GroupNorm:
+  """GroupNorm over every non-batch axis, as torch does on `[N, C, *spatial]`; float32 stats.
+
+  `silu`: SiLU of the result, in the same pass and gradient.
+  """
+  return GroupNorm(num_groups=groups, epsilon=epsilon, silu=silu, name=name)
 
 
 def layer_norm(name: str, epsilon: float = 1e-5) -> nn.LayerNorm:
@@ -141,11 +248,11 @@ class ResnetBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, temb: Array, deterministic: bool = True) -> Array:
-    h = nn.silu(group_norm(self.groups, "norm1", self.epsilon)(x)).astype(self.dtype)
+    h = group_norm(self.groups, "norm1", self.epsilon, silu=True)(x).astype(self.dtype)
     h = conv(self.out_channels, (3, 3), self.dtype, "conv1")(h)
     t = dense(self.out_channels, ("embed", "conv_out"), self.dtype, "time_emb_proj")(nn.silu(temb))
     h = h + t[:, None, None, :]
-    h = nn.silu(group_norm(self.groups, "norm2", self.epsilon)(h)).astype(self.dtype)
+    h = group_norm(self.groups, "norm2", self.epsilon, silu=True)(h).astype(self.dtype)
     h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
     h = conv(self.out_channels, (3, 3), self.dtype, "conv2")(h)
     if x.shape[-1] != self.out_channels:
@@ -170,7 +277,7 @@ class TemporalConvBlock(nn.Module):
     channels = x.shape[-1]
     h = x
     for i in range(4):
-      h = nn.silu(group_norm(self.groups, f"conv{i + 1}_norm")(h)).astype(self.dtype)
+      h = group_norm(self.groups, f"conv{i + 1}_norm", silu=True)(h).astype(self.dtype)
       if i > 0:
         h = nn.Dropout(self.dropout, deterministic=deterministic)(h)
       h = FrameConv(channels, self.dtype, zero_init=i == 3, name=f"conv{i + 1}")(h)
@@ -283,6 +390,16 @@ class Attention(nn.Module):
     return dense(x.shape[-1], ("heads", "embed"), self.dtype, "to_out")(out)
 
 
+def gelu(x: Array) -> Array:
+  """Exact GELU as torch computes it, `x / 2 * (1 + erf(x / sqrt(2)))`.
+
+  jax.nn.gelu(approximate=False) goes through erfc, which XLA:CPU expands into exponentials and
+  selects: on a GEGLU gate `[64, 16, 384]`, one core, forward 2.19 -> 1.01 ms and forward +
+  backward 4.95 -> 3.53 ms with erf. The two differ by at most 8e-6 there.
+  """
+  return 0.5 * x * (1 + jax.lax.erf(x * (1 / math.sqrt(2))).astype(x.dtype))
+
+
 class FeedForward(nn.Module):
   """GEGLU feed-forward (diffusers FeedForward, activation 'geglu', mult 4)."""
   mult: int = 4
@@ -292,7 +409,7 @@ class FeedForward(nn.Module):
   def __call__(self, x: Array) -> Array:
     inner = x.shape[-1] * self.mult
     hidden, gate = jnp.split(dense(2 * inner, ("embed", "mlp"), self.dtype, "proj")(x), 2, -1)
-    hidden = hidden * nn.gelu(gate, approximate=False)
+    hidden = hidden * gelu(gate)
     return dense(x.shape[-1], ("mlp", "embed"), self.dtype, "out")(hidden)
 
 

@@ -265,8 +265,8 @@ class UNet3D(nn.Module):
     for i, level in enumerate(reversed(range(len(spec.block_out_channels)))):
       h = UpBlock(spec, level, name=f"up_blocks_{i}")(h, skips, inputs)
 
-    h = layers.group_norm(spec.norm_num_groups, "conv_norm_out", spec.norm_eps)(h)
-    h = nn.silu(h).astype(spec.dtype)
+    h = layers.group_norm(spec.norm_num_groups, "conv_norm_out", spec.norm_eps, silu=True)(h)
+    h = h.astype(spec.dtype)
     h = layers.conv(spec.out_channels, (3, 3), spec.dtype, "conv_out")(h)
     return _to_video(h, frames).reshape(batch, frames, *h.shape[1:]).astype(jnp.float32)
 
