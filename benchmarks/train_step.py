@@ -310,13 +310,16 @@ def torch_full_step(config: ml_collections.ConfigDict):
   size, frames = config.batch_size, config.data.frames
   holder = {"step": 0}
 
+  def alpha(timesteps, ndim):  # alpha_bar per example, broadcastable to [b, ...] of ndim.
+    return alpha_bar[timesteps].reshape((-1,) + (1,) * (ndim - 1))
+
   def noised(clean, timesteps):  # [b, c, f, h, w] or [b, c, h, w]; z_t = q(z_t | z_0).
-    a = alpha_bar[timesteps].reshape((-1,) + (1,) * (clean.ndim - 1))
+    a = alpha(timesteps, clean.ndim)
     noise = torch.randn(clean.shape, generator=generator)
     return a.sqrt() * clean + (1 - a).sqrt() * noise, noise
 
   def velocity(clean, noise, timesteps):  # v = sqrt(alpha_bar) eps - sqrt(1 - alpha_bar) z_0.
-    a = alpha_bar[timesteps].reshape((-1,) + (1,) * (clean.ndim - 1))
+    a = alpha(timesteps, clean.ndim)
     return a.sqrt() * noise - (1 - a).sqrt() * clean
 
   def bernoulli(prob):

@@ -99,6 +99,31 @@ def conv(features: int, kernel_size: tuple[int, ...], dtype: Dtype, name: str,
               bias_init=logical(zeros_init, ("conv_out",)))
 
 
+def _positions(x: Array) -> tuple[int, ...]:
+  """The axes GroupNorm sums over per channel: all but the batch (first) and channels (last)."""
+  return tuple(range(1, x.ndim - 1))
+
+
+def _group_size(x: Array, groups: int) -> int:
+  """Values per (example, group): positions x channels of one group."""
+  return math.prod(x.shape[1:-1]) * (x.shape[-1] // groups)
+
+
+def _sum_per_group(t: Array, groups: int) -> Array:
+  """`[batch, channels]` -> `[batch, groups]`, summing each group's channels."""
+  return t.reshape(t.shape[0], groups, -1).sum(-1)
+
+
+def _per_channel(t: Array, channels: int) -> Array:
+  """`[batch, groups]` -> `[batch, channels]`, each group's value on its channels."""
+  return jnp.repeat(t, channels // t.shape[-1], axis=-1)
+
+
+def _over_positions(t: Array, ndim: int) -> Array:
+  """`[batch, channels]` -> `[batch, 1, ..., 1, channels]`, broadcastable against x."""
+  return t.reshape((t.shape[0],) + (1,) * (ndim - 2) + (t.shape[-1],))
+
+
 def _group_stats(x: Array, groups: int, epsilon: float) -> tuple[Array, Array]:
   """Mean and 1/std `[batch, groups]` of x `[batch, ..., channels]`, in float32.
 
@@ -106,21 +131,12 @@ def _group_stats(x: Array, groups: int, epsilon: float) -> tuple[Array, Array]:
   contiguous channel axis), then over the channels of each group: XLA:CPU reduces
   `[b, positions, groups, channels_per_group]` straight to `[b, groups]` four times slower.
   """
-  b, channels = x.shape[0], x.shape[-1]
-  positions = tuple(range(1, x.ndim - 1))
-  count = math.prod(x.shape[1:-1]) * (channels // groups)
   x = x.astype(jnp.float32)
-  per_group = lambda t: t.reshape(b, groups, channels // groups).sum(-1)
-  mean = per_group(jnp.sum(x, axis=positions)) / count
-  mean_square = per_group(jnp.sum(jnp.square(x), axis=positions)) / count
+  count = _group_size(x, groups)
+  mean = _sum_per_group(jnp.sum(x, axis=_positions(x)), groups) / count
+  mean_square = _sum_per_group(jnp.sum(jnp.square(x), axis=_positions(x)), groups) / count
   variance = jnp.maximum(mean_square - jnp.square(mean), 0.0)  # As flax's fast variance.
   return mean, jax.lax.rsqrt(variance + epsilon)
-
-
-def _channelwise(t: Array, channels: int, ndim: int) -> Array:
-  """`[batch, groups]` or `[batch, channels]` -> `[batch, 1, ..., 1, channels]`."""
-  t = jnp.repeat(t, channels // t.shape[-1], axis=-1)
-  return t.reshape((t.shape[0],) + (1,) * (ndim - 2) + (channels,))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -140,10 +156,10 @@ def group_norm_fn(x: Array, scale: Array, bias: Array, groups: int, epsilon: flo
 
 def _group_norm_affine(x: Array, scale: Array, bias: Array, mean: Array, rstd: Array) -> Array:
   """(x - mean) * rstd * scale + bias, as one multiply-add per element."""
-  channels, ndim = x.shape[-1], x.ndim
-  gain = _channelwise(rstd, channels, ndim) * scale
-  shift = bias - _channelwise(mean, channels, ndim) * gain
-  return x.astype(jnp.float32) * gain + shift
+  channels = x.shape[-1]
+  gain = _per_channel(rstd, channels) * scale
+  shift = bias - _per_channel(mean, channels) * gain
+  return x.astype(jnp.float32) * _over_positions(gain, x.ndim) + _over_positions(shift, x.ndim)
 
 
 def _group_norm_fwd(x, scale, bias, groups, epsilon, silu):
@@ -159,26 +175,24 @@ def _group_norm_bwd(groups, epsilon, silu, residuals, dy):
     u = _group_norm_affine(x, scale, bias, mean, rstd)
     s = jax.nn.sigmoid(u)
     dy = dy * s * (1 + u * (1 - s))
-  b, channels, ndim = x.shape[0], x.shape[-1], x.ndim
-  positions = tuple(range(1, ndim - 1))
-  count = math.prod(x.shape[1:-1]) * (channels // groups)
+  channels, ndim = x.shape[-1], x.ndim
+  count = _group_size(x, groups)
   x32 = x.astype(jnp.float32)
   # Per example and channel: sum(dy) and sum(dy * (x - mean)).
-  dy_sum = jnp.sum(dy, axis=positions)
-  mean_c = jnp.repeat(mean, channels // groups, axis=-1)
-  rstd_c = jnp.repeat(rstd, channels // groups, axis=-1)
-  dy_centred = jnp.sum(dy * x32, axis=positions) - mean_c * dy_sum
+  dy_sum = jnp.sum(dy, axis=_positions(x))
+  mean_c, rstd_c = _per_channel(mean, channels), _per_channel(rstd, channels)
+  dy_centred = jnp.sum(dy * x32, axis=_positions(x)) - mean_c * dy_sum
   d_bias = dy_sum.sum(0)
   d_scale = (rstd_c * dy_centred).sum(0)
   # dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) with g = dy * scale, means over a group:
   # an affine map of (dy, x) per example and channel.
-  per_group = lambda t: t.reshape(b, groups, channels // groups).sum(-1)
-  g_mean = per_group(scale * dy_sum) / count
-  g_xhat_mean = per_group(scale * rstd_c * dy_centred) / count
+  g_mean = _sum_per_group(scale * dy_sum, groups) / count
+  g_xhat_mean = _sum_per_group(scale * rstd_c * dy_centred, groups) / count
   x_coef = -jnp.square(rstd) * g_xhat_mean
   offset = -rstd * g_mean - mean * x_coef
-  dx = (dy * _channelwise(rstd_c * scale, channels, ndim)
-        + x32 * _channelwise(x_coef, channels, ndim) + _channelwise(offset, channels, ndim))
+  dx = (dy * _over_positions(rstd_c * scale, ndim)
+        + x32 * _over_positions(_per_channel(x_coef, channels), ndim)
+        + _over_positions(_per_channel(offset, channels), ndim))
   return dx.astype(x.dtype), d_scale.astype(scale.dtype), d_bias.astype(bias.dtype)
 
 
