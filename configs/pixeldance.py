@@ -94,6 +94,10 @@ def get_config() -> ml_collections.ConfigDict:
   unet.dtype = "float32"  # Compute dtype; parameters stay float32.
   # "xla", "cudnn" (GPU, 16-bit dtype) or "splash" (Pallas, for TPU; interpreted elsewhere).
   unet.attention_impl = "xla"
+  # Formulation of GroupNorm, the temporal and 1x1 convs, Dense and GELU (same weights, same
+  # function): "auto" (XLA:CPU's own for CPU programs, the portable one for GPU and TPU),
+  # "portable" or "cpu".
+  unet.kernels = "auto"
 
   # --- Diffusion ---------------------------------------------------------
   config.diffusion = diff = ml_collections.ConfigDict()

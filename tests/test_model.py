@@ -131,15 +131,59 @@ def test_group_norm_matches_flax_and_its_gradient(shape, silu, dtype):
     y = reference.apply({"params": {"scale": scale, "bias": bias}}, x)
     return nn.silu(y) if silu else y
 
-  def ours(x, scale, bias):
-    return layers.group_norm_fn(x, scale, bias, 4, 1e-5, silu)
-
   y_ref, vjp_ref = jax.vjp(flax_norm, x, scale, bias)
-  y, vjp = jax.vjp(ours, x, scale, bias)
-  assert y.dtype == jnp.float32
-  np.testing.assert_allclose(y, y_ref, atol=2e-5)
-  for ours_grad, ref_grad in zip(vjp(cotangent), vjp_ref(cotangent)):
-    assert ours_grad.dtype == ref_grad.dtype
-    tolerance = 2e-2 if ours_grad.dtype == jnp.bfloat16 else 1e-5
-    np.testing.assert_allclose(np.asarray(ours_grad, np.float32), np.asarray(ref_grad, np.float32),
-                               atol=tolerance * float(jnp.abs(ref_grad.astype(jnp.float32)).max()))
+  for norm in (layers.group_norm_fn, layers.portable_group_norm):  # CPU kernels', portable.
+    y, vjp = jax.vjp(lambda x, scale, bias: norm(x, scale, bias, 4, 1e-5, silu), x, scale, bias)
+    assert y.dtype == jnp.float32
+    np.testing.assert_allclose(y, y_ref, atol=2e-5)
+    for ours_grad, ref_grad in zip(vjp(cotangent), vjp_ref(cotangent)):
+      assert ours_grad.dtype == ref_grad.dtype
+      tolerance = 2e-2 if ours_grad.dtype == jnp.bfloat16 else 1e-5
+      np.testing.assert_allclose(
+          np.asarray(ours_grad, np.float32), np.asarray(ref_grad, np.float32),
+          atol=tolerance * float(jnp.abs(ref_grad.astype(jnp.float32)).max()))
+
+
+def _primitives(jaxpr) -> set[str]:
+  """Names of the primitives in a jaxpr and the jaxprs nested in it."""
+  names = set()
+  for eqn in jaxpr.eqns:
+    names.add(str(eqn.primitive))
+    for param in eqn.params.values():
+      inner = getattr(param, "jaxpr", param)
+      if hasattr(inner, "eqns"):
+        names |= _primitives(inner)
+  return names
+
+
+def test_portable_and_cpu_kernels_are_one_function():
+  """config.unet.kernels: the portable formulations (what GPUs and TPUs compile) and XLA:CPU's
+  own (GroupNorm's gradient, temporal and 1x1 convolutions, Dense, GELU) share the parameters
+  and give the same U-Net, values and parameter gradients; only the CPU one has custom
+  gradients."""
+  config = unit_test.get_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
+  sample, timesteps, context = _inputs(config)
+  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=sample.shape[:-1] + (
+      config.autoencoder.latent_channels,)), jnp.float32)
+  results, params = {}, None
+  for kernels in ("portable", "cpu"):
+    config.unet.kernels = kernels
+    model = pixeldance.make_model(config)
+    initial = jax.jit(model.init)(jax.random.key(0), *pixeldance.dummy_inputs(config))
+    params = initial if params is None else params
+    assert jax.tree.map(jnp.shape, initial) == jax.tree.map(jnp.shape, params)
+
+    def loss(params, model=model):
+      out = model.apply(params, sample, timesteps, context, method=model.denoise)
+      return jnp.sum(out * cotangent), out
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
+    forward = jax.make_jaxpr(lambda params: loss(params)[0])(params).jaxpr
+    assert ("custom_vjp_call" in _primitives(forward)) == (kernels == "cpu")
+    results[kernels] = jax.jit(grad_fn)(params)
+  (_, portable_out), portable_grads = results["portable"]
+  (_, cpu_out), cpu_grads = results["cpu"]
+  np.testing.assert_allclose(cpu_out, portable_out, atol=2e-5)
+  for cpu_grad, portable_grad in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(portable_grads)):
+    scale = float(jnp.abs(portable_grad).max()) + 1e-6
+    np.testing.assert_allclose(cpu_grad, portable_grad, atol=2e-4 * scale)

@@ -3,10 +3,18 @@
 Activations are channels-last: videos are `[batch, frames, height, width, channels]`, images
 `[batch * frames, height, width, channels]`, token sequences `[batch, length, embed]`.
 Every parameter carries logical axis names; `pixeldance_jax.parallel` maps them to a mesh.
+
+A few layers have two formulations of the same function with the same parameters (see
+`kernels`): the portable one (flax's and XLA's own ops, what GPUs and TPUs compile) and one
+written for XLA:CPU's kernels (GroupNorm's gradient, temporal and 1x1 convolutions, Dense's
+reshape, GELU through erf).
 """
 
+import contextlib
+import contextvars
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import flax.linen as nn
@@ -14,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pixeldance_jax.models import splash
+from pixeldance_jax.parallel import mesh as mesh_lib
 
 Array = jax.Array
 Dtype = Any
@@ -26,16 +35,41 @@ def logical(init, axes: tuple[str | None, ...]):
   return nn.with_logical_partitioning(init, axes)
 
 
-class Dense(nn.Dense):
-  """nn.Dense on a matrix: leading axes are folded into one before the product.
+# `config.unet.kernels`: "auto" takes the CPU formulations in programs traced for CPU devices
+# (`mesh_lib.target_platform`) and the portable ones elsewhere; the other two force one.
+KERNELS = ("auto", "portable", "cpu")
+_KERNELS = contextvars.ContextVar("pixeldance_kernels", default="auto")
 
-  The same sums as nn.Dense, but XLA:CPU lays out the kernel gradient of a product over
-  `[n, length, features]` with a transposed copy of the output gradient and a slow strided
-  matmul; over `[n * length, features]` both are plain row-major (a GEGLU feed-forward's
-  gradient 17.9 -> 10.7 ms on one core).
+
+@contextlib.contextmanager
+def kernels(choice: str) -> Iterator[None]:
+  """Layers called (traced) inside use the formulations `choice`, one of `KERNELS`."""
+  if choice not in KERNELS:
+    raise ValueError(f"kernels={choice!r} is not one of {KERNELS}.")
+  token = _KERNELS.set(choice)
+  try:
+    yield
+  finally:
+    _KERNELS.reset(token)
+
+
+def cpu_kernels() -> bool:
+  """Whether the layer being traced takes its XLA:CPU formulation (see `kernels`)."""
+  choice = _KERNELS.get()
+  return mesh_lib.target_platform() == "cpu" if choice == "auto" else choice == "cpu"
+
+
+class Dense(nn.Dense):
+  """nn.Dense; on CPU kernels, leading axes are folded into one before the product.
+
+  The same sums, but XLA:CPU lays out the kernel gradient of a product over `[n, length,
+  features]` with a transposed copy of the output gradient and a slow strided matmul; over
+  `[n * length, features]` both are plain row-major.
   """
 
   def __call__(self, inputs: Array) -> Array:
+    if not cpu_kernels():
+      return super().__call__(inputs)
     lead = inputs.shape[:-1]
     y = super().__call__(inputs.reshape(-1, inputs.shape[-1]))
     return y.reshape(lead + (self.features,))
@@ -64,14 +98,14 @@ class Conv(nn.Conv):
   already give O(1) errors in the first kernel's gradient, while 1x1 convs and every mesh with
   an axis of size 1 agree. tests/test_parallel.py checks the gradients across meshes.
 
-  A 1x1 convolution (stride 1, no groups) runs as `row_conv` with one tap: the same parameters
-  and results, a faster kernel gradient on XLA:CPU.
+  On CPU kernels a 1x1 convolution (stride 1, no groups) runs as `row_conv` with one tap: the
+  same parameters and results, a faster kernel gradient on XLA:CPU.
   """
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
     inputs = nn.with_logical_constraint(inputs, _CONV_INPUT_AXES[inputs.ndim])
-    pointwise = (inputs.ndim == 4 and tuple(self.kernel_size) == (1, 1)
+    pointwise = (cpu_kernels() and inputs.ndim == 4 and tuple(self.kernel_size) == (1, 1)
                  and self.strides in (1, (1, 1)) and self.input_dilation in (1, (1, 1))
                  and self.feature_group_count == 1
                  and self.padding in (0, (0, 0), ((0, 0), (0, 0)), "VALID", "SAME"))
@@ -147,9 +181,9 @@ def group_norm_fn(x: Array, scale: Array, bias: Array, groups: int, epsilon: flo
   The same function as flax's nn.GroupNorm (statistics in float32, variance as E[x^2] - E[x]^2,
   float32 out) and jax.nn.silu, with a hand-written gradient that keeps only x: the forward pass
   writes one array, the backward pass reads (dy, x) for two per-channel sums and once more for
-  dx. Autodiff of the two kept x - mean, the sigmoid and the output, and took more passes
-  (XLA:CPU, one core, forward + backward with SiLU: `[8, 8, 8, 8, 48]` 2.03 -> 0.99 ms,
-  `[64, 8, 8, 96]` 4.09 -> 2.15 ms; in the tiny U-Net's train step 152 -> 118 ms).
+  dx, where autodiff keeps x - mean, the sigmoid and the output and takes more passes over them
+  (benchmarks/profile_step.py shows the normalisation's share of the step). The CPU kernels'
+  GroupNorm; `portable_group_norm` is the same function left to autodiff.
   """
   return _group_norm_fwd(x, scale, bias, groups, epsilon, silu)[0]
 
@@ -199,6 +233,18 @@ def _group_norm_bwd(groups, epsilon, silu, residuals, dy):
 group_norm_fn.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
+def portable_group_norm(x: Array, scale: Array, bias: Array, groups: int, epsilon: float,
+                        silu: bool = False) -> Array:
+  """`group_norm_fn` as flax's nn.GroupNorm computes it, differentiated by autodiff."""
+  grouped = x.astype(jnp.float32).reshape(x.shape[:-1] + (groups, x.shape[-1] // groups))
+  axes = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+  mean = jnp.mean(grouped, axes, keepdims=True)
+  variance = jnp.maximum(jnp.mean(jnp.square(grouped), axes, keepdims=True) - jnp.square(mean),
+                         0.0)
+  y = ((grouped - mean) * jax.lax.rsqrt(variance + epsilon)).reshape(x.shape) * scale + bias
+  return nn.silu(y) if silu else y
+
+
 class GroupNorm(nn.Module):
   """nn.GroupNorm's parameters (`scale`, `bias` `[channels]`) over `group_norm_fn`."""
   num_groups: int
@@ -214,7 +260,8 @@ class GroupNorm(nn.Module):
     scale = self.param("scale", logical(nn.initializers.ones_init(), ("norm",)), (channels,),
                        jnp.float32)
     bias = self.param("bias", logical(zeros_init, ("norm",)), (channels,), jnp.float32)
-    return group_norm_fn(x, scale, bias, self.num_groups, self.epsilon, self.silu)
+    norm = group_norm_fn if cpu_kernels() else portable_group_norm
+    return norm(x, scale, bias, self.num_groups, self.epsilon, self.silu)
 
 
 def group_norm(groups: int, name: str, epsilon: float = 1e-5, silu: bool = False) -> GroupNorm:
@@ -299,15 +346,13 @@ class TemporalConvBlock(nn.Module):
 
 
 class FrameConv(nn.Module):
-  """A Conv3d with kernel (3, 1, 1) over `[b, f, h, w, c]`, zero-padded in time, run as a 2-D
-  convolution over (frames, pixels).
+  """A Conv3d with kernel (3, 1, 1) over `[b, f, h, w, c]`, zero-padded in time.
 
   Its parameters are nn.Conv's (kernel `[3, 1, 1, c_in, c_out]`, bias `[c_out]`, the same
-  logical axes), so checkpoints and diffusers' weights load unchanged. Viewing the video as
-  `[b, f, h * w, c]` (a free reshape) makes the same sums a (3, 1) image convolution, which
-  XLA:CPU runs on its fast 2-D path instead of the slow generic 5-D one (tiny U-Net train step
-  0.497 -> 0.468 s). A convolution, not a matrix product of stacked frames (as fast): its
-  results do not depend on the batch size, so a seed gives the same video in any batch.
+  logical axes), so checkpoints and diffusers' weights load unchanged. On CPU kernels it runs
+  as a (3, 1) image convolution over `[b, f, h * w, c]` (a free reshape), which XLA:CPU runs on
+  its fast 2-D path instead of the slow generic 5-D one; a convolution rather than a matrix
+  product of stacked frames, so that its results do not depend on the batch size.
   """
   features: int
   dtype: Dtype = jnp.float32
@@ -321,6 +366,11 @@ class FrameConv(nn.Module):
     kernel = self.param("kernel", logical(kernel_init, (None, None, None, "conv_in", "conv_out")),
                         (3, 1, 1, channels, self.features), jnp.float32)
     bias = self.param("bias", logical(zeros_init, ("conv_out",)), (self.features,), jnp.float32)
+    if not cpu_kernels():
+      y = jax.lax.conv_general_dilated(x.astype(self.dtype), kernel.astype(self.dtype),
+                                       (1, 1, 1), ((1, 1), (0, 0), (0, 0)),
+                                       dimension_numbers=("NDHWC", "DHWIO", "NDHWC"))
+      return y + bias.astype(self.dtype)
     images = x.astype(self.dtype).reshape(b, frames, height * width, channels)
     y = row_conv(images, kernel.reshape(3, 1, channels, self.features).astype(self.dtype))
     return y.reshape(b, frames, height, width, self.features) + bias.astype(self.dtype)
@@ -340,7 +390,7 @@ def row_conv(x: Array, kernel: Array) -> Array:
   Forward and input gradient are XLA's convolutions (whose results do not depend on the batch
   size). The kernel gradient is one matrix product per tap, `x[rows + d]^T @ dy` over every
   position: XLA:CPU runs it as a convolution whose batch is the channels, with transposed
-  copies of both operands, at half the speed (tiny U-Net, one core: 47 vs ~85 GFLOP/s).
+  copies of both operands, at about half the speed.
   """
   return _row_conv(x, kernel)
 
@@ -405,12 +455,13 @@ class Attention(nn.Module):
 
 
 def gelu(x: Array) -> Array:
-  """Exact GELU as torch computes it, `x / 2 * (1 + erf(x / sqrt(2)))`.
+  """Exact GELU; on CPU kernels as torch computes it, `x / 2 * (1 + erf(x / sqrt(2)))`.
 
   jax.nn.gelu(approximate=False) goes through erfc, which XLA:CPU expands into exponentials and
-  selects: on a GEGLU gate `[64, 16, 384]`, one core, forward 2.19 -> 1.01 ms and forward +
-  backward 4.95 -> 3.53 ms with erf. The two differ by at most 8e-6 there.
+  selects; the two differ by a few float32 ulps.
   """
+  if not cpu_kernels():
+    return jax.nn.gelu(x, approximate=False)
   return 0.5 * x * (1 + jax.lax.erf(x * (1 / math.sqrt(2))).astype(x.dtype))
 
 

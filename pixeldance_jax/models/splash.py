@@ -2,8 +2,9 @@
 
 `jax.nn.dot_product_attention` offers XLA and cuDNN; on TPU the fast path is the Pallas splash
 kernel. It works on blocks of 128 positions, so sequences are padded to a multiple of 128 and the
-padded keys are masked with segment ids. Off TPU the same kernel runs in Pallas' interpreter:
-slow, but it lets CPU tests check the TPU code path against XLA.
+padded keys are masked with segment ids. In a program for TPU devices (`mesh_lib.target_platform`,
+so also one compiled ahead of time on a CPU host) it is a Mosaic kernel; elsewhere the same kernel
+runs in Pallas' interpreter: slow, but it lets CPU tests check the TPU code path against XLA.
 
 Under a mesh the kernel runs per shard (`shard_map`): batch over the data-parallel axes, heads
 over `tensor`, each where it divides evenly. A Pallas call is opaque to the SPMD partitioner,
@@ -36,7 +37,7 @@ def _per_shard(q: Array, k: Array, v: Array, kv_length: int) -> Array:
       block_q=BLOCK, block_kv=BLOCK, block_kv_compute=BLOCK, block_q_dkv=BLOCK,
       block_kv_dkv=BLOCK, block_kv_dkv_compute=BLOCK, block_q_dq=BLOCK, block_kv_dq=BLOCK)
   kernel = kernels.make_splash_mha(mask, block_sizes=block, head_shards=1, q_seq_shards=1,
-                                   interpret=jax.default_backend() != "tpu")
+                                   interpret=mesh_lib.target_platform() != "tpu")
   # Keys past `kv_length` are padding: a segment of their own that no query belongs to.
   segment_ids = kernels.SegmentIds(
       q=jnp.zeros((q_length,), jnp.int32),

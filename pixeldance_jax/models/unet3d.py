@@ -66,6 +66,7 @@ class UNetSpec:
   remat_policy: str = "none"  # One of REMAT_POLICIES; applied to every layer module.
   dtype: Any = jnp.float32
   attention_impl: str | None = "xla"
+  kernels: str = "auto"  # One of layers.KERNELS: which formulation of some layers to trace.
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "UNetSpec":
@@ -74,6 +75,9 @@ class UNetSpec:
       raise ValueError(
           f"config.unet.attention_levels has {len(unet.attention_levels)} entries but "
           f"block_out_channels has {len(unet.block_out_channels)}; give one per level.")
+    kernels = unet.get("kernels", "auto")  # Configs saved before the field read as "auto".
+    if kernels not in layers.KERNELS:
+      raise ValueError(f"config.unet.kernels={kernels!r}; expected one of {layers.KERNELS}.")
     if unet.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"config.unet.remat_policy={unet.remat_policy!r}; expected one of "
                        f"{REMAT_POLICIES}.")
@@ -91,7 +95,7 @@ class UNetSpec:
                pooled_text_embedding=unet.pooled_text_embedding,
                dropout=unet.dropout, temporal_conv_dropout=unet.temporal_conv_dropout,
                remat_policy=unet.remat_policy, dtype=jnp.dtype(unet.dtype),
-               attention_impl=_attention_impl(unet))
+               attention_impl=_attention_impl(unet), kernels=kernels)
 
 
 @dataclasses.dataclass
@@ -231,9 +235,14 @@ class UNet3D(nn.Module):
   """
   spec: UNetSpec
 
-  @nn.compact
   def __call__(self, sample: Array, timesteps: Array, context: Array,
                use_temporal: bool = True, deterministic: bool = True) -> Array:
+    with layers.kernels(self.spec.kernels):
+      return self._forward(sample, timesteps, context, use_temporal, deterministic)
+
+  @nn.compact
+  def _forward(self, sample: Array, timesteps: Array, context: Array, use_temporal: bool,
+               deterministic: bool) -> Array:
     spec = self.spec
     batch, frames = sample.shape[:2]
     if context.shape[-1] != spec.cross_attention_dim:

@@ -44,6 +44,14 @@ def make_mesh(mesh_config: ml_collections.ConfigDict, devices=None) -> Mesh:
                        devices=devices)
 
 
+def target_platform() -> str:
+  """The platform of the program being traced: that of the mesh set by `jax.set_mesh` (a TPU
+  topology's when compiling ahead of time on a CPU host), else JAX's default backend."""
+  mesh = jax.sharding.get_abstract_mesh()
+  device = None if mesh.empty else mesh.abstract_device
+  return device.platform if device is not None else jax.default_backend()
+
+
 def train_compiler_options(mesh: Mesh) -> dict[str, str] | None:
   """XLA options for the train step on `mesh` (`jax.jit(..., compiler_options=...)`); None: the
   defaults (GPU, TPU).
