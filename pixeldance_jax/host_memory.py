@@ -12,7 +12,8 @@ next request) and keeps its peak: memory is not returned to the system until it 
 
 Only the CPU backend gains; on a GPU or TPU host the device has its own allocator and a heap
 that never shrinks would only hold on to host memory. So `reuse_freed_memory` applies the
-setting when no accelerator plugin for JAX is installed (or `JAX_PLATFORMS=cpu`), on glibc, and
+setting when no accelerator plugin for JAX is installed (libtpu counts only on a host with TPU
+chips; on others it is there to compile ahead of time) or `JAX_PLATFORMS=cpu`, on glibc, and
 not when the environment already tunes malloc (`MALLOC_*`, `GLIBC_TUNABLES`) or sets
 `PIXELDANCE_HOST_MALLOC=default`. It must run before JAX starts its backend: threads that have
 already allocated keep their own arenas, which still `mmap` large blocks.
@@ -25,6 +26,7 @@ benchmark), and those that mostly compile (sampling, the test suite) do not.
 
 import ctypes
 import ctypes.util
+import glob
 import importlib.metadata
 import os
 import platform
@@ -34,13 +36,33 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 _KEEP_FREE_BYTES = 2**31 - 1  # mallopt takes an int.
-_ACCELERATOR_DISTRIBUTIONS = ("libtpu", "jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm")
+_GPU_PLUGINS = ("jax-cuda", "jax_cuda", "jax-rocm", "jax_rocm")
 _applied = False
 
 
+def tpu_attached() -> bool:
+  """Whether this host has TPU chips (their device files; a CPU host may still have libtpu, to
+  compile for TPUs ahead of time)."""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
 def _accelerator_plugin_installed() -> bool:
-  names = (dist.metadata["Name"] or "" for dist in importlib.metadata.distributions())
-  return any(name.lower().startswith(_ACCELERATOR_DISTRIBUTIONS) for name in names)
+  names = [(dist.metadata["Name"] or "").lower() for dist in importlib.metadata.distributions()]
+  if any(name.startswith("libtpu") for name in names) and tpu_attached():
+    return True
+  return any(name.startswith(_GPU_PLUGINS) for name in names)
+
+
+def quiet_libtpu() -> None:
+  """On a host without TPU chips, tells an installed libtpu not to look for the cloud's TPU
+  metadata (it would print a page of warnings at every JAX start), and lets several processes
+  load it at once (a test suite's workers, ahead-of-time compiles). Before JAX starts."""
+  if tpu_attached():
+    return
+  for name, value in (("TPU_SKIP_MDS_QUERY", "1"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1"),
+                      ("TPU_ACCELERATOR_TYPE", "v5p-8"), ("TPU_WORKER_HOSTNAMES", "localhost"),
+                      ("TPU_WORKER_ID", "0")):
+    os.environ.setdefault(name, value)
 
 
 def wanted() -> bool:

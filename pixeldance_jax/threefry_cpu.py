@@ -12,6 +12,7 @@ integer arithmetic that XLA fuses into one loop over the counters, which also ru
 The function is the Threefry-2x32 of Salmon et al. (SC 2011) with 20 rounds, as JAX computes
 it: the same key schedule and rotations, in uint32 arithmetic, so every bit is as before
 (tests/test_threefry_cpu.py checks it against JAX's loop form and the published test vectors).
+The commands register it (`console.run`); importing the package does not.
 """
 
 import numpy as np

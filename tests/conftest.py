@@ -25,6 +25,10 @@ if _TESTS not in sys.path:
 
 import processes  # pylint: disable=wrong-import-position
 import torch_compat  # noqa: F401  # pylint: disable=wrong-import-position,unused-import
+from pixeldance_jax import host_memory, threefry_cpu  # pylint: disable=wrong-import-position
+
+threefry_cpu.register()  # As the commands do (console.run).
+host_memory.quiet_libtpu()
 
 # The README installs with `pip --no-compile` (compiling the byte code of every installed file,
 # torch's included, is half the install): the suite and its subprocesses write that of what they
@@ -41,6 +45,11 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 # One thread for the torch references (OpenMP): the suite already runs a process per core, and
 # OpenMP threads that spin waiting for a busy core slow both.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_configure(config):
+  config.addinivalue_line("markers", "slow: multi-process, many-device, end-to-end command or "
+                          "browser tests; `-m 'not slow'` is the quick tier.")
 
 
 def pytest_collection_finish(session):  # pylint: disable=unused-argument

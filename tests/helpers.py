@@ -11,11 +11,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from pixeldance_jax import threefry_cpu
 from pixeldance_jax.data import media
 from pixeldance_jax.evaluate import features
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
+
+threefry_cpu.register()  # As the entry points do (console.run), for every test process.
 
 
 # A U-Net of one level (no down/upsampling; spatial, temporal and text attention in its mid

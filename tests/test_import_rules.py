@@ -18,11 +18,13 @@ FORBIDDEN = {
     "diffusion": {"models", "train", "data", "sampling", "evaluate", "demo"},
     "data": {"models", "train", "sampling", "evaluate", "demo"},
     "parallel": {"models", "train", "data", "sampling", "evaluate", "demo"},
-    "sampling": {"train", "evaluate", "demo"},
-    "train": {"demo"},
-    "evaluate": {"demo"},
+    "sampling": {"train", "evaluate", "demo", "aot"},
+    "train": {"demo", "aot"},
+    "evaluate": {"demo", "aot"},
     # The demo is an entry point over sampling: it never needs training code.
-    "demo": {"train"},
+    "demo": {"train", "aot"},
+    # The ahead-of-time compiler is an entry point over train and sampling.
+    "aot": {"demo", "evaluate"},
 }
 
 
@@ -106,3 +108,31 @@ def test_imports_point_one_way(room):
             for module, targets in sorted(_import_graph().items()) if _room(module) == room
             for target in sorted(targets) if _room(target) in FORBIDDEN[room]]
   assert broken == []
+
+
+_SIDE_EFFECTS = """
+import importlib, importlib.util, json, os, pkgutil
+import jax
+# What the libraries the package uses do on import is theirs (tensorboardX sets CRC32C_SW_MODE).
+import av, flax, grain, optax, orbax.checkpoint, tensorboardX, tensorflow_datasets
+lower = lambda: jax.jit(lambda k: jax.random.bits(k, (4,))).lower(jax.random.key(0)).as_text()
+before = (lower(), dict(os.environ), jax.config.values.copy())
+import pixeldance_jax
+for module in pkgutil.walk_packages(pixeldance_jax.__path__, "pixeldance_jax."):
+  source = importlib.util.find_spec(module.name).loader.get_source(module.name) or ""
+  if "DEFINE_" not in source:  # Command-line modules define absl flags: one per process.
+    importlib.import_module(module.name)
+after = (lower(), dict(os.environ), jax.config.values.copy())
+print(json.dumps([name for name, b, a in zip(("lowering", "environment", "jax.config"), before,
+                                             after) if b != a]))
+"""
+
+
+def test_importing_the_package_changes_nothing_in_jax():
+  """CPU settings (the random-bit hash's lowering, malloc, libtpu's environment) are the
+  commands' to apply (console.run), not an import's: every library module imported, JAX lowers
+  as before and sees the same environment and config."""
+  import json  # pylint: disable=import-outside-toplevel
+  import processes  # pylint: disable=import-outside-toplevel
+  result = processes.run_python("-c", _SIDE_EFFECTS)
+  assert json.loads(result.stdout.strip().splitlines()[-1]) == []
