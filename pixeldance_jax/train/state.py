@@ -118,16 +118,20 @@ _BOXED_STATES = programs.ProgramCache()
 _INITIALISERS = programs.ProgramCache()
 
 
+def boxed_state(config: ml_collections.ConfigDict) -> TrainState:
+  """The state's shapes with the logical axis names of every leaf (`nn.LogicallyPartitioned`),
+  before any mesh or rules apply; nothing materialised."""
+  key = programs.config_key(ml_collections.ConfigDict(
+      {k: v for k, v in config.items() if k not in ("mesh", "logical_axis_rules")}))
+  return _BOXED_STATES.get(key, lambda: jax.eval_shape(
+      functools.partial(_init_state, config=config), jax.random.key(0)))
+
+
 def abstract_state(config: ml_collections.ConfigDict, mesh: Mesh) -> tuple[TrainState, Any]:
   """(ShapeDtypeStruct state with shardings, the shardings tree), nothing materialised. The
   weights are those of `pixeldance.abstract_weights`; the optimiser's moments are sharded like
   the params they track."""
-  # The boxed tree holds logical axis names: the mesh and the rules apply after.
-  key = programs.config_key(ml_collections.ConfigDict(
-      {k: v for k, v in config.items() if k not in ("mesh", "logical_axis_rules")}))
-  boxed = _BOXED_STATES.get(key, lambda: jax.eval_shape(
-      functools.partial(_init_state, config=config), jax.random.key(0)))
-  abstract = sharding.abstract_tree(boxed, mesh, sharding.logical_rules(config))
+  abstract = sharding.abstract_tree(boxed_state(config), mesh, sharding.logical_rules(config))
   return abstract, jax.tree.map(lambda x: x.sharding, abstract)
 
 
