@@ -103,21 +103,14 @@ def _microbatches(batch: Batch, count: int) -> Batch:
 
 def loss_and_grads(params, frozen, batch: Batch, rng: Array, config: ml_collections.ConfigDict,
                    use_temporal: bool = True, loss: LossFn = loss_fn,
-                   condition_rates: dict[str, Array] | None = None, grad_shardings=None):
+                   condition_rates: dict[str, Array] | None = None):
   """Mean loss, metrics and gradients, over `config.grad_accum_steps` microbatches.
 
   Microbatch i draws its conditions and noise from `fold_in(rng, i)`; with one microbatch the
   step's own rng is used. Gradients are averaged in float32 inside a `lax.scan`, so only one
-  microbatch's activations are alive at a time. `grad_shardings` (the params' shardings) pins
-  each gradient to its parameter's shards where it is made: the partitioner then reduce-scatters
-  it there, rather than all-reducing whole gradients for the update to slice.
+  microbatch's activations are alive at a time.
   """
-  def grad_fn(*args):
-    (_, metrics), grads = jax.value_and_grad(loss, has_aux=True)(*args)
-    if grad_shardings is not None:
-      grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
-    return (None, metrics), grads
-
+  grad_fn = jax.value_and_grad(loss, has_aux=True)
   count = config.grad_accum_steps
   if count == 1:
     (_, metrics), grads = grad_fn(params, frozen, batch, rng, config, use_temporal,
@@ -134,8 +127,6 @@ def loss_and_grads(params, frozen, batch: Batch, rng: Array, config: ml_collecti
     return jax.tree.map(jnp.add, grads_sum, grads), metrics
 
   zeros = jax.tree.map(jnp.zeros_like, params)
-  if grad_shardings is not None:
-    zeros = jax.lax.with_sharding_constraint(zeros, grad_shardings)
   grads_sum, metrics = jax.lax.scan(accumulate, zeros,
                                     (jnp.arange(count), _microbatches(batch, count)))
   metrics = {"loss": metrics["loss"].mean(), "bucket_loss_sum": metrics["bucket_loss_sum"].sum(0),
@@ -156,20 +147,20 @@ def _update(state: state_lib.TrainState, grads, config: ml_collections.ConfigDic
 
 def train_step(state: state_lib.TrainState, batch: Batch, base_rng: Array,
                hyperparameters: state_lib.Hyperparameters, config: ml_collections.ConfigDict,
-               use_temporal: bool = True, loss: LossFn = loss_fn, grad_shardings=None
+               use_temporal: bool = True, loss: LossFn = loss_fn
                ) -> tuple[state_lib.TrainState, dict[str, Array]]:
   """One optimiser step. A non-finite loss or gradient leaves the state unchanged.
 
   The step's randomness is `fold_in(base_rng, step)`, so a resumed run replays it exactly.
   `hyperparameters`: `state.hyperparameters(config)`, traced (learning rate, schedule length,
   Adam and EMA numbers, the conditioning's dropout rates and switches), so that changing them
-  does not change the program. `grad_shardings`: as in `loss_and_grads`.
+  does not change the program.
   """
   rng = jax.random.fold_in(base_rng, state.step)
   condition_rates = conditioning.rates_at_step(
       {name: hyperparameters[name] for name in conditioning.RATES}, state.step)
   metrics, grads = loss_and_grads(state.params, state.frozen, batch, rng, config, use_temporal,
-                                  loss, condition_rates, grad_shardings)
+                                  loss, condition_rates)
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
   # A branch, not a select between the new state and the old: with both alive at the end, XLA
@@ -259,7 +250,7 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state_sharding
 
   def build() -> _Program:
     step = functools.partial(train_step, config=program_config, use_temporal=use_temporal,
-                             loss=loss, grad_shardings=state_shardings.params)
+                             loss=loss)
     rules = sharding.logical_rules(program_config)
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
