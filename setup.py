@@ -42,7 +42,18 @@ DEV_REQUIRES = [
     "pytorch-fid==0.3.0",
     # The demo's browser test drives the system's Chromium through its chromedriver.
     "selenium==4.51.0",
+    # libtpu's compiler, for the ahead-of-time TPU compiles of `python -m pixeldance_jax.aot`
+    # and its tests (on a host without TPU chips it is used for nothing else).
+    "jax[tpu]==0.10.2",
 ]
+
+# JAX for each backend, at the pinned version: `pip install -e ".[tpu]"` on a TPU VM (or on any
+# host, to compile for TPUs ahead of time), `pip install -e ".[cuda12]"` on NVIDIA GPUs.
+BACKEND_REQUIRES = {
+    "tpu": ["jax[tpu]==0.10.2"],
+    "cuda12": ["jax[cuda12]==0.10.2"],
+    "cuda13": ["jax[cuda13]==0.10.2"],
+}
 
 setuptools.setup(
     name="pixeldance_jax",
@@ -53,5 +64,5 @@ setuptools.setup(
     package_data={"pixeldance_jax.demo": ["static/*"]},
     python_requires=">=3.11,<3.12",
     install_requires=INSTALL_REQUIRES,
-    extras_require={"dev": DEV_REQUIRES},
+    extras_require={"dev": DEV_REQUIRES, **BACKEND_REQUIRES},
 )

@@ -1,0 +1,120 @@
+"""python -m pixeldance_jax.aot: TPU slices by name, collectives read from HLO text, and the
+unit-test programs compiled for a TPU slice by libtpu's compiler on this CPU host."""
+
+import importlib.util
+import json
+
+import pytest
+
+import helpers
+import processes
+from pixeldance_jax.aot import hlo, report, topology
+
+needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
+                                  reason="libtpu not installed (pip install -e '.[tpu]')")
+
+
+@pytest.mark.parametrize("name, libtpu_name, chips, hbm_gib", [
+    ("v5p-8", "v5p:2x2x1", 4, 95), ("v5p-64", "v5p:2x4x4", 32, 95),
+    ("v5p-256", "v5p:4x4x8", 128, 95), ("v4-8", "v4:2x2x1", 4, 32),
+    ("v5e-8", "v5e:2x4", 8, 16), ("v5litepod-16", "v5e:4x4", 16, 16),
+    ("v6e-64", "v6e:8x8", 64, 32), ("v5p:2x2x2", "v5p:2x2x2", 8, 95)])
+def test_slices_by_cloud_and_libtpu_names(name, libtpu_name, chips, hbm_gib):
+  tpu_slice = topology.parse(name)
+  assert (tpu_slice.topology, tpu_slice.chips) == (libtpu_name, chips)
+  assert tpu_slice.hbm_bytes == hbm_gib * 2**30
+
+
+@pytest.mark.parametrize("name, message", [
+    ("v5p-6", "no v5p slice of 6"), ("v7-8", "unknown TPU generation"),
+    ("v5p:2x2", "3-D"), ("tpu", "expected e.g.")])
+def test_bad_slice_names_are_explained(name, message):
+  with pytest.raises(ValueError, match=message):
+    topology.parse(name)
+
+
+@pytest.mark.parametrize("largest, limit", [(0, 64), (1, 64), (5, 64), (37, 64), (64, 64),
+                                            (100, 64), (12, 12)])
+def test_sweep_finds_the_largest_batch_that_fits(largest, limit):
+  tried = []
+  def fits(n):
+    tried.append(n)
+    return n <= largest
+  assert report.largest_fitting(fits, limit) == min(largest, limit)
+  assert len(tried) <= 2 * limit.bit_length() + 1 and max(tried) <= limit
+
+
+_HLO = """HloModule step
+
+%all-reduce-scatter.3 (input.3: f32[64,256]) -> f32[8,256] {
+  %all-reduce.9 = f32[64,256]{1,0} all-reduce(%input.3), replica_groups={{0,1,2,3,4,5,6,7}}
+  ROOT %slice = f32[8,256]{1,0} dynamic-slice(%all-reduce.9, %p, %q), dynamic_slice_sizes={8,256}
+}
+
+ENTRY %main (p0: bf16[8,256]) -> f32[8,256] {
+  %ag = bf16[64,256]{1,0} all-gather(%p0), dimensions={0}, metadata={op_name="jit(f)/dot"}
+  %ags = (bf16[8,128]{1,0}, bf16[64,128]{1,0}) all-gather-start(%p1), dimensions={0}
+  %agd = bf16[64,128]{1,0} all-gather-done(%ags)
+  %ar = (f32[16]{0}, f32[3,3,32,32]{3,2,1,0}) all-reduce(%a, %b), replica_groups=[2,4]<=[8]
+  %rs = f32[8,256]{1,0} fusion(%g), kind=kCustom, calls=%all-reduce-scatter.3
+  %a2a = f32[4,4,16]{2,1,0} all-to-all(%x), dimensions={0}
+  %cps = (f32[32]{0}, f32[32]{0}, u32[], u32[]) collective-permute-start(%y)
+  ROOT %cpd = f32[32]{0} collective-permute-done(%cps)
+}
+"""
+
+
+def test_collectives_read_from_hlo_text():
+  found = hlo.collectives(_HLO)
+  table = hlo.summary(found)
+  assert table["all-gather"] == {"count": 2, "bytes": 64 * 256 * 2 + 64 * 128 * 2}
+  assert table["reduce-scatter"] == {"count": 1, "bytes": 64 * 256 * 4}
+  assert table["all-reduce"] == {"count": 1, "bytes": (16 + 9 * 32 * 32) * 4}
+  assert table["all-to-all"] == {"count": 1, "bytes": 4 * 4 * 16 * 4}
+  assert table["collective-permute"] == {"count": 1, "bytes": 32 * 4}
+  combined = hlo.by_kind(found)["all-reduce"][0]
+  assert [shape for _, shape in combined.arrays] == ["f32[16]", "f32[3,3,32,32]"]
+  assert hlo.by_kind(found)["all-gather"][0].op_name == "jit(f)/dot"
+
+
+def _aot(tmp_path, name, *flags):
+  report = tmp_path / f"{name}.json"
+  result = processes.run_python(
+      "-m", "pixeldance_jax.aot", "--config=configs/unit_test.py", *helpers.one_level_flags(),
+      "--config.mesh.data=1", "--config.mesh.fsdp=4", f"--json={report}", *flags, check=False)
+  return result, json.loads(report.read_text()) if report.exists() else None
+
+
+@pytest.mark.slow
+@needs_libtpu
+def test_unit_test_programs_compile_for_a_tpu_slice(tmp_path):
+  """The train step and the sampler, compiled by libtpu for a 4-chip v5p slice: a memory plan
+  that fits, FLOPs, collectives, splash attention as a Mosaic kernel (not interpreted), and the
+  sharding the rules ask for; then the sampler, planned against less memory than it needs,
+  fails the fit check with exit status 1."""
+  # 12 x 12 latents: the mid block's spatial attention (144 positions) takes splash attention.
+  flags = ("--topology=v5p-8", "--per_chip=1", "--config.data.image_size=48",
+           "--config.unet.attention_impl=splash")
+  result, report = _aot(tmp_path, "fits", *flags, "--programs=train_step,sample")
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert (report["chips"], report["hosts"], report["mesh"]["fsdp"]) == (4, 1, 4)
+  assert report["device_kind"].startswith("TPU v5")
+  for name in ("train_step", "sample"):
+    plan = report["programs"][name]
+    assert 0 < plan["total_bytes"] < plan["capacity_bytes"] and plan["fits"]
+    assert plan["flops"] > 0 and plan["bytes_accessed"] > 0 and plan["compile_seconds"] > 0
+    assert plan["collectives"]["all-gather"]["count"] > 0  # fsdp gathers weights.
+    assert plan["custom_calls"].get("tpu_custom_call", 0) > 0  # Splash as a Mosaic kernel.
+  assert "train_step" in result.stdout and "collectives in train_step" in result.stdout
+  sharding = report["sharding"]
+  assert sharding["replicated"] == []
+  assert sharding["activation_gathers"] == []
+  assert sharding["reduce_scatters"] > 0
+
+  budget = int(0.6 * report["programs"]["sample"]["total_bytes"]) / 2**30
+  result, report = _aot(tmp_path, "too_large", *flags, "--programs=sample",
+                        f"--hbm_gib={budget}")
+  assert result.returncode == 1, result.stderr[-3000:]
+  plan = report["programs"]["sample"]
+  assert not plan["fits"] and plan["total_bytes"] > plan["capacity_bytes"]
+  assert "NO" in result.stdout
