@@ -11,9 +11,9 @@ budget; read its header first. Everything runs on random weights: nothing is dow
   # Compile and count only (XLA's FLOPs and memory plan; nothing materialised), e.g. on a CPU:
   python benchmarks/accelerator.py --measure=train --dry_run
 
-Install: `pip install -e ".[dev]"` and, for the pinned jax 0.10.2, `pip install
-"jax[cuda12]==0.10.2"` on an NVIDIA GPU host or `pip install "jax[tpu]==0.10.2"` on a TPU VM
-(the benchmark itself needs only `pip install -e .`; `[dev]` adds pytest for its test).
+Install: `pip install -e ".[dev,cuda12]"` on an NVIDIA GPU host, `pip install -e ".[dev,tpu]"`
+on a TPU VM (the benchmark itself needs only the backend's extra; `[dev]` adds pytest for its
+test).
 
 Sizes (--size, default $SIZE, else "paper"):
   paper: configs/pixeldance.py: 16 frames of 256x256 (32x32x4 latents of the KL autoencoder),

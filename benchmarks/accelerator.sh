@@ -5,8 +5,8 @@
 # under 8 minutes (the default budget). Random weights: nothing is downloaded.
 #
 # Install (Python 3.11, from the repository root):
-#   GPU:  pip install -e ".[dev]" "jax[cuda12]==0.10.2"
-#   TPU:  pip install -e ".[dev]" "jax[tpu]==0.10.2"
+#   GPU:  pip install -e ".[dev,cuda12]"
+#   TPU:  pip install -e ".[dev,tpu]"
 # (`pip install -e .` is enough for the benchmark; `[dev]` adds pytest for
 # tests/test_accelerator_benchmark.py.)
 #
