@@ -76,19 +76,25 @@ def main(argv):
     ok = True
   else:
     result = report.compile_all(config, tpu_slice, devices, _PROGRAMS.value, _PER_CHIP.value,
-                                _SAMPLE_PER_CHIP.value, _CHECK_SHARDING.value)
+                                _SAMPLE_PER_CHIP.value, _CHECK_SHARDING.value, _write_json)
     ok = all(plan["fits"] for plan in result["programs"].values())
   print(report.render(result))
+  _write_json(result)
   if _JSON.value:
-    directory = os.path.dirname(os.path.abspath(_JSON.value))
-    os.makedirs(directory, exist_ok=True)
-    temporary = f"{_JSON.value}.tmp"
-    with open(temporary, "w") as file:
-      json.dump(result, file, indent=1)
-    os.replace(temporary, _JSON.value)
     logging.info("report -> %s", _JSON.value)
   if not ok:
     sys.exit(1)
+
+
+def _write_json(result) -> None:
+  """--json, replaced whole (never half-written)."""
+  if not _JSON.value:
+    return
+  os.makedirs(os.path.dirname(os.path.abspath(_JSON.value)), exist_ok=True)
+  temporary = f"{_JSON.value}.tmp"
+  with open(temporary, "w") as file:
+    json.dump(result, file, indent=1)
+  os.replace(temporary, _JSON.value)
 
 
 if __name__ == "__main__":

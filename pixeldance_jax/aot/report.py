@@ -12,6 +12,7 @@ from pixeldance_jax import console
 from pixeldance_jax.aot import plan as plan_lib
 from pixeldance_jax.aot import topology
 from pixeldance_jax.parallel import mesh as mesh_lib
+from pixeldance_jax.train import state as state_lib
 
 PROGRAMS = ("train_step", "image_step", "sample")
 GiB = 2**30
@@ -33,7 +34,9 @@ def _check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
 
 def _header(config: ml_collections.ConfigDict, tpu_slice: topology.Slice, devices: list,
             mesh: jax.sharding.Mesh) -> dict[str, Any]:
+  params = state_lib.abstract_state(config, mesh)[0].params
   return {"topology": tpu_slice.name, "libtpu_topology": tpu_slice.topology,
+          "parameters": {name: state_lib.count_params(tree) for name, tree in params.items()},
           "chips": len(devices), "hosts": len({d.process_index for d in devices}),
           "device_kind": devices[0].device_kind, "hbm_bytes": tpu_slice.hbm_bytes,
           "mesh": dict(mesh.shape), "batch_size": config.batch_size,
@@ -45,8 +48,11 @@ def _header(config: ml_collections.ConfigDict, tpu_slice: topology.Slice, device
 
 def compile_all(config: ml_collections.ConfigDict, tpu_slice: topology.Slice, devices: list,
                 programs: list[str], per_chip: int = 0, sample_per_chip: int = 1,
-                check_sharding: bool = True) -> dict[str, Any]:
-  """Compiles `programs` for the slice; the report as a JSON-able dict."""
+                check_sharding: bool = True,
+                on_program: Callable[[dict[str, Any]], None] = lambda result: None
+                ) -> dict[str, Any]:
+  """Compiles `programs` for the slice; the report as a JSON-able dict, also handed to
+  `on_program` after each program (what is done survives a later one running out of memory)."""
   mesh = _mesh(config, devices)
   shards = mesh_lib.batch_devices(mesh)
   if per_chip:
@@ -72,6 +78,7 @@ def compile_all(config: ml_collections.ConfigDict, tpu_slice: topology.Slice, de
       result["sharding"] = plan_lib.sharding_findings(config, mesh, compiled.as_text())
     del compiled
     gc.collect()
+    on_program(result)
   return result
 
 
@@ -133,11 +140,12 @@ def _gib(value: float) -> str:
 
 def render(result: dict[str, Any]) -> str:
   """The report as a few lines of text."""
+  sizes = ", ".join(f"{name} {count / 1e6:.1f}M" for name, count in result["parameters"].items())
   lines = [f"{result['topology']} ({result['libtpu_topology']}): {result['chips']} x "
            f"{result['device_kind']}, {result['hosts']} host(s), "
            f"{result['hbm_bytes'] / GiB:.0f} GiB HBM per chip; mesh {result['mesh']}; "
            f"U-Net {result['unet_dtype']}, remat {result['remat_policy']}, attention "
-           f"{result['attention_impl']}"]
+           f"{result['attention_impl']}; parameters: {sizes}"]
   programs = result.get("programs", {})
   if programs:
     lines.append(f"{'program':<11} {'batch':>6} {'args':>7} {'out':>7} {'alias':>7} "
@@ -159,7 +167,7 @@ def render(result: dict[str, Any]) -> str:
     kinds = ", ".join(f"{kind} {c['count']} ({c['bytes'] / 2**20:.1f} MiB)"
                       for kind, c in plan["collectives"].items() if c["count"])
     lines.append(f"collectives in {name}: {kinds or 'none'}")
-    if plan["custom_calls"]:
+    if plan.get("custom_calls"):
       calls = ", ".join(f"{target} {count}" for target, count in plan["custom_calls"].items())
       lines.append(f"custom calls in {name}: {calls}")
   for name, why in result.get("skipped", {}).items():
