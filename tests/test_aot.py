@@ -95,8 +95,10 @@ def test_unit_test_programs_compile_for_a_tpu_slice(tmp_path):
   # 12 x 12 latents: the mid block's spatial attention (144 positions) takes splash attention.
   flags = ("--topology=v5p-8", "--per_chip=1", "--config.data.image_size=48",
            "--config.unet.attention_impl=splash")
-  result, report = _aot(tmp_path, "fits", *flags, "--programs=train_step,sample")
+  result, report = _aot(tmp_path, "fits", *flags, "--programs=train_step,sample",
+                        f"--hlo_dir={tmp_path / 'hlo'}")
   assert result.returncode == 0, result.stderr[-3000:]
+  assert (tmp_path / "hlo" / "train_step.hlo.txt").read_text().startswith("HloModule")
   assert (report["chips"], report["hosts"], report["mesh"]["fsdp"]) == (4, 1, 4)
   assert report["device_kind"].startswith("TPU v5")
   for name in ("train_step", "sample"):

@@ -40,6 +40,7 @@ _SAMPLE_PER_CHIP = flags.DEFINE_integer("sample_per_chip", 1, "Videos per data-p
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "Memory per chip to plan against, GiB (e.g. to "
                                "keep headroom for other work); 0: the chip's HBM.")
 _JSON = flags.DEFINE_string("json", "", "Also write the report here as JSON.")
+_HLO_DIR = flags.DEFINE_string("hlo_dir", "", "Also write each program's optimized HLO here.")
 _SWEEP = flags.DEFINE_bool("sweep", False, "Find the largest clips per chip whose train step "
                            "fits, for each of --policies.")
 _POLICIES = flags.DEFINE_list("policies", ["none", "dots_saveable", "full"], "Remat policies "
@@ -76,7 +77,8 @@ def main(argv):
     ok = True
   else:
     result = report.compile_all(config, tpu_slice, devices, _PROGRAMS.value, _PER_CHIP.value,
-                                _SAMPLE_PER_CHIP.value, _CHECK_SHARDING.value, _write_json)
+                                _SAMPLE_PER_CHIP.value, _CHECK_SHARDING.value, _write_json,
+                                _HLO_DIR.value)
     ok = all(plan["fits"] for plan in result["programs"].values())
   print(report.render(result))
   _write_json(result)

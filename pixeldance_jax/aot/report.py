@@ -1,6 +1,7 @@
 """The ahead-of-time report: which programs, on which mesh, and what the compiler planned."""
 
 import gc
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -49,10 +50,11 @@ def _header(config: ml_collections.ConfigDict, tpu_slice: topology.Slice, device
 def compile_all(config: ml_collections.ConfigDict, tpu_slice: topology.Slice, devices: list,
                 programs: list[str], per_chip: int = 0, sample_per_chip: int = 1,
                 check_sharding: bool = True,
-                on_program: Callable[[dict[str, Any]], None] = lambda result: None
-                ) -> dict[str, Any]:
+                on_program: Callable[[dict[str, Any]], None] = lambda result: None,
+                hlo_dir: str = "") -> dict[str, Any]:
   """Compiles `programs` for the slice; the report as a JSON-able dict, also handed to
-  `on_program` after each program (what is done survives a later one running out of memory)."""
+  `on_program` after each program (what is done survives a later one running out of memory).
+  `hlo_dir`: also write each program's optimized HLO there, as `<program>.hlo.txt`."""
   mesh = _mesh(config, devices)
   shards = mesh_lib.batch_devices(mesh)
   if per_chip:
@@ -74,6 +76,10 @@ def compile_all(config: ml_collections.ConfigDict, tpu_slice: topology.Slice, de
     logging.info(f"{name}: compiled in {plan.compile_seconds:.1f} s, "
                      f"{plan.total_bytes / GiB:.2f} GiB per chip")
     result["programs"][name] = plan.as_dict()
+    if hlo_dir:
+      os.makedirs(hlo_dir, exist_ok=True)
+      with open(os.path.join(hlo_dir, f"{name}.hlo.txt"), "w") as file:
+        file.write(compiled.as_text())
     if name == "train_step" and check_sharding:
       result["sharding"] = plan_lib.sharding_findings(config, mesh, compiled.as_text())
     del compiled
