@@ -82,6 +82,12 @@ class LayerSpec(Protocol):
   def hidden_act(self) -> str: ...
 
 
+# The hidden states stay split by example, as the batch comes in: left to itself, the
+# partitioner may instead gather the whole batch onto every device and split the matmuls by
+# their fsdp-sharded weights, all-reducing every layer's activations.
+HIDDEN_AXES = ("batch", "length", None)
+
+
 class EncoderLayer(nn.Module):
   """transformers' `CLIPEncoderLayer`: `[batch, length, hidden]` -> the same shape.
 
@@ -104,7 +110,8 @@ class EncoderLayer(nn.Module):
     h = layers.layer_norm("layer_norm2")(x)
     h = layers.dense(spec.intermediate_size, ("embed", "mlp"), jnp.float32, "fc1")(h)
     h = ACTIVATIONS[spec.hidden_act](h)
-    return x + layers.dense(spec.hidden_size, ("mlp", "embed"), jnp.float32, "fc2")(h)
+    x = x + layers.dense(spec.hidden_size, ("mlp", "embed"), jnp.float32, "fc2")(h)
+    return nn.with_logical_constraint(x, HIDDEN_AXES)
 
 
 class TextEncoder(nn.Module):
@@ -129,6 +136,7 @@ class TextEncoder(nn.Module):
         "position_embedding", layers.logical(nn.initializers.normal(0.01), ("length", "embed")),
         (spec.max_length, spec.hidden_size))
     x = token_embedding(token_ids) + position_embedding[None, :length]
+    x = nn.with_logical_constraint(x, HIDDEN_AXES)
     for i in range(spec.num_layers_run):
       x = EncoderLayer(spec, name=f"layers_{i}")(x)
     return layers.layer_norm("final_layer_norm")(x)
