@@ -165,11 +165,10 @@ def compile_sampler(config: ml_collections.ConfigDict, mesh: Mesh, capacity: int
 # --- The sharding, read from the compiled program ---------------------------------------------
 
 
-def _full_shapes(tree) -> dict[str, tuple[tuple[int, ...], str]]:
-  """{path: (shape, spec)} of the abstract state's leaves."""
-  leaves = jax.tree_util.tree_leaves_with_path(tree)
-  return {jax.tree_util.keystr(path): (tuple(leaf.shape), leaf.sharding.spec)
-          for path, leaf in leaves}
+def _mesh_axes(spec) -> set[str]:
+  """The mesh axes a PartitionSpec (or logical_to_mesh_axes' result) uses."""
+  return {axis for entry in spec if entry
+          for axis in ((entry,) if isinstance(entry, str) else entry)}
 
 
 def sharding_findings(config: ml_collections.ConfigDict, mesh: Mesh, hlo_text: str
@@ -193,11 +192,8 @@ def sharding_findings(config: ml_collections.ConfigDict, mesh: Mesh, hlo_text: s
     if not isinstance(leaf, nn.LogicallyPartitioned) or not jax.tree.leaves(leaf.value):
       continue
     wanted = nn.logical_to_mesh_axes(leaf.names, rules)
-    asked = {axis for entry in wanted if entry for axis in
-             ((entry,) if isinstance(entry, str) else entry) if mesh.shape[axis] > 1}
-    got = sharding.divisible_spec(wanted, leaf.value.shape, mesh)
-    kept = {axis for entry in got if entry for axis in
-            ((entry,) if isinstance(entry, str) else entry)}
+    asked = {axis for axis in _mesh_axes(wanted) if mesh.shape[axis] > 1}
+    kept = _mesh_axes(sharding.divisible_spec(wanted, leaf.value.shape, mesh))
     if asked - kept:
       replicated.append(f"{jax.tree_util.keystr(path)} {tuple(leaf.value.shape)} lost "
                         f"{sorted(asked - kept)}")
@@ -209,9 +205,7 @@ def sharding_findings(config: ml_collections.ConfigDict, mesh: Mesh, hlo_text: s
   fsdp_shapes, other_shapes, largest_weight = set(), set(), 0
   for leaf, label in zip(jax.tree.leaves(abstract.params), jax.tree.leaves(trainable)):
     largest_weight = max(largest_weight, int(np.prod(leaf.shape)) * 4)
-    over_fsdp = any(entry == "fsdp" or (isinstance(entry, tuple) and "fsdp" in entry)
-                    for entry in leaf.sharding.spec)
-    if label == "train" and over_fsdp and mesh.shape["fsdp"] > 1:
+    if label == "train" and "fsdp" in _mesh_axes(leaf.sharding.spec) and mesh.shape["fsdp"] > 1:
       fsdp_shapes.add(tuple(leaf.shape))
     else:
       other_shapes.add(tuple(leaf.shape))
