@@ -1,12 +1,11 @@
 """Host memory for XLA:CPU: keep freed memory for the next step instead of returning it.
 
-XLA:CPU allocates one buffer per execution for every intermediate of the program (the tiny
-train step's is 342 MB) and frees it at the end. glibc's malloc serves an allocation that large
-with a fresh `mmap` and unmaps it on free, so every step faults its pages in again (the kernel
-zeroes 83,000 pages per tiny step: 0.14 s of system time in a 0.68 s step on one core). Told to
-serve everything from one heap (`M_ARENA_MAX` 1, no `mmap`) and to keep up to 2 GiB of free
-memory at its top (`M_TRIM_THRESHOLD`), malloc hands the same pages back each step: the tiny
-U-Net step goes 0.68 -> 0.57 s on one core, with no other change. The heap grows to its
+XLA:CPU allocates one buffer per execution for every intermediate of the program and frees it
+at the end. glibc's malloc serves an allocation that large with a fresh `mmap` and unmaps it on
+free, so every step faults its pages in again. Told to serve everything from one heap
+(`M_ARENA_MAX` 1, no `mmap`) and to keep up to 2 GiB of free memory at its top
+(`M_TRIM_THRESHOLD`), malloc hands the same pages back each step (docs/benchmarks.md has the
+figures). The heap grows to its
 working shape over the first steps (now and then once more, when freed blocks no longer fit the
 next request) and keeps its peak: memory is not returned to the system until it exits.
 
@@ -18,8 +17,7 @@ not when the environment already tunes malloc (`MALLOC_*`, `GLIBC_TUNABLES`) or 
 `PIXELDANCE_HOST_MALLOC=default`. It must run before JAX starts its backend: threads that have
 already allocated keep their own arenas, which still `mmap` large blocks.
 
-The price is compile time: XLA's compiler threads then share the one arena (compiling the tiny
-U-Net step: 35.7 -> 40.8 s on two cores). So the commands that run a step many times ask for it
+The price is compile time: XLA's compiler threads then share the one arena. So the commands that run a step many times ask for it
 (`console.run(main, reuse_freed_memory=True)`: train.py, the ablation, the train-step
 benchmark), and those that mostly compile (sampling, the test suite) do not.
 """

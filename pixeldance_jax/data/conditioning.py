@@ -26,7 +26,7 @@ def image_condition(first: Array, last: Array, frames: int) -> Array:
 
   Written into a zero video rather than concatenated: XLA fuses the frames' noise draws (their
   random-bit hash) into whatever builds c_image, and a concatenation's fusion evaluates them
-  for every frame of the video, the zero ones too. Tiny train step, one core: 0.526 -> 0.515 s.
+  for every frame of the video, the zero ones too (docs/benchmarks.md).
   """
   video = jnp.zeros((first.shape[0], frames) + first.shape[1:], first.dtype)
   return video.at[:, 0].set(first).at[:, -1].set(last)

@@ -12,9 +12,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 # XLA:CPU's default hands matmuls, reductions and convolutions to YNNPACK, which runs each one
 # on a single thread. Its Eigen convolutions are as fast on one core and use every core of the
-# pool (tiny train step, 2 cores: 0.385 -> 0.340 s; 1 core: unchanged), so the train step's
-# convolutions go to Eigen; matmuls and reductions stay with YNNPACK (Eigen's: 0.58-0.63 s on one
-# core, slower).
+# pool, so the train step's convolutions go to Eigen; matmuls and reductions stay with YNNPACK,
+# whose are faster (docs/benchmarks.md).
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type":
                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 
