@@ -7,9 +7,11 @@ v5p count TensorCores (two per chip, one JAX device per chip), v5e and v6e count
 """
 
 import dataclasses
+import importlib.util
 import re
 
 import jax
+from jax.experimental import topologies
 
 from pixeldance_jax import host_memory
 
@@ -78,19 +80,13 @@ def _split(text: str, name: str) -> tuple[str, str]:
 def devices(tpu_slice: Slice) -> list[jax.Device]:
   """The slice's devices (one per chip), for a mesh to compile on; needs libtpu installed
   (`pip install -e ".[tpu]"`)."""
+  if importlib.util.find_spec("libtpu") is None:
+    raise RuntimeError("compiling for TPU needs libtpu: pip install -e \".[tpu]\"")
   host_memory.quiet_libtpu()
-  from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
-  try:
-    # v4's two TensorCores per chip are one device ("megacore"), as JAX runs them.
-    options = {"chip_config_name": "megacore"} if tpu_slice.generation == "v4" else {}
-    description = topologies.get_topology_desc(topology_name=tpu_slice.topology,
-                                               platform="tpu", **options)
-  except (RuntimeError, ValueError) as error:
-    message = str(error)
-    if "libtpu" in message.lower() or "plugin" in message.lower() or "tpu" not in message:
-      raise RuntimeError(f"cannot describe {tpu_slice.topology}: {message.splitlines()[0]} "
-                         "(is libtpu installed? pip install -e \".[tpu]\")") from error
-    raise
+  # v4's two TensorCores per chip are one device ("megacore"), as JAX runs them.
+  options = {"chip_config_name": "megacore"} if tpu_slice.generation == "v4" else {}
+  description = topologies.get_topology_desc(topology_name=tpu_slice.topology, platform="tpu",
+                                             **options)
   found = list(description.devices)
   if len(found) != tpu_slice.chips:
     raise RuntimeError(f"{tpu_slice.topology}: libtpu describes {len(found)} devices, expected "
