@@ -360,12 +360,12 @@ def measure_train(config: ml_collections.ConfigDict, mesh, devices, record: dict
     return
   state, record["init_s"] = common.timed(random_state, abstract)
   batch = mesh_lib.global_batch(train_step.synthetic_batch(config), mesh)
-  rng, hyperparameters = jax.random.key(1), state_lib.hyperparameters(config)
+  rng = jax.random.key(1)
   holder = {"state": state}
 
   def one_step():
     holder["state"], holder["metrics"] = jax.block_until_ready(
-        compiled(holder["state"], batch, rng, hyperparameters))
+        compiled(holder["state"], batch, rng))
 
   one_step()  # Warm-up: first-run allocations, autotuning.
   times = []

@@ -521,20 +521,25 @@ def compile_step(config: ml_collections.ConfigDict, mesh) -> tuple[Any, float]:
   abstract, shardings = state_lib.abstract_state(config, mesh)
   batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh_lib.batch_sharding(mesh))
            for name, x in common.batch_shapes(config, config.batch_size).items()}
-  compiled = step_lib.jit_train_step(config, mesh, shardings).lower(
-      abstract, batch, jax.random.key(0)).compile()
-  return compiled, time.perf_counter() - start
+  step = step_lib.jit_train_step(config, mesh, shardings)
+  step.compile(step.lower(abstract, batch, jax.random.key(0)))
+  return step, time.perf_counter() - start
 
 
-def xla_plan_gib(compiled) -> dict[str, float]:
-  """XLA's memory plan per device, GiB: arguments, outputs, aliases (donated), temporaries and
+def xla_plan_gib(step) -> dict[str, float]:
+  """XLA's memory plan per device, GiB, of the step's largest program (they run one after the
+  other): arguments, outputs, aliases (donated), temporaries and
   "total" = arguments + outputs - aliases + temporaries."""
-  plan = compiled.memory_analysis()
-  parts = {"args": plan.argument_size_in_bytes, "outputs": plan.output_size_in_bytes,
-           "aliases": plan.alias_size_in_bytes, "temps": plan.temp_size_in_bytes}
-  parts = {name: value / common.GiB for name, value in parts.items()}
-  parts["total"] = parts["args"] + parts["outputs"] - parts["aliases"] + parts["temps"]
-  return parts
+  best = {}
+  for compiled in step.executables.values():
+    plan = compiled.memory_analysis()
+    parts = {"args": plan.argument_size_in_bytes, "outputs": plan.output_size_in_bytes,
+             "aliases": plan.alias_size_in_bytes, "temps": plan.temp_size_in_bytes}
+    parts = {name: value / common.GiB for name, value in parts.items()}
+    parts["total"] = parts["args"] + parts["outputs"] - parts["aliases"] + parts["temps"]
+    if parts["total"] > best.get("total", -1.0):
+      best = parts
+  return best
 
 
 def check_xla(config: ml_collections.ConfigDict, shape: Sequence[int], policies: Sequence[str],

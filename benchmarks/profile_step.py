@@ -131,11 +131,14 @@ def main(argv) -> None:
   common.start_jax(cpu_devices=flags.FLAGS.cpu_devices)
   name, shape = train_step.parse_run(_FLAGS["run"].value)
   config = train_step.resolve_config(name, shape)
+  # One program, so that every profiled operation's name is one instruction's (with
+  # config.separate_update, the gradients' and the update's programs reuse names).
+  config.separate_update = False
   mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:shape[0] * shape[1] * shape[2]])
   print(f"{common.machine_summary()}; {name} on mesh {shape}, batch {config.batch_size}")
   compiled, _, (lower_s, compile_s), _ = train_step.compile_step(config, mesh)
   print(f"compiled in {lower_s + compile_s:.0f} s")
-  known = instructions(compiled.as_text())
+  known = instructions(compiled.executables["step"].as_text())
   run_step = train_step.step_runner(config, mesh, compiled)
   run_step()  # Warm-up.
   start = time.perf_counter()

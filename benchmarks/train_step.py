@@ -129,46 +129,54 @@ def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
 
 
 def compile_step(config: ml_collections.ConfigDict, mesh):
-  """(compiled step, global FLOPs, (trace + lower s, XLA compile s), abstract state)."""
+  """(compiled step as train.py runs it, global FLOPs, (trace + lower s, XLA compile s),
+  abstract state)."""
   abstract, shardings = state_lib.abstract_state(config, mesh)
   batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh_lib.batch_sharding(mesh))
            for name, x in common.batch_shapes(config, config.batch_size).items()}
-  lowered, lower_s = common.timed(step_lib.jit_train_step(config, mesh, shardings).lower,
-                                  abstract, batch, jax.random.key(0))
-  compiled, compile_s = common.timed(lowered.compile)
-  return compiled, common.xla_flops(lowered), (lower_s, compile_s), abstract
+  step = step_lib.jit_train_step(config, mesh, shardings)
+  lowered, lower_s = common.timed(step.lower, abstract, batch, jax.random.key(0))
+  compile_s = step.compile(lowered)
+  flops = sum(common.xla_flops(program) for program in lowered.values())
+  return step, flops, (lower_s, compile_s), abstract
 
 
-def peak_memory_gib(compiled, devices, ran: bool) -> tuple[float, str]:
-  """(GiB per device, source): the device allocator's high-water mark, else XLA's plan."""
+def planned_bytes(compiled) -> int:
+  """XLA's plan of one executable per device: arguments + outputs - donated + temporaries."""
+  plan = compiled.memory_analysis()
+  return (plan.argument_size_in_bytes + plan.output_size_in_bytes - plan.alias_size_in_bytes
+          + plan.temp_size_in_bytes)
+
+
+def peak_memory_gib(step: step_lib.CompiledStep, devices, ran: bool) -> tuple[float, str]:
+  """(GiB per device, source): the device allocator's high-water mark, else XLA's plan (of the
+  largest of the step's programs, which run one after the other)."""
   stats = devices[0].memory_stats() if ran else None
   if stats and "peak_bytes_in_use" in stats:
     return max(d.memory_stats()["peak_bytes_in_use"] for d in devices) / common.GiB, "dev"
-  plan = compiled.memory_analysis()
-  if plan is None:
+  executables = step.executables.values()
+  if any(compiled.memory_analysis() is None for compiled in executables):
     return float("nan"), "n/a"
-  planned = (plan.argument_size_in_bytes + plan.output_size_in_bytes - plan.alias_size_in_bytes
-             + plan.temp_size_in_bytes)
-  return planned / common.GiB, "xla"
+  return max(planned_bytes(compiled) for compiled in executables) / common.GiB, "xla"
 
 
-def step_runner(config: ml_collections.ConfigDict, mesh, compiled):
-  """`run()`: one step of `compiled` (from random weights, on a synthetic batch), waited for."""
+def step_runner(config: ml_collections.ConfigDict, mesh, step: step_lib.CompiledStep):
+  """`run()`: one train step (from random weights, on a synthetic batch), waited for."""
   state = state_lib.create_train_state(config, mesh, jax.random.key(config.seed))
   batch = mesh_lib.global_batch(synthetic_batch(config), mesh)
-  rng, hyperparameters = jax.random.key(1), state_lib.hyperparameters(config)
+  rng = jax.random.key(1)
   holder = {"state": state}
 
   def one_step():
-    holder["state"], metrics = compiled(holder["state"], batch, rng, hyperparameters)
+    holder["state"], metrics = step(holder["state"], batch, rng)
     jax.block_until_ready(metrics["loss"])
 
   return one_step
 
 
-def run_steps(config: ml_collections.ConfigDict, mesh, compiled) -> float:
-  """Median seconds of --steps steps of `compiled` after one warm-up, from random weights."""
-  one_step = step_runner(config, mesh, compiled)
+def run_steps(config: ml_collections.ConfigDict, mesh, step: step_lib.CompiledStep) -> float:
+  """Median seconds of --steps steps of `step` after one warm-up, from random weights."""
+  one_step = step_runner(config, mesh, step)
   one_step()  # Warm-up: first-run allocations, autotuning.
   return common.median_seconds(one_step, _STEPS.value)
 

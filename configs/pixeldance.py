@@ -134,6 +134,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.ema_warmup = True  # decay_t = min(ema_decay, (1 + t) / (10 + t)).
   # Microbatches per optimiser step (gradients averaged); each holds batch_size / this.
   config.grad_accum_steps = 1
+  # The update (AdamW, clipping, EMA) as a program of its own after the gradients' program:
+  # the video and image steps share it, and the TPU compiler plans the two in less host memory
+  # than the fused step (docs/tpu.md). False: one program per step.
+  config.separate_update = True
 
   # --- Parallelism -------------------------------------------------------
   config.mesh = mesh = ml_collections.ConfigDict()

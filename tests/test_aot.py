@@ -77,6 +77,29 @@ def test_collectives_read_from_hlo_text():
   assert hlo.by_kind(found)["all-gather"][0].op_name == "jit(f)/dot"
 
 
+_PROBE = """
+import sys
+import numpy as np
+from jax.sharding import Mesh
+from pixeldance_jax import host_memory
+from pixeldance_jax.aot import plan, topology
+host_memory.quiet_libtpu()
+for name in sys.argv[1:]:
+  devices = topology.devices(topology.parse(name))
+  mesh = Mesh(np.array(devices).reshape(1, len(devices), 1), ("data", "fsdp", "tensor"))
+  print(name, plan.reduce_scatter_lowering(mesh))
+"""
+
+
+@needs_libtpu
+def test_how_libtpu_lowers_a_reduce_scatter_on_one_host_and_across_hosts():
+  """An explicit reduce-scatter over every chip is one on a single-host slice, and an all-reduce
+  of the whole array where the group spans hosts: what the sharding check compares with."""
+  result = processes.run_python("-c", _PROBE, "v5p-8", "v5e-8", "v5p-16")
+  assert result.stdout.split("\n")[-4:-1] == [
+      "v5p-8 reduce-scatter", "v5e-8 reduce-scatter", "v5p-16 all-reduce"], result.stdout
+
+
 def _aot(tmp_path, name, *flags):
   report = tmp_path / f"{name}.json"
   result = processes.run_python(
@@ -112,6 +135,7 @@ def test_unit_test_programs_compile_for_a_tpu_slice(tmp_path):
   assert sharding["replicated"] == []
   assert sharding["activation_gathers"] == []
   assert sharding["reduce_scatters"] > 0
+  assert sharding["reduce_scatter_lowering"] == "reduce-scatter"
 
   budget = int(0.6 * report["programs"]["sample"]["total_bytes"]) / 2**30
   result, report = _aot(tmp_path, "too_large", *flags, "--programs=sample",

@@ -64,6 +64,44 @@ def test_a_non_finite_step_leaves_the_whole_state_unchanged(tmp_path):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), y), after, expected)
 
 
+def test_the_separate_update_program_is_the_fused_step(tmp_path):
+  """`config.separate_update` (gradients, then the update, as two programs) computes what one
+  program does, a skipped non-finite step included; the video and image steps share the
+  update program."""
+  config = unit_test.get_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
+  mesh = mesh_lib.make_mesh(config.mesh)
+  _, shardings = state_lib.abstract_state(config, mesh)
+  batch = mesh_lib.global_batch(_fixed_batch(config, str(tmp_path)), mesh)
+  results = {}
+  for separate in (True, False):
+    config.separate_update = separate
+    train_step = step_lib.jit_train_step(config, mesh, shardings)
+    assert train_step.program_names == (("gradients", "update") if separate else ("step",))
+    state = state_lib.create_train_state(config, mesh, jax.random.key(0))
+    history = []
+    for step in range(3):
+      if step == 1:  # A non-finite step: skipped, then the weight restored.
+        leaves, treedef = jax.tree.flatten(state.params)
+        kept = np.asarray(leaves[0])
+        state = state.replace(params=jax.tree.unflatten(
+            treedef, [leaves[0].at[(0,) * leaves[0].ndim].set(np.nan)] + leaves[1:]))
+      state, metrics = train_step(state, batch, jax.random.key(1))
+      history.append(jax.tree.map(np.asarray, metrics))
+      if step == 1:
+        leaves, treedef = jax.tree.flatten(state.params)
+        state = state.replace(params=jax.tree.unflatten(
+            treedef, [jax.device_put(kept, leaves[0].sharding)] + leaves[1:]))
+    results[separate] = (jax.tree.map(np.asarray, state), history)
+  assert [bool(m["finite"]) for m in results[True][1]] == [True, False, True]
+  _assert_trees_equal(results[True], results[False])
+  config.separate_update = True
+  video = step_lib.jit_train_step(config, mesh, shardings)
+  image = step_lib.jit_train_step(config, mesh, shardings, use_temporal=False)
+  assert video._programs["update"] is image._programs["update"]
+  assert video._programs["gradients"] is not image._programs["gradients"]
+
+
 @pytest.mark.parametrize("schedule,warmup", [("cosine", 10), ("cosine", 0), ("constant", 10)])
 def test_learning_rate_schedule_is_optax_warmup_then_decay(schedule, warmup):
   config = unit_test.get_config()
@@ -93,7 +131,7 @@ def test_optimiser_numbers_do_not_change_the_program():
                                             np.int32)}
     lowered = step_lib.jit_train_step(config, mesh, shardings).lower(abstract, batch,
                                                                    jax.random.key(0))
-    return lowered.as_text(debug_info=False)
+    return [program.as_text(debug_info=False) for program in lowered.values()]
   reference = program()
   assert program(num_train_steps=123, learning_rate=0.5, warmup_steps=7, ema_decay=0.5,
                  adam_b2=0.9, weight_decay=0.1, grad_clip_norm=3.0) == reference

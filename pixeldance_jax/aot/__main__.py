@@ -30,9 +30,11 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.
                                           lock_config=True)
 _TOPOLOGY = flags.DEFINE_string("topology", "v5p-8", "TPU slice: Cloud TPU's name (v5p-64, "
                                 "v4-8, v5e-8, v6e-16) or libtpu's (v5p:2x4x4).")
-_PROGRAMS = flags.DEFINE_list("programs", ["train_step", "image_step", "sample"],
-                              "Programs to compile: train_step, image_step (only with joint "
-                              "image training, data.image_every_k_steps) and sample.")
+_PROGRAMS = flags.DEFINE_list("programs", ["train_step", "image_step", "update", "sample"],
+                              "Programs to compile: train_step (its gradients' program with "
+                              "config.separate_update), image_step (only with joint image "
+                              "training, data.image_every_k_steps), update (only with "
+                              "config.separate_update) and sample.")
 _PER_CHIP = flags.DEFINE_integer("per_chip", 0, "Clips per data-parallel chip (sets "
                                  "config.batch_size); 0: the config's batch_size.")
 _SAMPLE_PER_CHIP = flags.DEFINE_integer("sample_per_chip", 1, "Videos per data-parallel chip "

@@ -34,8 +34,8 @@ GiB = 2**30
 @dataclasses.dataclass
 class Plan:
   """What the compiler made of one program, per device."""
-  program: str  # "train_step", "image_step" or "sample".
-  batch: int  # Global examples (clips, images or sampled videos).
+  program: str  # "train_step", "image_step", "update" or "sample".
+  batch: int  # Global examples (clips, images or sampled videos); 0 for the update.
   compile_seconds: float
   argument_bytes: int
   output_bytes: int
@@ -113,20 +113,25 @@ def _plan(program: str, batch: int, compiled, seconds: float, capacity: int) -> 
 
 
 def compile_train_step(config: ml_collections.ConfigDict, mesh: Mesh, capacity: int,
-                       image_step: bool = False):
-  """(Plan, compiled) of the trainer's train step (or its image step) on `mesh`."""
+                       image_step: bool = False, update: bool = False):
+  """(Plan, compiled) of a program of the trainer's train step (or its image step) on `mesh`:
+  the whole step, or with `config.separate_update` its gradients' program, or (`update`) the
+  update program the steps share."""
   abstract, shardings = state_lib.abstract_state(config, mesh)
   cached = config.data.cache_latents and not image_step
   loss = latent_cache.cached_loss_fn if cached else step_lib.loss_fn
   step = step_lib.jit_train_step(config, mesh, shardings, use_temporal=not image_step,
                                  loss=loss)
+  if update and "update" not in step.program_names:
+    raise ValueError("The update is a program of its own only with config.separate_update.")
+  name = "update" if update else step.program_names[0]
   batch = train_batch(config, mesh, image_step)
   start = time.perf_counter()
-  compiled = step.lower(abstract, batch, jax.random.key(0)).compile()
+  compiled = step.lower(abstract, batch, jax.random.key(0), (name,))[name].compile()
   seconds = time.perf_counter() - start
-  count = next(iter(batch.values())).shape[0]
-  return _plan("image_step" if image_step else "train_step", count, compiled, seconds,
-               capacity), compiled
+  count = 0 if update else next(iter(batch.values())).shape[0]
+  program = "update" if update else "image_step" if image_step else "train_step"
+  return _plan(program, count, compiled, seconds, capacity), compiled
 
 
 def sample_inputs(config: ml_collections.ConfigDict, mesh: Mesh, batch: int
@@ -177,9 +182,11 @@ def sharding_findings(config: ml_collections.ConfigDict, mesh: Mesh, hlo_text: s
 
   - `replicated`: state leaves (params, EMA, Adam moments) whose logical names map to a mesh
     axis of size > 1 that their sharding lost (a dimension the axis does not divide);
-  - `reduce_scatters`, and `all_reduced_gradients`: all-reduces of an array the shape of a
-    whole trainable parameter that is sharded over fsdp, i.e. a gradient reduced in full and
-    sliced afterwards instead of reduce-scattered (none is right);
+  - `reduce_scatters`, and `all_reduced_gradients` (largest first, with their total bytes):
+    all-reduces of an array the shape of a whole trainable parameter that is sharded over
+    fsdp, i.e. a gradient reduced in full and sliced afterwards instead of reduce-scattered;
+    `reduce_scatter_lowering` says whether the compiler does that to every reduce-scatter over
+    fsdp on this mesh (then no program can do better), else only small arrays should be so;
   - `activation_gathers`: all-gathers of more bytes than the largest single weight (float32),
     which only activations can be (none is right; weights are gathered one at a time).
   """
@@ -211,17 +218,41 @@ def sharding_findings(config: ml_collections.ConfigDict, mesh: Mesh, hlo_text: s
       other_shapes.add(tuple(leaf.shape))
   fsdp_shapes -= other_shapes
   found = hlo.collectives(hlo_text)
-  all_reduced = [f"{shape} ({collective.op_name or 'no op_name'})"
-                 for collective in found if collective.kind == "all-reduce"
-                 for _, shape in collective.arrays if _dims(shape) in fsdp_shapes]
+  whole = [(size, f"{shape} ({collective.op_name or 'no op_name'})")
+           for collective in found if collective.kind == "all-reduce"
+           for size, shape in collective.arrays if _dims(shape) in fsdp_shapes]
+  all_reduced = [text for _, text in sorted(whole, reverse=True)]
   gathers = [f"{collective.shape} {collective.bytes / 2**20:.1f} MiB ({collective.op_name})"
              for collective in found
              if collective.kind == "all-gather" and collective.bytes > largest_weight]
   return {"replicated": replicated,
           "reduce_scatters": sum(c.kind == "reduce-scatter" for c in found),
           "all_reduced_gradients": all_reduced,
+          "all_reduced_gradient_bytes": sum(size for size, _ in whole),
+          "reduce_scatter_lowering": reduce_scatter_lowering(mesh),
           "largest_weight_bytes": largest_weight,
           "activation_gathers": gathers}
+
+
+def reduce_scatter_lowering(mesh: Mesh, axis: str = "fsdp") -> str:
+  """The collective the compiler makes of an explicit reduce-scatter over `axis` of `mesh` (a
+  `shard_map`ped `psum_scatter`, nothing else in the program): "reduce-scatter", or
+  "all-reduce" where every device reduces the whole array and keeps its slice (libtpu 0.0.42
+  does so for groups that span hosts); "none" for an axis of size 1."""
+  size = mesh.shape[axis]
+  if size == 1:
+    return "none"
+
+  def scatter(partial):
+    return jax.lax.psum_scatter(partial[0], axis, scatter_dimension=0, tiled=True)
+
+  program = jax.jit(jax.shard_map(scatter, mesh=mesh, in_specs=PartitionSpec(axis),
+                                  out_specs=PartitionSpec(axis)))
+  partials = jax.ShapeDtypeStruct((size, size * 256, 256), jnp.bfloat16,
+                                  sharding=NamedSharding(mesh, PartitionSpec(axis)))
+  kinds = {collective.kind for collective in
+           hlo.collectives(program.lower(partials).compile().as_text())}
+  return "reduce-scatter" if "reduce-scatter" in kinds else ", ".join(sorted(kinds)) or "none"
 
 
 def _dims(shape: str) -> tuple[int, ...]:

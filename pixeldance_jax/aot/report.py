@@ -15,7 +15,7 @@ from pixeldance_jax.aot import topology
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.train import state as state_lib
 
-PROGRAMS = ("train_step", "image_step", "sample")
+PROGRAMS = ("train_step", "image_step", "update", "sample")
 GiB = 2**30
 
 
@@ -66,13 +66,17 @@ def compile_all(config: ml_collections.ConfigDict, tpu_slice: topology.Slice, de
     if name == "image_step" and not config.data.image_every_k_steps:
       result["skipped"][name] = "config.data.image_every_k_steps is 0 (no joint image training)"
       continue
+    if name == "update" and not config.separate_update:
+      result["skipped"][name] = "config.separate_update is False (the steps hold the update)"
+      continue
     logging.info(f"compiling {name} for {tpu_slice.topology} ...")
     if name == "sample":
       plan, compiled = plan_lib.compile_sampler(config, mesh, tpu_slice.hbm_bytes,
                                                 sample_per_chip * shards)
     else:
       plan, compiled = plan_lib.compile_train_step(config, mesh, tpu_slice.hbm_bytes,
-                                                   image_step=name == "image_step")
+                                                   image_step=name == "image_step",
+                                                   update=name == "update")
     logging.info(f"{name}: compiled in {plan.compile_seconds:.1f} s, "
                      f"{plan.total_bytes / GiB:.2f} GiB per chip")
     result["programs"][name] = plan.as_dict()
@@ -183,9 +187,12 @@ def render(result: dict[str, Any]) -> str:
     lines.append(
         f"sharding of train_step: {len(findings['replicated'])} state arrays replicated against "
         f"the rules, {findings['reduce_scatters']} reduce-scatters, "
-        f"{len(findings['all_reduced_gradients'])} gradients all-reduced whole, "
+        f"{len(findings['all_reduced_gradients'])} gradients all-reduced whole "
+        f"({findings['all_reduced_gradient_bytes'] / 2**20:.1f} MiB), "
         f"{len(findings['activation_gathers'])} all-gathers larger than the largest weight "
         f"({findings['largest_weight_bytes'] / 2**20:.1f} MiB)")
+    lines.append(f"  a reduce-scatter over fsdp on this slice compiles to: "
+                 f"{findings['reduce_scatter_lowering']}")
     for key in ("replicated", "all_reduced_gradients", "activation_gathers"):
       for item in findings[key][:5]:
         lines.append(f"  {key}: {item}")

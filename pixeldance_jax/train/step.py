@@ -145,16 +145,13 @@ def _update(state: state_lib.TrainState, grads, config: ml_collections.ConfigDic
                        opt_state=opt_state)
 
 
-def train_step(state: state_lib.TrainState, batch: Batch, base_rng: Array,
-               hyperparameters: state_lib.Hyperparameters, config: ml_collections.ConfigDict,
-               use_temporal: bool = True, loss: LossFn = loss_fn
-               ) -> tuple[state_lib.TrainState, dict[str, Array]]:
-  """One optimiser step. A non-finite loss or gradient leaves the state unchanged.
+def gradients(state: state_lib.TrainState, batch: Batch, base_rng: Array,
+              hyperparameters: state_lib.Hyperparameters, config: ml_collections.ConfigDict,
+              use_temporal: bool = True, loss: LossFn = loss_fn) -> tuple[Any, dict[str, Array]]:
+  """(gradients, metrics) of one step: the first half of `train_step`.
 
   The step's randomness is `fold_in(base_rng, step)`, so a resumed run replays it exactly.
-  `hyperparameters`: `state.hyperparameters(config)`, traced (learning rate, schedule length,
-  Adam and EMA numbers, the conditioning's dropout rates and switches), so that changing them
-  does not change the program.
+  `metrics["finite"]` says whether the loss and the gradients are finite.
   """
   rng = jax.random.fold_in(base_rng, state.step)
   condition_rates = conditioning.rates_at_step(
@@ -162,18 +159,40 @@ def train_step(state: state_lib.TrainState, batch: Batch, base_rng: Array,
   metrics, grads = loss_and_grads(state.params, state.frozen, batch, rng, config, use_temporal,
                                   loss, condition_rates)
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm)
-  # A branch, not a select between the new state and the old: with both alive at the end, XLA
-  # copies every donated array before updating it (tiny step, one core: 1,500 copies, ~20 ms).
-  new_state = jax.lax.cond(finite, lambda s, g: _update(s, g, config, hyperparameters),
-                           lambda s, g: s, state, grads)
-  metrics.update(grad_norm=grad_norm, finite=finite,
+  metrics.update(grad_norm=grad_norm,
+                 finite=jnp.isfinite(metrics["loss"]) & jnp.isfinite(grad_norm),
                  learning_rate=state_lib.learning_rate_schedule(config, hyperparameters)(state.step))
-  return new_state, metrics
+  return grads, metrics
+
+
+def apply_gradients(state: state_lib.TrainState, grads, finite: Array,
+                    hyperparameters: state_lib.Hyperparameters,
+                    config: ml_collections.ConfigDict) -> state_lib.TrainState:
+  """The optimiser's update and the EMA: the second half of `train_step`. A non-finite step
+  (`finite` False) leaves the state unchanged."""
+  # A branch, not a select between the new state and the old: with both alive at the end, XLA
+  # copies every donated array before updating it.
+  return jax.lax.cond(finite, lambda s, g: _update(s, g, config, hyperparameters),
+                      lambda s, g: s, state, grads)
+
+
+def train_step(state: state_lib.TrainState, batch: Batch, base_rng: Array,
+               hyperparameters: state_lib.Hyperparameters, config: ml_collections.ConfigDict,
+               use_temporal: bool = True, loss: LossFn = loss_fn
+               ) -> tuple[state_lib.TrainState, dict[str, Array]]:
+  """One optimiser step (`gradients`, then `apply_gradients`).
+
+  `hyperparameters`: `state.hyperparameters(config)`, traced (learning rate, schedule length,
+  Adam and EMA numbers, the conditioning's dropout rates and switches), so that changing them
+  does not change the program.
+  """
+  grads, metrics = gradients(state, batch, base_rng, hyperparameters, config, use_temporal, loss)
+  return apply_gradients(state, grads, metrics["finite"], hyperparameters, config), metrics
 
 
 class _Program:
-  """A jitted step and, once compiled, its executable, compile time and FLOPs per device."""
+  """A jitted function over a mesh and, once compiled, its executable, compile time and FLOPs
+  per device."""
 
   def __init__(self, jitted, mesh: Mesh):
     self.jitted, self.mesh = jitted, mesh
@@ -181,47 +200,98 @@ class _Program:
     self.compile_seconds = 0.0
     self.flops_per_device = 0.0
 
+  def lower(self, *args) -> jax.stages.Lowered:
+    # The mesh context lets activation constraints (logical names) resolve while tracing.
+    with jax.set_mesh(self.mesh):
+      return self.jitted.lower(*args)
+
+  def compile(self, lowered: jax.stages.Lowered, start: float) -> None:
+    """Compiles `lowered` (lowering began at `start`, a `time.perf_counter()`)."""
+    self.compiled = lowered.compile()
+    self.compile_seconds = time.perf_counter() - start
+    cost = self.compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    self.flops_per_device = float((cost or {}).get("flops", 0.0))
+
+  def __call__(self, *args):
+    if self.compiled is None:
+      start = time.perf_counter()
+      self.compile(self.lower(*args), start)
+    with jax.set_mesh(self.mesh):
+      return self.compiled(*args)
+
 
 class CompiledStep:
   """A jitted step, called as `step(state, batch, rng)`, compiled ahead of time on first use.
 
-  It passes the config's optimiser hyperparameters itself (traced: see `train_step`).
-  Compiling explicitly gives the compile time and XLA's FLOP count of the program (per device,
-  as partitioned), which the trainer turns into TFLOP/s and MFU.
+  One program (`train_step`), or two with `config.separate_update`: "gradients" and "update"
+  (`apply_gradients`, with the state donated). The step passes the config's
+  optimiser hyperparameters itself (traced: see `train_step`). Compiling explicitly gives the
+  compile time and XLA's FLOP count of the programs (per device, as partitioned), which the
+  trainer turns into TFLOP/s and MFU.
   """
 
-  def __init__(self, program: _Program, hyperparameters: state_lib.Hyperparameters):
-    self._program, self._hyperparameters = program, hyperparameters
+  def __init__(self, programs_: dict[str, _Program], param_shardings: Any,
+               hyperparameters: state_lib.Hyperparameters):
+    self._programs, self._param_shardings = programs_, param_shardings
+    self._hyperparameters = hyperparameters
 
   @property
-  def compiled(self):
-    return self._program.compiled
+  def is_compiled(self) -> bool:
+    return all(program.compiled is not None for program in self._programs.values())
 
   @property
   def compile_seconds(self) -> float:
-    return self._program.compile_seconds
+    return sum(program.compile_seconds for program in self._programs.values())
 
   @property
   def flops_per_device(self) -> float:
-    return self._program.flops_per_device
+    return sum(program.flops_per_device for program in self._programs.values())
 
-  def lower(self, state, batch: Batch, rng: Array) -> jax.stages.Lowered:
-    """The lowered program for these (possibly abstract) arguments."""
-    # The mesh context lets activation constraints (logical names) resolve while tracing.
-    with jax.set_mesh(self._program.mesh):
-      return self._program.jitted.lower(state, batch, rng, self._hyperparameters)
+  def _update_arguments(self, state) -> tuple[Any, jax.ShapeDtypeStruct]:
+    """Abstract (gradients, finite) of the update program for this state."""
+    grads = jax.tree.map(lambda p, s: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=s),
+                         state.params, self._param_shardings)
+    return grads, jax.ShapeDtypeStruct((), jnp.bool_)
+
+  @property
+  def program_names(self) -> tuple[str, ...]:
+    """("step",), or ("gradients", "update") with `config.separate_update`."""
+    return tuple(self._programs)
+
+  def lower(self, state, batch: Batch, rng: Array, names: tuple[str, ...] = ()
+            ) -> dict[str, jax.stages.Lowered]:
+    """The lowered programs by name (`names`, default all) for these (possibly abstract)
+    arguments."""
+    hyperparameters, lowered = self._hyperparameters, {}
+    for name in names or self.program_names:
+      if name == "update":
+        grads, finite = self._update_arguments(state)
+        lowered[name] = self._programs[name].lower(state, grads, finite, hyperparameters)
+      else:
+        lowered[name] = self._programs[name].lower(state, batch, rng, hyperparameters)
+    return lowered
+
+  def compile(self, lowered: dict[str, jax.stages.Lowered]) -> float:
+    """Compiles the programs `lower` returned that are not compiled yet; the seconds it took."""
+    start = time.perf_counter()
+    for name, program in lowered.items():
+      if self._programs[name].compiled is None:
+        self._programs[name].compile(program, time.perf_counter())
+    return time.perf_counter() - start
+
+  @property
+  def executables(self) -> dict[str, jax.stages.Compiled]:
+    """The compiled programs by name (those compiled so far)."""
+    return {name: program.compiled for name, program in self._programs.items()
+            if program.compiled is not None}
 
   def __call__(self, state, batch: Batch, rng: Array):
-    program = self._program
-    if program.compiled is None:
-      start = time.perf_counter()
-      program.compiled = self.lower(state, batch, rng).compile()
-      program.compile_seconds = time.perf_counter() - start
-      cost = program.compiled.cost_analysis()
-      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-      program.flops_per_device = float((cost or {}).get("flops", 0.0))
-    with jax.set_mesh(program.mesh):
-      return program.compiled(state, batch, rng, self._hyperparameters)
+    if "step" in self._programs:
+      return self._programs["step"](state, batch, rng, self._hyperparameters)
+    grads, metrics = self._programs["gradients"](state, batch, rng, self._hyperparameters)
+    state = self._programs["update"](state, grads, metrics["finite"], self._hyperparameters)
+    return state, metrics
 
 
 _PROGRAMS = programs.ProgramCache()
@@ -231,36 +301,66 @@ _PROGRAMS = programs.ProgramCache()
 PROGRAM_FIELDS = ("autoencoder", "conditioning.last_frame_candidates",
                   "conditioning.noise_timestep", "diffusion", "text_encoder", "unet",
                   "logical_axis_rules", "lr_schedule", "ema_warmup", "grad_accum_steps",
-                  "data.frames", "data.image_size", "data.cache_latents")
+                  "data.frames", "data.image_size", "data.cache_latents", "separate_update")
 
 
 def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state_shardings: Any,
                    use_temporal: bool = True, loss: LossFn = loss_fn) -> CompiledStep:
-  """`train_step` jitted over the mesh with the state donated.
+  """`train_step` jitted over the mesh with the state donated (one program, or the gradients'
+  and the update's with `config.separate_update`; the update program is shared by the steps of
+  a process that differ only in `use_temporal` and `loss`).
 
   `use_temporal=False` is the image step of joint training: the same weights, temporal layers
   skipped, batches of single frames. `loss` is `loss_fn`, or `latent_cache.cached_loss_fn` for
-  pre-encoded batches. The program sees only the `PROGRAM_FIELDS` of the config, so that
-  configs differing elsewhere (the optimiser's numbers, logging, data sizes) share one program
-  in a process.
+  pre-encoded batches. The programs see only the `PROGRAM_FIELDS` of the config, so that
+  configs differing elsewhere (the optimiser's numbers, logging, data sizes) share them in a
+  process.
   """
   program_config = programs.program_config(config, PROGRAM_FIELDS)
   leaves, treedef = jax.tree.flatten(state_shardings)
-  key = (programs.config_key(program_config), mesh, tuple(leaves), treedef, use_temporal, loss)
+  key = (programs.config_key(program_config), mesh, tuple(leaves), treedef)
+  rules = sharding.logical_rules(program_config)
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  options = mesh_lib.train_compiler_options(mesh)
 
-  def build() -> _Program:
+  def in_rules(function):
+    def wrapped(*args):
+      with nn.logical_axis_rules(rules):
+        return function(*args)
+    return wrapped
+
+  def build_step() -> _Program:
     step = functools.partial(train_step, config=program_config, use_temporal=use_temporal,
                              loss=loss)
-    rules = sharding.logical_rules(program_config)
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def step_in_mesh(state, batch, rng, hyperparameters):
-      with nn.logical_axis_rules(rules):
-        return step(state, batch, rng, hyperparameters)
-
-    return _Program(jax.jit(step_in_mesh, donate_argnums=0,
-                            in_shardings=(state_shardings, mesh_lib.batch_sharding(mesh),
-                                          replicated, replicated),
+    return _Program(jax.jit(in_rules(step), donate_argnums=0,
+                            in_shardings=(state_shardings, batch_sharding, replicated,
+                                          replicated),
                             out_shardings=(state_shardings, replicated),
-                            compiler_options=mesh_lib.train_compiler_options(mesh)), mesh)
-  return CompiledStep(_PROGRAMS.get(key, build), state_lib.hyperparameters(config))
+                            compiler_options=options), mesh)
+
+  def build_gradients() -> _Program:
+    step = functools.partial(gradients, config=program_config, use_temporal=use_temporal,
+                             loss=loss)
+    # The whole state stays an argument (the moments and EMA are on the device meanwhile), so
+    # the program's memory plan counts them.
+    return _Program(jax.jit(in_rules(step), keep_unused=True,
+                            in_shardings=(state_shardings, batch_sharding, replicated,
+                                          replicated),
+                            out_shardings=(state_shardings.params, replicated),
+                            compiler_options=options), mesh)
+
+  def build_update() -> _Program:
+    update = functools.partial(apply_gradients, config=program_config)
+    return _Program(jax.jit(in_rules(update), donate_argnums=0,
+                            in_shardings=(state_shardings, state_shardings.params, replicated,
+                                          replicated),
+                            out_shardings=state_shardings, compiler_options=options), mesh)
+
+  if program_config.separate_update:
+    programs_ = {"gradients": _PROGRAMS.get(key + ("gradients", use_temporal, loss),
+                                            build_gradients),
+                 "update": _PROGRAMS.get(key + ("update",), build_update)}
+  else:
+    programs_ = {"step": _PROGRAMS.get(key + ("step", use_temporal, loss), build_step)}
+  return CompiledStep(programs_, state_shardings.params, state_lib.hyperparameters(config))

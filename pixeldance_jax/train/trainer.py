@@ -87,7 +87,7 @@ def _run_step(step_fn: step_lib.CompiledStep, name: str, step: int,
               logger: metrics_logger.MetricsLogger) -> tuple[state_lib.TrainState, dict]:
   """(new state, metrics on the device) of one step; the first step of each kind compiles it,
   which the logger reports (and leaves out of the rates)."""
-  if step_fn.compiled is not None:
+  if step_fn.is_compiled:
     return step_fn(state, batch, rng)
   logger.compiling(name)
   result = step_fn(state, batch, rng)
