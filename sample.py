@@ -24,7 +24,7 @@ import sys
 
 from absl import app, flags
 
-from pixeldance_jax import console
+from pixeldance_jax.cli import console
 from pixeldance_jax.diffusion import samplers
 from pixeldance_jax.sampling import jobs
 

@@ -12,7 +12,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pixeldance_jax import console
+from pixeldance_jax.cli import console
 from pixeldance_jax.train import trainer
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (get_config()).",

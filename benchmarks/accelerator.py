@@ -119,7 +119,7 @@ import ml_collections
 import numpy as np
 from absl import app, flags, logging
 
-from pixeldance_jax import console
+from pixeldance_jax.cli import console
 from pixeldance_jax.models import pixeldance, unet3d
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import generate as generate_lib

@@ -32,8 +32,8 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from pixeldance_jax import console
-from pixeldance_jax.data import media, pipeline
+from pixeldance_jax.cli import console
+from pixeldance_jax.data import media, loaders
 from pixeldance_jax.data.builders import local_videos
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib
@@ -88,14 +88,14 @@ def decode_rate(config: ml_collections.ConfigDict, workers: int) -> float:
 def build_rate(config: ml_collections.ConfigDict, data_dir: str) -> float:
   """Videos per second of the whole single-process TFDS build."""
   config.data.build_workers = 0
-  builder, seconds = common.timed(pipeline.build_dataset, config.data, data_dir)
-  return pipeline.build_report(builder)["written"]["train"] / seconds
+  builder, seconds = common.timed(loaders.build_dataset, config.data, data_dir)
+  return loaders.build_report(builder)["written"]["train"] / seconds
 
 
 def load_rate(config: ml_collections.ConfigDict, workers: int, data_dir: str) -> float:
   """Clips per second of the train loader with `workers` grain processes, once all are warm."""
   config.data.worker_count = workers
-  iterator = iter(pipeline.make_train_loader(config, data_dir))
+  iterator = iter(loaders.make_train_loader(config, data_dir))
   for _ in range(2 * workers):  # Every worker started and warm.
     next(iterator)
   seconds = sum(common.run_seconds(lambda: next(iterator), _BATCHES.value))

@@ -14,7 +14,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from pixeldance_jax import console
+from pixeldance_jax.cli import console
 from pixeldance_jax.evaluate import features
 from pixeldance_jax.parallel import mesh as mesh_lib
 

@@ -77,7 +77,7 @@ import ml_collections
 from absl import app, flags
 from ml_collections import config_flags
 
-from pixeldance_jax import console
+from pixeldance_jax.cli import console
 from pixeldance_jax.models import autoencoder as autoencoder_lib
 from pixeldance_jax.models import unet3d
 from pixeldance_jax.parallel import mesh as mesh_lib

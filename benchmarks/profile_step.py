@@ -32,7 +32,7 @@ from typing import Any
 import jax
 from absl import flags
 
-from pixeldance_jax import console
+from pixeldance_jax.cli import console
 from pixeldance_jax.parallel import mesh as mesh_lib
 
 import common

@@ -26,7 +26,7 @@ import ml_collections
 import numpy as np
 from absl import flags
 
-from pixeldance_jax import console
+from pixeldance_jax.cli import console
 from pixeldance_jax.diffusion import samplers, schedules
 from pixeldance_jax.models import autoencoder as autoencoder_lib
 from pixeldance_jax.models import pixeldance

@@ -60,7 +60,7 @@ import numpy as np
 import optax
 from absl import app, flags
 
-from pixeldance_jax import console
+from pixeldance_jax.cli import console
 from pixeldance_jax.diffusion import schedules
 from pixeldance_jax.models import unet3d
 from pixeldance_jax.parallel import mesh as mesh_lib

@@ -16,7 +16,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # --- Data --------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
-  data.name = "moving_shapes"  # Key of pixeldance_jax.data.pipeline.DATASETS.
+  data.name = "moving_shapes"  # Key of pixeldance_jax.data.loaders.DATASETS.
   data.data_dir = ""  # Empty: <workdir>/data.
   data.frames = 16
   data.image_size = 256

@@ -25,7 +25,7 @@ if _TESTS not in sys.path:
 
 import processes  # pylint: disable=wrong-import-position
 import torch_compat  # noqa: F401  # pylint: disable=wrong-import-position,unused-import
-from pixeldance_jax import host_memory, threefry_cpu  # pylint: disable=wrong-import-position
+from pixeldance_jax.runtime import host_memory, threefry_cpu  # pylint: disable=wrong-import-position
 
 threefry_cpu.register()  # As the commands do (console.run).
 host_memory.quiet_libtpu()

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from pixeldance_jax import threefry_cpu
+from pixeldance_jax.runtime import threefry_cpu
 from pixeldance_jax.data import media
 from pixeldance_jax.evaluate import features
 from pixeldance_jax.models import pixeldance

@@ -10,9 +10,9 @@ import pytest
 
 import helpers
 from configs import unit_test
-from pixeldance_jax import checkpoints
+from pixeldance_jax.io import checkpoints
 from pixeldance_jax.data import moving_shapes
-from pixeldance_jax.data import pipeline as data_pipeline
+from pixeldance_jax.data import loaders
 from pixeldance_jax.evaluate import ablation, features, metrics, steering, suite
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import generate as generate_lib
@@ -165,7 +165,7 @@ def test_prompts_keep_the_subject_and_name_each_motion():
 def test_steering_measures_every_prompt(tmp_path):
   config = _config()
   pipeline = helpers.random_pipeline(config, seed=1)
-  data_dir = data_pipeline.data_dir(config, str(tmp_path))
+  data_dir = loaders.data_dir(config, str(tmp_path))
   results, figure = steering.measure(pipeline, data_dir, num_videos=1, directions=("up", "down"),
                                      speeds=("slow", "fast"), steps=2, progress=False)
   assert results["prompts_per_video"] == 5 and results["num_videos"] == 1

@@ -81,7 +81,7 @@ _PROBE = """
 import sys
 import numpy as np
 from jax.sharding import Mesh
-from pixeldance_jax import host_memory
+from pixeldance_jax.runtime import host_memory
 from pixeldance_jax.aot import plan, topology
 host_memory.quiet_libtpu()
 for name in sys.argv[1:]:

@@ -8,7 +8,8 @@ import pytest
 import torch
 from diffusers import AutoencoderKL as TorchAutoencoderKL
 
-from pixeldance_jax.models import autoencoder, autoencoder_kl, convert
+from pixeldance_jax.models import autoencoder, autoencoder_kl
+from pixeldance_jax.convert import layouts
 
 TOLERANCE = 1e-4
 SPEC = autoencoder_kl.AutoencoderKLSpec(block_out_channels=(32, 64), layers_per_block=1,
@@ -40,12 +41,12 @@ def torch_vae() -> TorchAutoencoderKL:
 def state_dict(torch_vae, tmp_path_factory) -> dict[str, np.ndarray]:
   folder = tmp_path_factory.mktemp("model") / "vae"
   torch_vae.save_pretrained(folder, safe_serialization=True)
-  return convert.load_safetensors_folder(folder)
+  return layouts.load_safetensors_folder(folder)
 
 
 @pytest.fixture(scope="module")
 def kl(state_dict) -> autoencoder_kl.KLAutoencoder:
-  params = convert.vae_params_from_torch_state_dict(state_dict, SPEC)
+  params = layouts.vae_params_from_torch_state_dict(state_dict, SPEC)
   return autoencoder_kl.make_kl_autoencoder(SPEC, params)
 
 
@@ -108,12 +109,12 @@ def test_conversion_lists_every_mismatch(state_dict):
   del broken["decoder.mid_block.attentions.0.to_q.bias"]
   broken["quant_conv.weight"] = broken["quant_conv.weight"][:4]
   with pytest.raises(ValueError) as error:
-    convert.vae_params_from_torch_state_dict(broken, SPEC)
+    layouts.vae_params_from_torch_state_dict(broken, SPEC)
   message = str(error.value)
-  for expected in ("missing (Flax path): encoder/conv_in/kernel",
-                   "missing (Flax path): decoder/mid_block/attentions_0/to_q/bias",
-                   "unexpected (torch name): encoder.conv_in.weights",
-                   "shape mismatch: quant_conv.weight"):
+  for expected in ("missing: encoder/conv_in/kernel",
+                   "missing: decoder/mid_block/attentions_0/to_q/bias",
+                   "unexpected: encoder.conv_in.weights",
+                   "misshapen: quant_conv.weight"):
     assert expected in message, message
 
 
@@ -125,7 +126,7 @@ def test_old_attention_names_convert(state_dict, kl):
       name = name.replace(f".{new}.", f".{old}.")
     # The oldest exports stored these linears as 1x1 convs.
     renamed[name] = value[..., None, None] if ".query.weight" in name else value
-  params = convert.vae_params_from_torch_state_dict(renamed, SPEC)
+  params = layouts.vae_params_from_torch_state_dict(renamed, SPEC)
   jax.tree.map(np.testing.assert_array_equal, params, kl.params)
 
 

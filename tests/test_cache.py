@@ -7,8 +7,8 @@ import pytest
 
 import helpers
 from configs import unit_test
-from pixeldance_jax import checkpoints
-from pixeldance_jax.data import pipeline
+from pixeldance_jax.io import checkpoints
+from pixeldance_jax.data import loaders
 from pixeldance_jax.models import autoencoder as autoencoder_lib
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.train import latent_cache
@@ -52,7 +52,7 @@ def kl_cache(tmp_path_factory):
 
 def test_cached_batch_gives_the_live_loss(kl_cache):
   config, data_dir, params, frozen = kl_cache
-  live = next(iter(pipeline.make_train_loader(config, data_dir)))
+  live = next(iter(loaders.make_train_loader(config, data_dir)))
   cached = next(iter(latent_cache.make_cached_loader(config, data_dir, params, frozen)))
   assert set(cached) == {"latent_mean", "latent_logvar", "text_embedding"}
   assert cached["latent_mean"].shape == (4, 4, 8, 8, 4)
@@ -102,7 +102,7 @@ def test_space_to_depth_cache_holds_the_live_latents_and_tokens(tmp_path):
   data_dir = str(tmp_path / "data")
   params, frozen = {}, {}  # Neither a parameter-free autoencoder nor tokens need weights.
   latent_cache.build_cache(config, data_dir, params, frozen)
-  live = next(iter(pipeline.make_train_loader(config, data_dir)))
+  live = next(iter(loaders.make_train_loader(config, data_dir)))
   cached = next(iter(latent_cache.make_cached_loader(config, data_dir, params, frozen)))
   assert set(cached) == {"latent_mean", "tokens"}
   np.testing.assert_array_equal(cached["tokens"], live["tokens"])

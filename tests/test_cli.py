@@ -14,7 +14,8 @@ from ml_collections import config_flags
 from PIL import Image
 
 from configs import unit_test
-from pixeldance_jax import console, video_io
+from pixeldance_jax.cli import console
+from pixeldance_jax.io import video_files
 from pixeldance_jax.sampling import jobs
 
 import helpers
@@ -121,7 +122,7 @@ def test_sample_from_heldout_clip(workdir, tmp_path):
   assert "held-out clip 0" in result.stderr
   for name in ("clip.mp4", "clip.gif", "clip_frames.png", "clip.json"):
     assert (tmp_path / name).stat().st_size > 0
-  video = video_io.read_video(str(tmp_path / "clip.mp4"))
+  video = video_files.read_video(str(tmp_path / "clip.mp4"))
   assert video.shape == (4, 64, 64, 3)  # 4 frames of 16x16, upscaled 4x.
   record = json.loads((tmp_path / "clip.json").read_text())
   assert record["checkpoint_step"] == 4 and record["weights"] == "raw"

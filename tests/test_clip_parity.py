@@ -1,6 +1,6 @@
 """Full CLIP (both towers and projections) against transformers' CLIPModel, for CLIPSIM.
 
-A tiny random CLIPModel is saved with `save_pretrained` and read back by `convert.load_clip`
+A tiny random CLIPModel is saved with `save_pretrained` and read back by `layouts.load_clip`
 (safetensors' numpy reader, no torch); image and text embeddings, logits and cosine similarities
 must agree within float32 round-off. Text pooling follows the config's `eos_token_id` as
 transformers does: the EOS id here lies below other ids, so pooling at the first EOS and
@@ -19,7 +19,9 @@ import transformers
 from PIL import Image
 from safetensors import numpy as safetensors_numpy
 
-from pixeldance_jax.models import clip, convert, text_encoder
+from pixeldance_jax.evaluate.networks import clip
+from pixeldance_jax.convert import layouts
+from pixeldance_jax.models import text_encoder
 
 TOLERANCE = 1e-4  # float32 max abs error.
 VOCAB, LENGTH, BOS, EOS = 1000, 16, 499, 500
@@ -54,7 +56,7 @@ def torch_clip(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loaded(torch_clip):
-  return convert.load_clip(torch_clip[1])
+  return layouts.load_clip(torch_clip[1])
 
 
 def _token_ids() -> np.ndarray:
@@ -129,7 +131,7 @@ def test_legacy_eos_token_id_pools_at_the_largest_id(torch_clip, tmp_path):
   config = json.loads((legacy / "config.json").read_text())
   config["text_config"]["eos_token_id"] = 2
   (legacy / "config.json").write_text(json.dumps(config))
-  spec, params = convert.load_clip(legacy)
+  spec, params = layouts.load_clip(legacy)
   assert spec.eos_token_id == 2
   ids = _token_ids()
   assert (ids.argmax(-1) != (ids == EOS).argmax(-1)).all()  # The two rules pick other tokens.
@@ -143,7 +145,7 @@ def test_legacy_eos_token_id_pools_at_the_largest_id(torch_clip, tmp_path):
   error = _max_error(ours, reference)
   print(f"legacy pooling max abs error {error}")
   assert error <= TOLERANCE
-  first_eos = _apply(convert.load_clip(folder)[0], params, jnp.asarray(ids), method="encode_text")
+  first_eos = _apply(layouts.load_clip(folder)[0], params, jnp.asarray(ids), method="encode_text")
   assert _max_error(first_eos, reference) > 100 * TOLERANCE
 
 
@@ -175,7 +177,7 @@ def test_spec_and_parameter_tree(torch_clip, loaded):
 def test_converter_names_every_mismatch(torch_clip, loaded, tmp_path):
   _, folder = torch_clip
   spec, _ = loaded
-  state_dict = convert.load_safetensors_folder(folder)
+  state_dict = layouts.load_safetensors_folder(folder)
   broken = dict(state_dict)
   broken["vision_model.encoder.layers.0.self_attn.query.weight"] = broken.pop(
       "vision_model.encoder.layers.0.self_attn.q_proj.weight")
@@ -184,9 +186,9 @@ def test_converter_names_every_mismatch(torch_clip, loaded, tmp_path):
   (tmp_path / "config.json").write_text((folder / "config.json").read_text())
   safetensors_numpy.save_file(broken, str(tmp_path / "model.safetensors"))
   with pytest.raises(ValueError) as error:
-    convert.load_clip(tmp_path)
+    layouts.load_clip(tmp_path)
   message = str(error.value)
-  for expected in ("2 missing, 1 unexpected, 1 mis-shaped", "vision_model/layers_0/q_proj/kernel",
+  for expected in ("2 missing, 1 unexpected, 1 misshapen", "vision_model/layers_0/q_proj/kernel",
                    "visual_projection/kernel",
                    "vision_model.encoder.layers.0.self_attn.query.weight",
                    "text_projection.weight: got (24, 16)"):
@@ -195,25 +197,25 @@ def test_converter_names_every_mismatch(torch_clip, loaded, tmp_path):
   text_only = {k.removeprefix("text_model."): v for k, v in state_dict.items()
                if k.startswith("text_model.")}
   with pytest.raises(ValueError, match=r"\.\.\. and \d+ more missing") as error:
-    convert.clip_model_params_from_torch_state_dict(text_only, spec)
+    layouts.clip_model_params_from_torch_state_dict(text_only, spec)
   assert "embeddings.token_embedding.weight" in str(error.value)
 
 
 def test_folder_errors(torch_clip, tmp_path):
   _, folder = torch_clip
   with pytest.raises(FileNotFoundError, match="is not a directory"):
-    convert.load_clip(tmp_path / "absent")
+    layouts.load_clip(tmp_path / "absent")
   with pytest.raises(FileNotFoundError, match="no config.json"):
-    convert.load_clip(tmp_path)
+    layouts.load_clip(tmp_path)
   (tmp_path / "config.json").write_text((folder / "config.json").read_text())
   with pytest.raises(FileNotFoundError, match=r"No \*\.safetensors.*model\.safetensors"):
-    convert.load_clip(tmp_path)
+    layouts.load_clip(tmp_path)
   config = json.loads((folder / "config.json").read_text())
   with pytest.raises(ValueError, match="CLIPModel config"):
-    convert.clip_model_spec_from_transformers_config(config["text_config"])
+    layouts.clip_model_spec_from_transformers_config(config["text_config"])
   config["vision_config"]["layer_norm_eps"] = 1e-6
   with pytest.raises(ValueError, match="layer_norm_eps"):
-    convert.clip_model_spec_from_transformers_config(config)
+    layouts.clip_model_spec_from_transformers_config(config)
 
 
 def _smooth_frames(height: int, width: int) -> np.ndarray:

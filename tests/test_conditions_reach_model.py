@@ -16,7 +16,7 @@ import pytest
 
 import helpers
 from configs import unit_test
-from pixeldance_jax import tokenizer
+from pixeldance_jax.data import tokenizer
 from pixeldance_jax.data import conditioning
 from pixeldance_jax.diffusion import samplers
 from pixeldance_jax.models import pixeldance

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 
 from configs import unit_test
-from pixeldance_jax import convert
+from pixeldance_jax.convert import pretrained
 from pixeldance_jax.sampling import generate, pipeline as sampling_pipeline
 from pixeldance_jax.parallel import mesh as mesh_lib
-from pixeldance_jax import checkpoints
+from pixeldance_jax.io import checkpoints
 from pixeldance_jax.train import trainer
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.models import unet3d
@@ -133,7 +133,7 @@ def test_mismatching_config_lists_the_tensors(model_dir, tmp_path):
   config = _config()
   config.unet.block_out_channels = (32, 48)
   with pytest.raises(ValueError, match="down_blocks"):
-    convert.convert(config, str(model_dir[0]), str(tmp_path))
+    pretrained.convert(config, str(model_dir[0]), str(tmp_path))
 
 
 def test_converted_unet_reproduces_torch(model_dir, converted):

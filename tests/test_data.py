@@ -13,9 +13,9 @@ import pytest
 from configs import tiny
 from pixeldance_jax.data import conditioning
 from pixeldance_jax.data import moving_shapes
-from pixeldance_jax.data import pipeline
+from pixeldance_jax.data import loaders
 from pixeldance_jax.data.builders.moving_shapes import MovingShapes
-from pixeldance_jax import tokenizer
+from pixeldance_jax.data import tokenizer
 from pixeldance_jax.diffusion import schedules
 from pixeldance_jax.models import autoencoder as autoencoder_lib
 
@@ -39,7 +39,7 @@ def _tiny_config() -> ml_collections.ConfigDict:
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
   path = str(tmp_path_factory.mktemp("tfds"))
-  pipeline.build_dataset(_tiny_config().data, path)
+  loaders.build_dataset(_tiny_config().data, path)
   return path
 
 
@@ -123,7 +123,7 @@ def test_builder_writes_array_record_that_matches_generator(data_dir: str):
   config = _tiny_config()
   files = list(pathlib.Path(data_dir).rglob("*.array_record-*"))
   assert {f.name.split(".")[0] for f in files} == {"moving_shapes-train", "moving_shapes-test"}
-  builder = pipeline.build_dataset(config.data, data_dir)
+  builder = loaders.build_dataset(config.data, data_dir)
   spec = moving_shapes.MovingShapesSpec.from_config(config.data)
   for split, count in (("train", 40), ("test", 8)):
     source = builder.as_data_source(split)
@@ -139,26 +139,26 @@ def test_second_build_is_a_no_op(data_dir: str, monkeypatch: pytest.MonkeyPatch)
   def fail(*args, **kwargs):
     raise AssertionError("Regenerated an already prepared dataset.")
   monkeypatch.setattr(MovingShapes, "_generate_examples", fail)
-  pipeline.build_dataset(_tiny_config().data, data_dir)
+  loaders.build_dataset(_tiny_config().data, data_dir)
 
 
 def test_settings_get_their_own_directory():
   config = _tiny_config()
-  name = pipeline.get_builder(config.data, "/unused").builder_config.name
+  name = loaders.get_builder(config.data, "/unused").builder_config.name
   config.data.image_size = 32
-  assert pipeline.get_builder(config.data, "/unused").builder_config.name != name
+  assert loaders.get_builder(config.data, "/unused").builder_config.name != name
 
 
 def test_unknown_dataset_name_lists_known_names():
   config = _tiny_config()
   config.data.name = "moving_shape"
   with pytest.raises(ValueError, match="moving_shapes"):
-    pipeline.get_builder(config.data, "/unused")
+    loaders.get_builder(config.data, "/unused")
 
 
 def test_load_test_clips_returns_held_out_clips_in_order(data_dir: str):
   config = _tiny_config()
-  clips = pipeline.load_test_clips(config, data_dir, 3)
+  clips = loaders.load_test_clips(config, data_dir, 3)
   spec = moving_shapes.MovingShapesSpec.from_config(config.data)
   for index, clip in enumerate(clips):
     expected = moving_shapes.generate_clip(spec, "test", index)
@@ -166,7 +166,7 @@ def test_load_test_clips_returns_held_out_clips_in_order(data_dir: str):
     np.testing.assert_array_equal(clip["video"], expected["video"])
     np.testing.assert_array_equal(clip["velocity"], expected["velocity"])
   with pytest.raises(ValueError, match="test split has 8"):
-    pipeline.load_test_clips(config, data_dir, 9)
+    loaders.load_test_clips(config, data_dir, 9)
 
 
 # --- grain loader ----------------------------------------------------------
@@ -178,7 +178,7 @@ def _video_keys(videos: np.ndarray) -> list[bytes]:
 
 def test_loader_yields_typed_batches(data_dir: str):
   config = _tiny_config()
-  batch = next(iter(pipeline.make_train_loader(config, data_dir)))
+  batch = next(iter(loaders.make_train_loader(config, data_dir)))
   assert set(batch) == {"video", "tokens"}
   assert batch["video"].shape == (8, 4, 16, 16, 3) and batch["video"].dtype == np.uint8
   assert batch["tokens"].shape == (8, config.text_encoder.max_length)
@@ -190,14 +190,14 @@ def test_loader_yields_typed_batches(data_dir: str):
 def test_process_shards_of_one_epoch_are_disjoint_and_complete(data_dir: str,
                                                                process_count: int):
   config = _tiny_config()
-  all_videos = pipeline.build_dataset(config.data, data_dir).as_data_source("train")
+  all_videos = loaders.build_dataset(config.data, data_dir).as_data_source("train")
   everything = set(_video_keys(np.stack([r["video"] for r in all_videos])))
   assert len(everything) == 40
   shards = []
   per_process = 40 // process_count
   batches_per_epoch = per_process // (config.batch_size // process_count)
   for process_index in range(process_count):
-    iterator = iter(pipeline.make_train_loader(config, data_dir, process_index, process_count))
+    iterator = iter(loaders.make_train_loader(config, data_dir, process_index, process_count))
     shard = sum((_video_keys(next(iterator)["video"]) for _ in range(batches_per_epoch)), [])
     assert len(set(shard)) == len(shard) == per_process  # One epoch: no repeats.
     shards.append(set(shard))
@@ -207,11 +207,11 @@ def test_process_shards_of_one_epoch_are_disjoint_and_complete(data_dir: str,
 
 def test_batch_size_must_divide_over_processes(data_dir: str):
   with pytest.raises(ValueError, match="divisible"):
-    pipeline.make_train_loader(_tiny_config(), data_dir, 0, 3)
+    loaders.make_train_loader(_tiny_config(), data_dir, 0, 3)
 
 
 def test_iterator_state_round_trip_gives_same_next_batch(data_dir: str):
-  loader = pipeline.make_train_loader(_tiny_config(), data_dir)
+  loader = loaders.make_train_loader(_tiny_config(), data_dir)
   iterator = iter(loader)
   for _ in range(7):  # Past the first epoch (5 batches), so the epoch is in the state too.
     next(iterator)

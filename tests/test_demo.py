@@ -25,7 +25,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 import browser
 import helpers
 from configs import unit_test
-from pixeldance_jax import checkpoints
+from pixeldance_jax.io import checkpoints
 from pixeldance_jax.demo import app, service
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib

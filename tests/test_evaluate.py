@@ -16,11 +16,11 @@ import pytest
 
 import helpers
 from configs import unit_test
-from pixeldance_jax import video_io
+from pixeldance_jax.io import video_files
 from pixeldance_jax.data import moving_shapes
-from pixeldance_jax.data import pipeline as data_pipeline
+from pixeldance_jax.data import loaders
 from pixeldance_jax.evaluate import features, frechet, suite, videos
-from pixeldance_jax.models import i3d
+from pixeldance_jax.evaluate.networks import i3d
 from pixeldance_jax.parallel import mesh as mesh_lib
 
 # The four variants the evaluation CLI offers by default (the other two only change inputs).
@@ -75,8 +75,8 @@ def test_mismatched_i3d_weights_list_what_does_not_match(tmp_path):
   path = tmp_path / "broken.ckpt"
   with open(path, "wb") as f:
     pickle.dump(stored, f)
-  with pytest.raises(ValueError, match=r"missing 2 .*Branch_0/Conv3d_0a_1x1.*misshapen 1 "
-                                       r".*Conv3d_1a_7x7"):
+  with pytest.raises(ValueError, match=r"(?s)2 missing, 1 misshapen.*missing: .*Branch_0/Conv3d_0a_1x1"
+                                       r".*misshapen: .*Conv3d_1a_7x7"):
     i3d.load_variables(str(path))
 
 
@@ -113,7 +113,7 @@ def evaluated(tmp_path_factory):
   config = unit_test.get_config()
   pipeline = helpers.random_pipeline(config, seed=1)
   root = tmp_path_factory.mktemp("eval")
-  data_dir = data_pipeline.data_dir(config, str(root))
+  data_dir = loaders.data_dir(config, str(root))
   calls = []
   networks = _toy_networks(calls)
   results = suite.evaluate_pipeline(
@@ -165,11 +165,11 @@ def test_folders_with_unreadable_and_short_videos_are_counted_and_skipped(tmp_pa
   clips = _moving_shapes(5, frames=6, size=16)
   real, fake = tmp_path / "real", tmp_path / "fake"
   for index, clip in enumerate(clips[:3]):
-    video_io.write_video(clip, str(real / f"{index}.mp4"), fps=4)
-  video_io.write_video(clips[3][:3], str(real / "short.mp4"), fps=4)
+    video_files.write_video(clip, str(real / f"{index}.mp4"), fps=4)
+  video_files.write_video(clips[3][:3], str(real / "short.mp4"), fps=4)
   (real / "broken.mp4").write_bytes(b"not a video")
   for index, clip in enumerate(clips[3:]):
-    video_io.write_video(clip, str(fake / f"{index}.mp4"), fps=4)
+    video_files.write_video(clip, str(fake / f"{index}.mp4"), fps=4)
   mesh = _mesh()
   assert videos.VideoFolder(str(real), frames=6, size=None).size == 16  # The first video's.
   results = suite.compare_folders(str(real), str(fake), metric_names=["fvd"], frames=6,
@@ -200,8 +200,9 @@ def test_clipsim_of_a_captioned_folder_is_the_mean_frame_caption_cosine(tmp_path
   module applied directly; a tiny random transformers CLIPModel with CLIP's vocabulary."""
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  from pixeldance_jax import tokenizer  # pylint: disable=import-outside-toplevel
-  from pixeldance_jax.models import clip, convert  # pylint: disable=import-outside-toplevel
+  from pixeldance_jax.data import tokenizer  # pylint: disable=import-outside-toplevel
+  from pixeldance_jax.evaluate.networks import clip  # pylint: disable=import-outside-toplevel
+  from pixeldance_jax.convert import layouts
   torch.manual_seed(0)
   config = transformers.CLIPConfig(
       text_config=dict(vocab_size=49408, hidden_size=16, intermediate_size=32,
@@ -215,12 +216,12 @@ def test_clipsim_of_a_captioned_folder_is_the_mean_frame_caption_cosine(tmp_path
   captions = ["a red square moves left", "a blue circle", "a green triangle moves up"]
   folder = tmp_path / "videos"
   for index, clip_frames in enumerate(clips):
-    video_io.write_video(clip_frames, str(folder / f"{index}.mp4"), fps=4)
+    video_files.write_video(clip_frames, str(folder / f"{index}.mp4"), fps=4)
     (folder / f"{index}.txt").write_text(captions[index])
   results = suite.compare_folders(str(folder), str(folder), metric_names=["clipsim"], frames=4,
                                   size=None, mesh=_mesh(), global_batch=2, cache_dir=None,
                                   clip_model=str(tmp_path / "clip"))
-  spec, params = convert.load_clip(tmp_path / "clip")
+  spec, params = layouts.load_clip(tmp_path / "clip")
   model = clip.CLIPModel(spec)
   decoded = np.stack([videos.VideoFolder(str(folder), 4, 16).load(i)[0] for i in range(3)])
   pixels = clip.preprocess_frames(decoded.astype(np.float32) / 255, spec.vision.image_size)

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pixeldance_jax.models import inception_fid, torch_checkpoint
+from pixeldance_jax.evaluate.networks import inception_fid, torch_checkpoint
 from pytorch_fid import inception as pytorch_fid_inception
 
 torch.set_num_threads(1)
@@ -176,9 +176,9 @@ def test_mismatched_state_dict_lists_every_problem(reference):
   with pytest.raises(ValueError) as error:
     inception_fid.params_from_state_dict(state_dict)
   message = str(error.value)
-  assert "12 missing, 1 unexpected, 1 shape mismatch" in message, message
+  assert "12 missing, 1 unexpected, 1 misshapen" in message, message
   assert "Mixed_7c.branch1x1.conv.weight" in message, message  # Missing, by the file's name.
-  assert "(4 more)" in message, message  # Listing the first 8.
+  assert "... and 4 more missing" in message, message  # Listing the first 8.
   assert "AuxLogits.fc.weight" in message, message
   assert "blocks.0.0.conv.weight: (32, 3, 3, 4), expected (32, 3, 3, 3)" in message, message
 

@@ -9,13 +9,13 @@ import textwrap
 
 import pytest
 
-from pixeldance_jax import host_memory
+from pixeldance_jax.runtime import host_memory
 
 # A program whose intermediate (a [3072, 3072] float32 array, 36 MiB) lives in XLA's per-run
 # buffer, above glibc's largest mmap threshold (32 MiB); it returns a scalar.
 _RUNS = textwrap.dedent("""
     import json, resource, sys
-    from pixeldance_jax import host_memory
+    from pixeldance_jax.runtime import host_memory
     tuned = host_memory.reuse_freed_memory()
     import jax, jax.numpy as jnp
     x = jnp.ones((3072, 3072), jnp.float32)

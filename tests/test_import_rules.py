@@ -1,8 +1,10 @@
-"""The package's import graph points one way and has no cycles.
+"""The package's import graph points one way and has no cycles, and its modules have one name each.
 
-Entry points (the demo among them) -> train / sampling / evaluate -> data, diffusion, models, parallel. Every import
-counts, also one inside a function (a function-level import hides a cycle; it does not remove
-it). Top-level modules (tokenizer, checkpoints, video_io, console, convert) are their own rooms.
+Entry points (the demo among them) -> train / sampling / evaluate -> data, diffusion, models,
+parallel; below everything, `io` (files on disk) and `runtime` (errors, program caches, CPU
+settings). `cli` (the commands' console) is imported only by modules that are commands. Every
+import counts, also one inside a function (a function-level import hides a cycle; it does not
+remove it).
 """
 
 import ast
@@ -12,14 +14,23 @@ import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "pixeldance_jax"
 
+ROOMS = {"aot", "cli", "convert", "data", "demo", "diffusion", "evaluate", "io", "models",
+         "parallel", "runtime", "sampling", "train"}
 # Room -> rooms it must never import.
 FORBIDDEN = {
-    "models": {"train", "data", "sampling", "evaluate", "demo"},
-    "diffusion": {"models", "train", "data", "sampling", "evaluate", "demo"},
-    "data": {"models", "train", "sampling", "evaluate", "demo"},
-    "parallel": {"models", "train", "data", "sampling", "evaluate", "demo"},
-    "sampling": {"train", "evaluate", "demo", "aot"},
-    "train": {"demo", "aot"},
+    "runtime": ROOMS - {"runtime"},
+    "io": ROOMS - {"io", "runtime"},
+    "cli": ROOMS - {"cli", "runtime"},
+    "models": {"train", "data", "sampling", "evaluate", "demo", "aot", "convert", "io", "cli"},
+    "diffusion": {"models", "train", "data", "sampling", "evaluate", "demo", "aot", "convert",
+                  "io", "cli"},
+    "data": {"models", "train", "sampling", "evaluate", "demo", "aot", "convert"},
+    "parallel": {"models", "train", "data", "sampling", "evaluate", "demo", "aot", "convert",
+                 "io", "cli"},
+    # Pretrained weights into parameter trees: models and files, never training or data.
+    "convert": {"train", "data", "sampling", "demo", "aot"},
+    "sampling": {"train", "evaluate", "demo", "aot", "convert"},
+    "train": {"demo", "aot", "convert"},
     "evaluate": {"demo", "aot"},
     # The demo is an entry point over sampling: it never needs training code.
     "demo": {"train", "aot"},
@@ -136,3 +147,29 @@ def test_importing_the_package_changes_nothing_in_jax():
   import processes  # pylint: disable=import-outside-toplevel
   result = processes.run_python("-c", _SIDE_EFFECTS)
   assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
+def test_every_module_is_in_a_room():
+  loose = sorted(module for module in _import_graph() if module.count(".") == 1
+                 and _room(module) not in ROOMS)
+  assert loose == []
+
+
+def test_only_commands_import_the_console():
+  """Library code raises (`runtime.errors`); printing and exit codes belong to the commands."""
+  commands = []
+  for module, targets in sorted(_import_graph().items()):
+    if any(_room(target) == "cli" for target in targets) and _room(module) != "cli":
+      path = PACKAGE.parent.joinpath(*module.split("."))
+      source = (path / "__init__.py" if path.is_dir() else path.with_suffix(".py")).read_text()
+      if not (module.endswith("__main__") or 'if __name__ == "__main__":' in source):
+        commands.append(module)
+  assert commands == []
+
+
+def test_no_two_modules_share_a_name():
+  names = {}
+  for path in PACKAGE.rglob("*.py"):
+    if path.stem not in ("__init__", "__main__"):
+      names.setdefault(path.stem, []).append(str(path.relative_to(PACKAGE)))
+  assert {name: paths for name, paths in names.items() if len(paths) > 1} == {}

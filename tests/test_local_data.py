@@ -18,7 +18,8 @@ from PIL import Image
 
 import helpers
 from configs import unit_test
-from pixeldance_jax.data import conditioning, media, pipeline
+from pixeldance_jax.data import conditioning, media, loaders
+from pixeldance_jax.io import video_files
 from pixeldance_jax.data.builders.local_videos import LocalVideos
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.train import state as state_lib
@@ -89,7 +90,7 @@ def _video_config(video_dir: pathlib.Path):
 @pytest.fixture(scope="module")
 def data_dir(video_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) -> str:
   path = str(tmp_path_factory.mktemp("tfds"))
-  pipeline.build_dataset(_video_config(video_dir).data, path)
+  loaders.build_dataset(_video_config(video_dir).data, path)
   return path
 
 
@@ -97,10 +98,10 @@ def data_dir(video_dir: pathlib.Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def test_sample_frame_indices_at_target_fps():
-  np.testing.assert_array_equal(media.sample_frame_indices(40, 30 / 4, 16), [0, 8, 15, 23, 30, 38])
-  np.testing.assert_array_equal(media.sample_frame_indices(100, 10 / 4, 5), [0, 3, 5, 8, 10])
-  np.testing.assert_array_equal(media.sample_frame_indices(100, 2, 3), [0, 2, 4])
-  np.testing.assert_array_equal(media.sample_frame_indices(3, 0.5, 6), [0, 1, 1, 2, 2])
+  np.testing.assert_array_equal(video_files.sample_frame_indices(40, 30 / 4, 16), [0, 8, 15, 23, 30, 38])
+  np.testing.assert_array_equal(video_files.sample_frame_indices(100, 10 / 4, 5), [0, 3, 5, 8, 10])
+  np.testing.assert_array_equal(video_files.sample_frame_indices(100, 2, 3), [0, 2, 4])
+  np.testing.assert_array_equal(video_files.sample_frame_indices(3, 0.5, 6), [0, 1, 1, 2, 2])
 
 
 def test_decode_video_keeps_the_frames_of_the_target_rate(video_dir: pathlib.Path):
@@ -242,7 +243,7 @@ def test_skipped_input_survives_pickling():
 
 
 def test_build_writes_good_videos_and_reports_bad_ones(video_dir: pathlib.Path, data_dir: str):
-  builder = pipeline.build_dataset(_video_config(video_dir).data, data_dir)
+  builder = loaders.build_dataset(_video_config(video_dir).data, data_dir)
   report = json.loads((pathlib.Path(builder.data_dir) / "metadata.json").read_text())
   skipped = {}
   for counts in report["skipped"].values():
@@ -251,14 +252,14 @@ def test_build_writes_good_videos_and_reports_bad_ones(video_dir: pathlib.Path, 
   assert skipped == {"unreadable": 1, "truncated": 1, "too_short": 1, "missing_caption": 1}
   assert report["written"] == {"train": GOOD_CLIPS - 1, "test": 1}
   assert any("corrupt.mp4" in message for message in report["skipped_examples"]["unreadable"])
-  assert pipeline.report_metrics(pipeline.build_report(builder)) == {
+  assert loaders.report_metrics(loaders.build_report(builder)) == {
       "data/written": GOOD_CLIPS, "data/skipped/unreadable": 1, "data/skipped/truncated": 1,
       "data/skipped/too_short": 1, "data/skipped/missing_caption": 1}
 
 
 def test_records_hold_captioned_frames_at_the_target_rate(video_dir: pathlib.Path,
                                                           data_dir: str):
-  builder = pipeline.build_dataset(_video_config(video_dir).data, data_dir)
+  builder = loaders.build_dataset(_video_config(video_dir).data, data_dir)
   train, test = builder.as_data_source("train"), builder.as_data_source("test")
   keys = sorted([record["key"].decode() for record in train] +
                 [record["key"].decode() for record in test])
@@ -268,7 +269,7 @@ def test_records_hold_captioned_frames_at_the_target_rate(video_dir: pathlib.Pat
   assert record["caption"].decode() == f"clip {record['key'].decode()}"
   assert record["num_frames"] == 6 and record["source_fps"] == SOURCE_FPS
   assert _frame_indices(media.decode_frames(record["frames"])) == [0, 8, 15, 23, 30, 38]
-  clip = pipeline.load_test_clips(_video_config(video_dir), data_dir, 1)[0]
+  clip = loaders.load_test_clips(_video_config(video_dir), data_dir, 1)[0]
   assert clip["video"].shape == (4, 16, 16, 3) and clip["caption"].startswith("clip ")
 
 
@@ -276,8 +277,8 @@ def test_parallel_build_writes_the_same_records(video_dir: pathlib.Path, data_di
                                                 tmp_path: pathlib.Path):
   config = _video_config(video_dir)
   config.data.build_workers = 2
-  parallel = pipeline.build_dataset(config.data, str(tmp_path)).as_data_source("train")
-  serial = pipeline.build_dataset(_video_config(video_dir).data, data_dir).as_data_source("train")
+  parallel = loaders.build_dataset(config.data, str(tmp_path)).as_data_source("train")
+  serial = loaders.build_dataset(_video_config(video_dir).data, data_dir).as_data_source("train")
   assert len(parallel) == len(serial) == GOOD_CLIPS - 1
   for a, b in zip(parallel, serial):
     assert a["key"] == b["key"] and list(a["frames"]) == list(b["frames"])
@@ -288,7 +289,7 @@ def test_second_build_is_a_no_op(video_dir: pathlib.Path, data_dir: str,
   def fail(*args, **kwargs):
     raise AssertionError("Rebuilt an already prepared dataset.")
   monkeypatch.setattr(LocalVideos, "_generate_examples", fail)
-  pipeline.build_dataset(_video_config(video_dir).data, data_dir)
+  loaders.build_dataset(_video_config(video_dir).data, data_dir)
 
 
 def test_webvid_csv_finds_videos_by_id_and_uses_listed_durations(video_dir: pathlib.Path,
@@ -305,10 +306,10 @@ def test_webvid_csv_finds_videos_by_id_and_uses_listed_durations(video_dir: path
   config = _video_config(video_dir)
   config.data.name, config.data.captions, config.data.num_test_clips = "webvid_csv", str(
       csv_path), 0
-  builder = pipeline.build_dataset(config.data, str(tmp_path / "tfds"))
+  builder = loaders.build_dataset(config.data, str(tmp_path / "tfds"))
   records = builder.as_data_source("train")
   assert [record["caption"].decode() for record in records] == ["first clip", "fourth clip"]
-  assert pipeline.build_report(builder)["skipped"] == {
+  assert loaders.build_report(builder)["skipped"] == {
       "listing": {"missing_file": 1, "too_short": 1, "duplicate": 1}}
 
 
@@ -319,7 +320,7 @@ def test_a_collection_without_usable_videos_is_a_clear_error(tmp_path: pathlib.P
   config = _video_config(tmp_path / "videos")
   config.data.num_test_clips = 0
   with pytest.raises(ValueError, match="(?s)No usable video.*unreadable 1"):
-    pipeline.build_dataset(config.data, str(tmp_path / "tfds"))
+    loaders.build_dataset(config.data, str(tmp_path / "tfds"))
 
 
 # --- Loaders -----------------------------------------------------------------------------------
@@ -327,7 +328,7 @@ def test_a_collection_without_usable_videos_is_a_clear_error(tmp_path: pathlib.P
 
 def test_loader_windows_are_consecutive_stored_frames_from_varying_starts(
     video_dir: pathlib.Path, data_dir: str):
-  iterator = iter(pipeline.make_train_loader(_video_config(video_dir), data_dir))
+  iterator = iter(loaders.make_train_loader(_video_config(video_dir), data_dir))
   stored = [0, 8, 15, 23, 30, 38]
   starts = set()
   for _ in range(10):
@@ -342,7 +343,7 @@ def test_loader_windows_are_consecutive_stored_frames_from_varying_starts(
 
   config = _video_config(video_dir)
   config.data.random_start = False
-  batch = next(iter(pipeline.make_train_loader(config, data_dir)))
+  batch = next(iter(loaders.make_train_loader(config, data_dir)))
   assert all(_frame_indices(video) == [0, 8, 15, 23] for video in batch["video"])
 
 
@@ -351,7 +352,7 @@ def test_multi_worker_iterator_state_round_trip(video_dir: pathlib.Path, data_di
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags (app.run parses).
   config = _video_config(video_dir)
   config.data.worker_count = 2
-  loader = pipeline.make_train_loader(config, data_dir)
+  loader = loaders.make_train_loader(config, data_dir)
   iterator = iter(loader)
   for _ in range(3):  # Past the first epoch (1 batch of 4 of the 5 clips).
     next(iterator)
@@ -383,15 +384,15 @@ def test_image_folder_loader_gives_one_frame_videos(video_dir: pathlib.Path,
   config = _video_config(video_dir)
   config.data.image_dataset, config.data.image_dir = "image_folder", str(image_dir)
   config.data.image_batch_size = 4
-  batch = next(iter(pipeline.make_image_loader(config, data_dir)))
+  batch = next(iter(loaders.make_image_loader(config, data_dir)))
   assert batch["video"].shape == (4, 1, 16, 16, 3) and batch["tokens"].shape == (4, 16)
-  image_config = pipeline.image_data_config(config)
-  report = pipeline.build_report(pipeline.build_dataset(image_config, data_dir))
+  image_config = loaders.image_data_config(config)
+  report = loaders.build_report(loaders.build_dataset(image_config, data_dir))
   assert report["written"] == {"train": 5}
   assert report["skipped"] == {"listing": {"missing_caption": 1}, "train": {"unreadable": 1}}
 
   config.data.image_dataset = "video_frames"  # A random stored frame of each video.
-  batch = next(iter(pipeline.make_image_loader(config, data_dir)))
+  batch = next(iter(loaders.make_image_loader(config, data_dir)))
   assert batch["video"].shape == (4, 1, 16, 16, 3)
   assert all(index in (0, 8, 15, 23, 30, 38) for index in _frame_indices(batch["video"][:, 0]))
 
@@ -399,10 +400,10 @@ def test_image_folder_loader_gives_one_frame_videos(video_dir: pathlib.Path,
 def test_image_steps_every_k():
   config = unit_test.get_config()
   config.data.image_every_k_steps = 8
-  assert [step for step in range(1, 25) if pipeline.is_image_step(config, step)] == [8, 16, 24]
+  assert [step for step in range(1, 25) if loaders.is_image_step(config, step)] == [8, 16, 24]
   config.data.image_every_k_steps = 0
-  assert not any(pipeline.is_image_step(config, step) for step in range(1, 25))
-  assert pipeline.image_batch_size(config) == config.batch_size * config.data.frames
+  assert not any(loaders.is_image_step(config, step) for step in range(1, 25))
+  assert loaders.image_batch_size(config) == config.batch_size * config.data.frames
 
 
 def test_one_frame_batches_get_no_image_condition_and_the_usual_text_drop():
@@ -440,7 +441,7 @@ def test_image_batch_runs_the_unet_with_temporal_layers_off(video_dir: pathlib.P
   params = jax.tree.map(lambda x: jnp.asarray(0.1 * rng.standard_normal(x.shape), x.dtype),
                         abstract.params)
   frozen = abstract.frozen  # Empty: the unit-test autoencoder has no weights.
-  batch = next(iter(pipeline.make_image_loader(config, data_dir)))
+  batch = next(iter(loaders.make_image_loader(config, data_dir)))
   loss = jax.jit(lambda p, b: step_lib.loss_fn(p, frozen, b, jax.random.key(1), config,
                                                 use_temporal=False)[0])
 
@@ -467,5 +468,5 @@ def test_train_on_a_folder_of_mp4s(video_dir: pathlib.Path, tmp_path: pathlib.Pa
   state = trainer.train_and_evaluate(config, str(tmp_path / "run"))
   assert int(state.step) == config.num_train_steps == 4
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
-  heldout = pipeline.load_test_clips(config, pipeline.data_dir(config, str(tmp_path / "run")), 1)
+  heldout = loaders.load_test_clips(config, loaders.data_dir(config, str(tmp_path / "run")), 1)
   assert heldout[0]["video"].shape == (4, 16, 16, 3)

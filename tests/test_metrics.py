@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from pixeldance_jax import video_io
+from pixeldance_jax.io import video_files
 from pixeldance_jax.evaluate import metrics
 
 _BACKGROUND = (10, 20, 30)
@@ -80,8 +80,8 @@ def test_direction_agreement_undefined_cases():
 def test_centroid_survives_mp4_round_trip(tmp_path):
   video = _moving_square_video((2, 3))
   path = str(tmp_path / "video.mp4")
-  video_io.write_video(video, path, fps=8, upscale=2)
-  decoded = video_io.read_video(path)
+  video_files.write_video(video, path, fps=8, upscale=2)
+  decoded = video_files.read_video(path)
   shrunk = decoded[:, ::2, ::2]  # Undo the upscale.
   for original, round_trip in zip(video, shrunk):
     assert metrics.centroid_distance(original, round_trip, _BACKGROUND) < 0.5

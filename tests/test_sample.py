@@ -20,7 +20,7 @@ from PIL import Image
 
 import helpers
 from configs import unit_test
-from pixeldance_jax import checkpoints, video_io
+from pixeldance_jax.io import checkpoints, video_files
 from pixeldance_jax.data import moving_shapes
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib
@@ -150,7 +150,7 @@ def test_prompts_file_samples_each_line_into_its_folder(pipeline, tmp_path):
   frames = pipeline.config.data.frames
   assert results["0001"].video.shape[1] == 2 * frames - 1
   # The job samples exactly what `generate` does with the line's settings.
-  direct = generate_lib.generate(pipeline, prompts, first, video_io.edge_map(last[0])[None],
+  direct = generate_lib.generate(pipeline, prompts, first, video_files.edge_map(last[0])[None],
                                  tau=3, seed=21, guidance_scale=2.0)
   np.testing.assert_array_equal(results["sketch"].video, direct)
 
@@ -348,7 +348,7 @@ def test_restore_weights_lists_mismatched_shapes_first(trained_workdir):
   config.unet.block_out_channels = (16, 48)
   mesh = mesh_lib.make_mesh(config.mesh)
   abstract_params, abstract_frozen = pixeldance.abstract_weights(config, mesh)
-  with pytest.raises(ValueError, match=r"does not fit .*\['unet'\]"):
+  with pytest.raises(ValueError, match=r"(?s)does not fit .*misshapen: .*\['unet'\]"):
     checkpoints.restore_weights(str(trained_workdir), 3, abstract_params, abstract_frozen)
 
 

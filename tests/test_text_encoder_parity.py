@@ -16,8 +16,9 @@ import torch
 import transformers
 
 from configs import unit_test
-from pixeldance_jax import tokenizer
-from pixeldance_jax.models import convert, text_encoder
+from pixeldance_jax.data import tokenizer
+from pixeldance_jax.convert import layouts
+from pixeldance_jax.models import text_encoder
 
 TOLERANCE = 1e-4  # float32 max abs error.
 VOCAB, LENGTH, EOS = 1000, 16, 999
@@ -53,7 +54,7 @@ def torch_clip(request, tmp_path_factory):
         value.add_(0.1 * torch.randn_like(value))
   folder = tmp_path_factory.mktemp(f"clip_{request.param}")
   model.save_pretrained(folder)  # transformers 5 writes safetensors only, without `text_model.`.
-  return request.param, model, convert.load_safetensors_folder(folder)
+  return request.param, model, layouts.load_safetensors_folder(folder)
 
 
 def _hub_layout(state_dict: dict) -> dict:
@@ -82,7 +83,7 @@ def test_matches_clip_text_model(torch_clip):
   for use_penultimate, reference in ((False, last), (True, penultimate)):
     spec = _spec(hidden_act, use_penultimate)
     for layout, weights in (("v5", state_dict), ("hub", _hub_layout(state_dict))):
-      params = convert.clip_params_from_torch_state_dict(weights, spec)
+      params = layouts.clip_params_from_torch_state_dict(weights, spec)
       ours = text_encoder.TextEncoder(spec).apply({"params": params}, jnp.asarray(ids))
       errors[f"{'penultimate' if use_penultimate else 'last'}/{layout}"] = _max_error(
           ours, reference)
@@ -99,7 +100,7 @@ def test_converted_tree_is_the_model_tree(torch_clip):
   hidden_act, _, state_dict = torch_clip
   for use_penultimate in (False, True):
     spec = _spec(hidden_act, use_penultimate)
-    params = convert.clip_params_from_torch_state_dict(state_dict, spec)
+    params = layouts.clip_params_from_torch_state_dict(state_dict, spec)
     shapes = lambda tree: {k: v.shape for k, v in _flatten(tree).items()}
     assert shapes(params) == shapes(text_encoder.param_shapes(spec))
     assert all(v.dtype == np.float32 for v in _flatten(params).values())
@@ -121,7 +122,7 @@ def test_converter_lists_every_mismatch(torch_clip):
   broken["text_projection.weight"] = np.zeros((32, 32), np.float32)
   broken["encoder.layers.1.mlp.fc2.bias"] = state_dict["encoder.layers.1.mlp.fc2.bias"]
   with pytest.raises(ValueError) as error:
-    convert.clip_params_from_torch_state_dict(broken, _spec(hidden_act))
+    layouts.clip_params_from_torch_state_dict(broken, _spec(hidden_act))
   message = str(error.value)
   for expected in ("layers_0/q_proj/kernel", "text_model.encoder.layers.0.self_attn.query.weight",
                    "final_layer_norm/bias", "text_model.encoder.layers.1.mlp.fc1.weight",
@@ -134,7 +135,7 @@ def test_penultimate_needs_the_full_depth_checkpoint(torch_clip):
   hidden_act, _, state_dict = torch_clip
   shallow = {k: v for k, v in state_dict.items() if ".layers.1." not in k}
   with pytest.raises(ValueError, match="layers_1"):
-    convert.clip_params_from_torch_state_dict(shallow, _spec(hidden_act, True))
+    layouts.clip_params_from_torch_state_dict(shallow, _spec(hidden_act, True))
 
 
 def test_spec_from_config_defaults_and_checks_the_penultimate_option():

@@ -1,4 +1,4 @@
-"""The CPU's written-out Threefry hash (pixeldance_jax/threefry_cpu.py) gives JAX's bits."""
+"""The CPU's written-out Threefry hash (pixeldance_jax/runtime/threefry_cpu.py) gives JAX's bits."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +7,7 @@ from jax._src.random import threefry2x32 as jax_threefry  # JAX's own loop form,
 from jax.extend.random import threefry2x32_p, threefry_2x32
 
 import pixeldance_jax  # noqa: F401  # Registers the lowering.
-from pixeldance_jax import threefry_cpu
+from pixeldance_jax.runtime import threefry_cpu
 
 # Random123's known answers for Threefry-2x32 with 20 rounds: (key, counter) -> output.
 KNOWN_ANSWERS = [

@@ -7,16 +7,17 @@ import pytest
 
 import helpers
 from configs import unit_test
-from pixeldance_jax.data import pipeline
+from pixeldance_jax.data import loaders
 from pixeldance_jax.parallel import mesh as mesh_lib
-from pixeldance_jax import checkpoints, console
+from pixeldance_jax.io import checkpoints
+from pixeldance_jax.runtime import errors
 from pixeldance_jax.train import trainer
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
 
 
 def _fixed_batch(config, data_dir):
-  loader = pipeline.make_train_loader(config, data_dir)
+  loader = loaders.make_train_loader(config, data_dir)
   return next(iter(loader))
 
 
@@ -148,14 +149,14 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
   state = state.replace(step=state.step + 7,
                         ema_params=jax.tree.map(lambda x: x + 1.0, state.ema_params),
                         opt_state=jax.tree.map(lambda x: x + 2, state.opt_state))
-  iterator = iter(pipeline.make_train_loader(config, str(tmp_path / "data")))
+  iterator = iter(loaders.make_train_loader(config, str(tmp_path / "data")))
   next(iterator)
   manager = checkpoints.make_manager(str(tmp_path), config)
   checkpoints.save(manager, 7, state, config, {"data": iterator})
   manager.wait_until_finished()
   expected_next = next(iterator)
 
-  fresh_iterator = iter(pipeline.make_train_loader(config, str(tmp_path / "data")))
+  fresh_iterator = iter(loaders.make_train_loader(config, str(tmp_path / "data")))
   abstract, _ = state_lib.abstract_state(config, mesh)
   restored = checkpoints.restore(manager, 7, abstract, {"data": fresh_iterator})
   _assert_trees_equal(restored, state)
@@ -191,7 +192,7 @@ def test_config_checks_name_each_bad_choice_before_any_work(tmp_path):
   config.diffusion.prediction_type = "eps"
   config.sample.sampler = "ddmi"
   config.unet.remat_policy = "dots"
-  with pytest.raises(console.ConfigError) as error:
+  with pytest.raises(errors.ConfigError) as error:
     trainer.train_and_evaluate(config, str(tmp_path))
   assert str(error.value).splitlines() == [
       "config.unet.remat_policy='dots' is not one of ['dots_saveable', "

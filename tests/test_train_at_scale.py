@@ -17,9 +17,9 @@ import pytest
 from tensorboardX.proto import event_pb2
 
 from configs import unit_test
-from pixeldance_jax.data import pipeline
+from pixeldance_jax.data import loaders
 from pixeldance_jax.parallel import mesh as mesh_lib
-from pixeldance_jax import checkpoints
+from pixeldance_jax.io import checkpoints
 from pixeldance_jax.train import metrics_logger, trainer
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
@@ -92,7 +92,7 @@ def test_preempted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
   # The data order too: both iterators, restored from their last checkpoints, agree.
   next_batches = []
   for run in ("straight", "preempted"):
-    loader = pipeline.make_train_loader(config, str(tmp_path / run / "data"))
+    loader = loaders.make_train_loader(config, str(tmp_path / run / "data"))
     iterator = iter(loader)
     manager = checkpoints.make_manager(str(tmp_path / run), read_only=True)
     abstract, _ = state_lib.abstract_state(config, mesh_lib.make_mesh(config.mesh))
@@ -170,12 +170,12 @@ def _one_device_replay(config, workdir, process_count: int
   init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
   state = state_lib.create_train_state(config, mesh, init_rng)
   train_step = step_lib.jit_train_step(config, mesh, shardings)
-  directory = pipeline.data_dir(config, str(workdir))
-  loaders = [iter(pipeline.make_train_loader(config, directory, index, process_count))
-             for index in range(process_count)]
+  directory = loaders.data_dir(config, str(workdir))
+  per_process = [iter(loaders.make_train_loader(config, directory, index, process_count))
+                 for index in range(process_count)]
   losses = []
   for _ in range(config.num_train_steps):
-    rows = [next(loader) for loader in loaders]
+    rows = [next(loader) for loader in per_process]
     batch = {name: np.concatenate([part[name] for part in rows]) for name in rows[0]}
     state, metrics = train_step(state, mesh_lib.global_batch(batch, mesh), train_rng)
     losses.append(float(metrics["loss"]))

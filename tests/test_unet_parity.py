@@ -14,7 +14,8 @@ import pytest
 
 import helpers
 from configs import unit_test
-from pixeldance_jax.models import convert, unet3d
+from pixeldance_jax.convert import layouts
+from pixeldance_jax.models import unet3d
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
@@ -45,7 +46,7 @@ def _perturbed(model, seed: int):
 
 def _saved_state_dict(model, folder) -> dict[str, np.ndarray]:
   model.save_pretrained(folder, safe_serialization=True)
-  return convert.load_safetensors_folder(folder)
+  return layouts.load_safetensors_folder(folder)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +96,7 @@ def _max_error(ours: np.ndarray, reference: np.ndarray, what: str) -> float:
 
 def test_unet3d_matches_diffusers(torch_3d, torch_3d_output, inputs):
   video, timesteps, context = inputs
-  params = convert.unet_params_from_torch_state_dict(torch_3d[0], SPEC_3D,
+  params = layouts.unet_params_from_torch_state_dict(torch_3d[0], SPEC_3D,
                                                      in_channels=LATENT_CHANNELS)
   ours = _ours(SPEC_3D, params, video.transpose(0, 2, 3, 4, 1), timesteps, context)
   assert _max_error(ours, torch_3d_output, "UNet3DConditionModel") <= TOLERANCE
@@ -104,7 +105,7 @@ def test_unet3d_matches_diffusers(torch_3d, torch_3d_output, inputs):
 def test_zero_extended_conv_in_ignores_c_image_at_first(torch_3d, torch_3d_output, inputs):
   """A C-channel checkpoint in the 2C-input PixelDance model equals the original, any c_image."""
   video, timesteps, context = inputs
-  params = convert.unet_params_from_torch_state_dict(torch_3d[0], SPEC_3D)
+  params = layouts.unet_params_from_torch_state_dict(torch_3d[0], SPEC_3D)
   assert params["conv_in"]["kernel"].shape[2] == 2 * LATENT_CHANNELS
   np.testing.assert_array_equal(params["conv_in"]["kernel"][:, :, LATENT_CHANNELS:], 0.0)
   noisy = video.transpose(0, 2, 3, 4, 1)
@@ -119,7 +120,7 @@ def test_mismatched_checkpoint_lists_every_problem(torch_3d):
   state_dict["down_blocks.0.bogus.weight"] = np.zeros((3,), np.float32)
   state_dict["conv_out.weight"] = np.zeros((5, 32, 3, 3), np.float32)
   with pytest.raises(ValueError) as error:
-    convert.unet_params_from_torch_state_dict(state_dict, SPEC_3D)
+    layouts.unet_params_from_torch_state_dict(state_dict, SPEC_3D)
   message = str(error.value)
   assert "mid_block/temp_attentions_0/proj_out/bias" in message
   assert "down_blocks.0.bogus.weight" in message
@@ -133,7 +134,7 @@ def test_inflated_2d_unet_equals_diffusers_2d_per_frame(tmp_path, inputs):
       up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), **_COMMON)
   model = _perturbed(model, seed=2)
   state_dict = _saved_state_dict(model, tmp_path)
-  params = convert.unet_params_from_2d_torch_state_dict(state_dict, SPEC_2D, jax.random.key(0))
+  params = layouts.unet_params_from_2d_torch_state_dict(state_dict, SPEC_2D, jax.random.key(0))
   np.testing.assert_array_equal(params["transformer_in"]["proj_out"]["kernel"], 0.0)
   np.testing.assert_array_equal(params["down_blocks_0"]["temp_convs_0"]["conv4"]["kernel"], 0.0)
 
@@ -154,7 +155,7 @@ def test_inflated_2d_unet_equals_diffusers_2d_per_frame(tmp_path, inputs):
 
 def test_2d_checkpoint_with_temporal_tensors_is_rejected(torch_3d):
   with pytest.raises(ValueError, match=r"unexpected \(torch name\): transformer_in\."):
-    convert.unet_params_from_2d_torch_state_dict(torch_3d[0], SPEC_3D, jax.random.key(0))
+    layouts.unet_params_from_2d_torch_state_dict(torch_3d[0], SPEC_3D, jax.random.key(0))
 
 
 def _remat_config():

@@ -23,7 +23,8 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from pixeldance_jax import console
+from pixeldance_jax.cli import console
+from pixeldance_jax.runtime import errors
 from pixeldance_jax.aot import topology
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -55,21 +56,21 @@ _CHECK_SHARDING = flags.DEFINE_bool("check_sharding", True, "Read the train step
 
 def main(argv):
   if len(argv) > 1:
-    raise console.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
+    raise errors.ConfigError(f"unexpected arguments: {' '.join(argv[1:])}")
   # pylint: disable=import-outside-toplevel
   from pixeldance_jax.aot import report
   config = _CONFIG.value.copy_and_resolve_references()
   try:
     tpu_slice = topology.parse(_TOPOLOGY.value)
   except ValueError as error:
-    raise console.ConfigError(str(error)) from error
+    raise errors.ConfigError(str(error)) from error
   if _HBM_GIB.value < 0:
-    raise console.ConfigError(f"--hbm_gib={_HBM_GIB.value} must be >= 0.")
+    raise errors.ConfigError(f"--hbm_gib={_HBM_GIB.value} must be >= 0.")
   if _HBM_GIB.value:
     tpu_slice = dataclasses.replace(tpu_slice, hbm_bytes=int(_HBM_GIB.value * 2**30))
   unknown = set(_PROGRAMS.value) - set(report.PROGRAMS)
   if unknown:
-    raise console.ConfigError(f"--programs: {sorted(unknown)} not among {report.PROGRAMS}.")
+    raise errors.ConfigError(f"--programs: {sorted(unknown)} not among {report.PROGRAMS}.")
   devices = topology.devices(tpu_slice)
   logging.info("%s: %d chips (%s), %d hosts, %.0f GiB HBM per chip", tpu_slice.topology,
                len(devices), devices[0].device_kind, len({d.process_index for d in devices}),

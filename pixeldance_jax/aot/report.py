@@ -9,7 +9,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from pixeldance_jax import console
+from pixeldance_jax.runtime import errors
 from pixeldance_jax.aot import plan as plan_lib
 from pixeldance_jax.aot import topology
 from pixeldance_jax.parallel import mesh as mesh_lib
@@ -23,13 +23,13 @@ def _mesh(config: ml_collections.ConfigDict, devices: list) -> jax.sharding.Mesh
   try:
     return mesh_lib.make_mesh(config.mesh, devices)
   except ValueError as error:
-    raise console.ConfigError(str(error)) from error
+    raise errors.ConfigError(str(error)) from error
 
 
 def _check_batch(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   shards = mesh_lib.batch_devices(mesh)
   if config.batch_size % shards:
-    raise console.ConfigError(f"config.batch_size={config.batch_size} does not split over the "
+    raise errors.ConfigError(f"config.batch_size={config.batch_size} does not split over the "
                               f"{shards} data x fsdp devices of the mesh {dict(mesh.shape)}.")
 
 

@@ -13,7 +13,7 @@ import re
 import jax
 from jax.experimental import topologies
 
-from pixeldance_jax import host_memory
+from pixeldance_jax.runtime import host_memory
 
 # HBM per chip, GiB (Cloud TPU's system architecture pages).
 HBM_GIB = {"v4": 32.0, "v5e": 16.0, "v5p": 95.0, "v6e": 32.0}

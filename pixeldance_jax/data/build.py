@@ -13,8 +13,8 @@ import json
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pixeldance_jax import console
-from pixeldance_jax.data import pipeline
+from pixeldance_jax.cli import console
+from pixeldance_jax.data import loaders
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config (get_config()).",
                                           lock_config=True)
@@ -26,15 +26,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = _CONFIG.value
-  data_dir = pipeline.data_dir(config, _WORKDIR.value)
+  data_dir = loaders.data_dir(config, _WORKDIR.value)
   data_configs = [config.data]
-  if config.data.image_every_k_steps and config.data.image_dataset in pipeline.IMAGE_DATASETS:
-    data_configs.append(pipeline.image_data_config(config))
+  if config.data.image_every_k_steps and config.data.image_dataset in loaders.IMAGE_DATASETS:
+    data_configs.append(loaders.image_data_config(config))
   for data_config in data_configs:
-    builder = pipeline.build_dataset(data_config, data_dir)
+    builder = loaders.build_dataset(data_config, data_dir)
     splits = {name: info.num_examples for name, info in builder.info.splits.items()}
     logging.info("%s: %s at %s", data_config.name, splits, builder.data_dir)
-    report = pipeline.build_report(builder)
+    report = loaders.build_report(builder)
     if report:
       print(json.dumps({"dataset": builder.data_dir, **report}, indent=2))
 

@@ -4,7 +4,7 @@ The cache (`builders/latent_cache`) holds, for every record of a video dataset, 
 posterior moments of every stored frame and, for a frozen text encoder, the caption's text
 embedding. It is written by `pixeldance_jax.train.latent_cache` (which owns the encoders and
 names the cache after their weights); this module only opens a prepared cache and turns its
-records into the same windows `pipeline.SampleClip` picks from the videos. No models here.
+records into the same windows `loaders.SampleClip` picks from the videos. No models here.
 """
 
 import dataclasses
@@ -15,8 +15,8 @@ import ml_collections
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pixeldance_jax import tokenizer
-from pixeldance_jax.data import pipeline
+from pixeldance_jax.data import tokenizer
+from pixeldance_jax.data import loaders
 from pixeldance_jax.data.builders.latent_cache import LatentCache, LatentCacheConfig
 
 BUILD_COMMAND = "python -m pixeldance_jax.train.latent_cache --config=... --workdir=..."
@@ -34,7 +34,7 @@ def open_cache(cache_config: LatentCacheConfig, data_dir: str) -> tfds.core.Data
 
 @dataclasses.dataclass(frozen=True)
 class SampleLatentClip(grain.transforms.RandomMap):
-  """The training window of a cached record: the same start `pipeline.SampleClip` draws for the
+  """The training window of a cached record: the same start `loaders.SampleClip` draws for the
   video record with the same rng. Captions become token ids unless embeddings are cached."""
   frames: int
   random_start: bool
@@ -50,14 +50,14 @@ class SampleLatentClip(grain.transforms.RandomMap):
     if "text_embedding" in element:
       sample["text_embedding"] = element["text_embedding"]
     else:
-      caption = pipeline.as_str(element["caption"])
+      caption = loaders.as_str(element["caption"])
       sample["tokens"] = tokenizer.tokenize([caption], self.max_length, self.pad_token_id)[0]
     return sample
 
 
 def make_loader(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBuilder,
                 process_index: int = 0, process_count: int = 1) -> grain.DataLoader:
-  """Like `pipeline.make_train_loader`, over a prepared cache: same records, order and windows.
+  """Like `loaders.make_train_loader`, over a prepared cache: same records, order and windows.
 
   Batches (per process): latent_mean float32 `[batch, frames, h, w, c]`, latent_logvar (KL
   autoencoder only) the same, and text_embedding float32 `[batch, length, hidden]` (frozen
@@ -66,5 +66,5 @@ def make_loader(config: ml_collections.ConfigDict, builder: tfds.core.DatasetBui
   text = config.text_encoder
   sample = SampleLatentClip(config.data.frames, config.data.random_start, text.max_length,
                             text.pad_token_id)
-  return pipeline.make_loader(config, builder.as_data_source("train"), [sample],
+  return loaders.make_loader(config, builder.as_data_source("train"), [sample],
                               config.batch_size, process_index, process_count)

@@ -8,7 +8,8 @@ training image. Numpy, PyAV and Pillow only: no JAX or TFDS.
 
 A video is sampled at a target frame rate: kept source frame k is `floor(k * stride + 0.5)` with
 `stride = source_fps / target_fps` (or a fixed `frame_stride`), starting at the first frame.
-Every kept frame is resized (short side to `size`) and centre-cropped to `[size, size, 3]`.
+Every kept frame is centre-cropped to a square and resized to `[size, size, 3]`
+(`io.video_files`: the one decoder and the one crop-and-resize).
 """
 
 import dataclasses
@@ -16,10 +17,11 @@ import io
 import os
 
 from absl import logging
-import av
 import numpy as np
 from PIL import Image
 from PIL import ImageOps
+
+from pixeldance_jax.io import video_files
 
 # Why an input was skipped; the build reports a count for each.
 SKIP_REASONS = ("missing_file", "missing_caption", "duplicate", "unreadable", "truncated",
@@ -80,46 +82,8 @@ class FrameSampling:
     return (self.min_frames - 1) / self.fps
 
 
-def sample_frame_indices(num_source_frames: int, stride: float, max_frames: int) -> np.ndarray:
-  """Source frame indices kept at `stride` source frames per kept frame, from frame 0.
-
-  Index k is `floor(k * stride + 0.5)` (round half up); at most `max_frames`, all below
-  `num_source_frames`. A stride below 1 (target fps above the source's) repeats frames.
-  """
-  if stride <= 0:
-    raise ValueError(f"stride must be positive, got {stride}.")
-  indices = np.floor(np.arange(max_frames) * stride + 0.5).astype(np.int64)
-  return indices[indices < num_source_frames]
-
-
-def _resized_shape(width: int, height: int, size: int) -> tuple[int, int]:
-  """(width, height) with the short side `size`, keeping the aspect ratio."""
-  scale = size / min(width, height)
-  return max(size, round(width * scale)), max(size, round(height * scale))
-
-
-def center_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """`[H, W, C]` (both >= size) -> the central `[size, size, C]`."""
-  top, left = (image.shape[0] - size) // 2, (image.shape[1] - size) // 2
-  return image[top:top + size, left:left + size]
-
-
-def _frame_to_rgb(frame: av.VideoFrame, size: int) -> np.ndarray:
-  width, height = _resized_shape(frame.width, frame.height, size)
-  # libswscale resizes while converting to RGB; AREA averages when downscaling (no aliasing).
-  rgb = frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA")
-  return center_crop(rgb.to_ndarray(), size)
-
-
-def _source_fps(stream: av.video.stream.VideoStream, path: str) -> float:
-  rate = stream.average_rate or stream.guessed_rate
-  if not rate or float(rate) <= 0:
-    raise SkippedInput("unreadable", f"{path}: the video stream has no frame rate.")
-  return float(rate)
-
-
 def decode_video(path: str, sampling: FrameSampling) -> tuple[np.ndarray, float]:
-  """Decodes `path` at the sampling's frame rate.
+  """Decodes `path` at the sampling's frame rate (`video_files.decode_video`).
 
   Returns:
     (uint8 `[frames, size, size, 3]` with min_frames <= frames <= max_frames, source fps).
@@ -129,45 +93,16 @@ def decode_video(path: str, sampling: FrameSampling) -> tuple[np.ndarray, float]
       fewer frames than the container declares) or too short.
   """
   try:
-    container = av.open(path)
+    frames, source_fps = video_files.decode_video(path, sampling.stride, sampling.max_frames,
+                                                  sampling.size)
   except FileNotFoundError as error:
     raise SkippedInput("missing_file", f"{path}: not found.") from error
-  except (av.FFmpegError, OSError) as error:
-    raise SkippedInput("unreadable", f"{path}: cannot open ({error}).") from error
-  with container:
-    if not container.streams.video:
-      raise SkippedInput("unreadable", f"{path}: no video stream.")
-    stream = container.streams.video[0]
-    stream.thread_type = "AUTO"
-    source_fps = _source_fps(stream, path)
-    frames = _decode_sampled_frames(container, stream, path, sampling, source_fps)
+  except video_files.UnreadableVideo as error:
+    raise SkippedInput(error.reason, str(error)) from error
   if len(frames) < sampling.min_frames:
     raise SkippedInput("too_short", f"{path}: {len(frames)} frames at the target rate, "
                                     f"fewer than the {sampling.min_frames} a clip needs.")
-  return np.stack(frames), source_fps
-
-
-def _decode_sampled_frames(container, stream, path: str, sampling: FrameSampling,
-                           source_fps: float) -> list[np.ndarray]:
-  """Decodes in order, converting only the kept frames; stops after `max_frames`."""
-  # The container's frame count is often missing or wrong: decode until the stream ends.
-  wanted = sample_frame_indices(np.iinfo(np.int64).max, sampling.stride(source_fps),
-                                sampling.max_frames)
-  kept, decoded = [], 0
-  try:
-    for frame in container.decode(stream):
-      while len(kept) < len(wanted) and wanted[len(kept)] == decoded:  # stride < 1 repeats.
-        kept.append(_frame_to_rgb(frame, sampling.size))
-      decoded += 1
-      if len(kept) == len(wanted):
-        return kept
-  except av.FFmpegError as error:
-    raise SkippedInput("truncated", f"{path}: decoding failed after {decoded} frames "
-                                    f"({error}).") from error
-  if stream.frames and decoded < stream.frames:
-    raise SkippedInput("truncated", f"{path}: {decoded} of the {stream.frames} frames the "
-                                    f"container declares could be decoded.")
-  return kept
+  return frames, source_fps
 
 
 def _open_image(path: str) -> Image.Image:
@@ -207,13 +142,6 @@ def _to_rgb(image: Image.Image, path: str, log: bool) -> Image.Image:
   return image.convert("RGB")
 
 
-def _center_crop_square(image: Image.Image) -> Image.Image:
-  width, height = image.size
-  side = min(width, height)
-  left, top = (width - side) // 2, (height - side) // 2
-  return image.crop((left, top, left + side, top + side))
-
-
 def read_image(path: str, size: int, resize: bool = True, *, log: bool = True) -> np.ndarray:
   """An image file -> the model's square RGB input, uint8 `[size, size, 3]`.
 
@@ -235,10 +163,8 @@ def read_image(path: str, size: int, resize: bool = True, *, log: bool = True) -
       crop = "centre-cropped and " if width != height else ""
       logging.warning("Image %s is %dx%d; %sresized to %dx%d.", path, width, height, crop,
                       size, size)
-    # reducing_gap: large photos are first shrunk by a box filter, much faster and, per
-    # Pillow's documentation, indistinguishable from a plain resize in most cases at 3.0.
-    image = _center_crop_square(image).resize((size, size), Image.Resampling.BICUBIC,
-                                              reducing_gap=3.0)
+    return video_files.center_square(np.asarray(image, np.uint8), size,
+                                     Image.Resampling.BICUBIC)
   return np.asarray(image, np.uint8)
 
 

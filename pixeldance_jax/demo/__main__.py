@@ -13,7 +13,7 @@ import sys
 
 from absl import app, flags
 
-from pixeldance_jax import console
+from pixeldance_jax.cli import console
 from pixeldance_jax.demo import app as app_lib
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir (or converted checkpoint "

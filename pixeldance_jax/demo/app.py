@@ -6,7 +6,7 @@ import threading
 
 from absl import logging
 
-from pixeldance_jax.data import pipeline as data_pipeline
+from pixeldance_jax.data import loaders
 from pixeldance_jax.demo import server as server_lib
 from pixeldance_jax.demo import service
 from pixeldance_jax.sampling import outputs
@@ -20,8 +20,8 @@ def heldout_clips(pipeline: pipeline_lib.Pipeline, count: int) -> list[dict]:
     return []
   config = pipeline.config
   try:
-    source = data_pipeline.test_source(config, data_pipeline.data_dir(config, pipeline.workdir))
-    return [data_pipeline.decode_record(source[index], config.data.frames)
+    source = loaders.test_source(config, loaders.data_dir(config, pipeline.workdir))
+    return [loaders.decode_record(source[index], config.data.frames)
             for index in range(min(count, len(source)))]
   except (FileNotFoundError, ValueError) as error:
     logging.warning("No held-out clips (%s): the page takes uploaded frames only.", error)

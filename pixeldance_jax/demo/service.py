@@ -25,7 +25,7 @@ import numpy as np
 from absl import logging
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pixeldance_jax import video_io
+from pixeldance_jax.io import video_files
 from pixeldance_jax.diffusion import samplers
 from pixeldance_jax.sampling import outputs, program
 from pixeldance_jax.sampling import requests as requests_lib
@@ -252,7 +252,7 @@ class Demo:
     path = os.path.join(folder, "inputs", f"{which}_frame.png")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if frame.kind == "heldout":
-      video_io.save_image(self.heldout_frame(frame.heldout, which), path)
+      video_files.save_image(self.heldout_frame(frame.heldout, which), path)
     else:
       with open(path, "wb") as f:
         f.write(frame.image)

@@ -22,8 +22,8 @@ import sys
 import ml_collections
 from absl import app, flags
 
-from pixeldance_jax import console
-from pixeldance_jax.data import pipeline as data_pipeline
+from pixeldance_jax.cli import console
+from pixeldance_jax.data import loaders
 from pixeldance_jax.evaluate import suite
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
@@ -65,7 +65,7 @@ def _run() -> tuple[dict, list[str]]:
     if _REAL.value or _FAKE.value:
       raise ValueError("give either --workdir or --real and --fake, not both")
     pipeline = sampling_pipeline.load_pipeline(_WORKDIR.value, _STEP.value)
-    data_dir = data_pipeline.data_dir(pipeline.config, _WORKDIR.value)
+    data_dir = loaders.data_dir(pipeline.config, _WORKDIR.value)
     results = suite.evaluate_pipeline(
         pipeline, data_dir, metric_names=_METRICS.value, num_videos=_NUM_VIDEOS.value,
         variants=_VARIANTS.value, global_batch=_BATCH.value, steps=_STEPS.value,

@@ -31,8 +31,9 @@ import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from pixeldance_jax import checkpoints, console, video_io
-from pixeldance_jax.data import pipeline as data_pipeline
+from pixeldance_jax.io import checkpoints, video_files
+from pixeldance_jax.cli import console
+from pixeldance_jax.data import loaders
 from pixeldance_jax.evaluate import figures, suite, videos
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
 from pixeldance_jax.train import trainer
@@ -109,7 +110,7 @@ def _read_json(path: str) -> dict[str, Any] | None:
 def _write_text(path: str, text: str) -> None:
   """Replaces `path` atomically (process 0 writes)."""
   if jax.process_index() == 0:
-    with video_io.atomic_path(path) as partial, open(partial, "w") as f:
+    with video_files.atomic_path(path) as partial, open(partial, "w") as f:
       f.write(text)
 
 
@@ -165,7 +166,7 @@ def evaluate_variant(name: str, workdir: str, step: int, settings: Settings,
     return done
   pipeline = sampling_pipeline.load_pipeline(workdir, step)
   networks = networks(pipeline.mesh)
-  data_dir = data_pipeline.data_dir(pipeline.config, workdir)
+  data_dir = loaders.data_dir(pipeline.config, workdir)
   common = dict(num_videos=settings.num_videos, global_batch=settings.global_batch,
                 steps=settings.sampler_steps, seed=settings.seed, cache_dir=cache_dir)
   examples: dict[str, np.ndarray] = {}
@@ -190,7 +191,7 @@ def evaluate_variant(name: str, workdir: str, step: int, settings: Settings,
             "floor": measured.get("floor"), "notes": measured["notes"],
             "seconds": round(measured["seconds"] + (empty["seconds"] if empty else 0), 1)}
   if jax.process_index() == 0:
-    with video_io.atomic_path(stem + ".npz") as partial, open(partial, "wb") as f:
+    with video_files.atomic_path(stem + ".npz") as partial, open(partial, "wb") as f:
       np.savez(f, **examples)
   _write_json(stem + ".json", result)
   return result
@@ -292,7 +293,7 @@ def run(base: ml_collections.ConfigDict, workdir: str, *,
   if jax.process_index() == 0:
     _write_json(os.path.join(workdir, "ablation.json"), results)
     _write_text(os.path.join(workdir, "ablation.md"), table(results) + "\n")
-    video_io.save_image(figure(results, examples, real["video"]),
+    video_files.save_image(figure(results, examples, real["video"]),
                         os.path.join(workdir, "ablation.png"))
   return results
 

@@ -27,8 +27,9 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from pixeldance_jax import tokenizer
-from pixeldance_jax.models import clip, convert, i3d, inception_fid
+from pixeldance_jax.data import tokenizer
+from pixeldance_jax.evaluate.networks import clip, i3d, inception_fid
+from pixeldance_jax.convert import layouts
 from pixeldance_jax.parallel import mesh as mesh_lib
 
 Array = jax.Array
@@ -103,7 +104,7 @@ def inception_extractor(weights_path: str) -> Extractor:
 def clip_extractors(folder: str) -> tuple[Extractor, Callable[[list[str]], np.ndarray]]:
   """(CLIP image embeddings of every frame, captions -> unit text embeddings `[n, D]`) from a
   transformers CLIPModel folder. The text side runs on this process's first device."""
-  spec, params = convert.load_clip(folder)
+  spec, params = layouts.load_clip(folder)
   model = clip.CLIPModel(spec)
 
   def encode_images(params: Any, images: Array) -> Array:

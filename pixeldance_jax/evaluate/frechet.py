@@ -16,7 +16,7 @@ from typing import Callable
 
 import numpy as np
 
-from pixeldance_jax import video_io
+from pixeldance_jax.io import video_files
 
 
 @dataclasses.dataclass
@@ -69,7 +69,7 @@ class RunningStats:
 
   def save(self, path: str) -> None:
     """Writes the statistics (an .npz) atomically: a cache is never left half written."""
-    with video_io.atomic_path(path) as partial:  # Ends in .npz: savez keeps the name.
+    with video_files.atomic_path(path) as partial:  # Ends in .npz: savez keeps the name.
       np.savez(partial, dim=self.dim, count=self.count, total=self.total, outer=self.outer)
 
   @classmethod

@@ -28,9 +28,10 @@ import numpy as np
 import tqdm
 from absl import app, flags
 
-from pixeldance_jax import console, video_io
+from pixeldance_jax.cli import console
+from pixeldance_jax.io import video_files
 from pixeldance_jax.data import moving_shapes
-from pixeldance_jax.data import pipeline as data_pipeline
+from pixeldance_jax.data import loaders
 from pixeldance_jax.evaluate import figures, metrics, suite, videos
 from pixeldance_jax.sampling import generate as generate_lib
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
@@ -143,7 +144,7 @@ def write(results: dict[str, Any], figure: np.ndarray, workdir: str) -> list[str
                                                     f"steering-{results['step']}.json"),
                               markdown(results))
   picture = os.path.splitext(paths[0])[0] + ".png"
-  video_io.save_image(figure, picture)
+  video_files.save_image(figure, picture)
   return paths + [picture]
 
 
@@ -171,7 +172,7 @@ def main(argv: list[str], holders: dict[str, Any]) -> None:
     raise app.UsageError("--workdir is required")
   try:
     pipeline = sampling_pipeline.load_pipeline(values["workdir"], values["step"])
-    data_dir = data_pipeline.data_dir(pipeline.config, values["workdir"])
+    data_dir = loaders.data_dir(pipeline.config, values["workdir"])
     results, figure = measure(pipeline, data_dir, num_videos=values["num_videos"],
                               steps=values["steps"], seed=values["seed"])
   except (FileNotFoundError, ValueError) as error:

@@ -25,7 +25,7 @@ import tqdm
 from absl import logging
 from jax.experimental import multihost_utils
 
-from pixeldance_jax import video_io
+from pixeldance_jax.io import video_files
 from pixeldance_jax.data import media
 from pixeldance_jax.evaluate import features, frechet, metrics, videos
 from pixeldance_jax.sampling import generate as generate_lib
@@ -379,7 +379,7 @@ def _write_new(path: str, text: str) -> str:
   while os.path.exists(candidate):
     index += 1
     candidate = f"{stem}-{index}{extension}"
-  with video_io.atomic_path(candidate) as partial, open(partial, "w") as f:
+  with video_files.atomic_path(candidate) as partial, open(partial, "w") as f:
     f.write(text)
   return candidate
 

@@ -13,11 +13,10 @@ from typing import Any, Iterator
 
 import ml_collections
 import numpy as np
-from PIL import Image
 
-from pixeldance_jax import video_io
+from pixeldance_jax.io import video_files
 from pixeldance_jax.data import local_sources, media
-from pixeldance_jax.data import pipeline as data_pipeline
+from pixeldance_jax.data import loaders
 
 
 class HeldOutClips:
@@ -25,7 +24,7 @@ class HeldOutClips:
 
   def __init__(self, config: ml_collections.ConfigDict, data_dir: str, start: int = 0,
                count: int | None = None):
-    self.config, self.source = config, data_pipeline.test_source(config, data_dir)
+    self.config, self.source = config, loaders.test_source(config, data_dir)
     available = len(self.source) - start
     count = available if count is None else count
     if count > available or start < 0:
@@ -48,21 +47,11 @@ class HeldOutClips:
 
   def record(self, index: int) -> dict[str, Any]:
     """The decoded clip: video, caption and the generator's fields where the data has them."""
-    return data_pipeline.decode_record(self.source[self.start + index], self.config.data.frames)
+    return loaders.decode_record(self.source[self.start + index], self.config.data.frames)
 
   def load(self, index: int) -> tuple[np.ndarray, str | None]:
     record = self.record(index)
     return record["video"], record["caption"]
-
-
-def _square(frames: np.ndarray, size: int) -> np.ndarray:
-  """`[T, H, W, 3]` -> `[T, size, size, 3]`: centre crop to a square, then resize (area)."""
-  side = min(frames.shape[1:3])
-  frames = np.stack([media.center_crop(frame, side) for frame in frames])
-  if side == size:
-    return frames
-  return np.stack([np.asarray(Image.fromarray(frame).resize((size, size), Image.BOX))
-                   for frame in frames])
 
 
 class VideoFolder:
@@ -98,7 +87,7 @@ class VideoFolder:
     """The shorter side of the first readable video."""
     for entry in self.entries:
       try:
-        return min(video_io.read_video(entry.path).shape[1:3])
+        return min(video_files.read_video(entry.path).shape[1:3])
       except (ValueError, OSError):
         continue
     raise ValueError(f"no readable video in {self.folder}")
@@ -113,13 +102,14 @@ class VideoFolder:
   def load(self, index: int) -> tuple[np.ndarray, str | None]:
     entry = self.entries[index]
     try:
-      video = video_io.read_video(entry.path)
+      video = video_files.read_video(entry.path)
     except (ValueError, OSError) as error:
       raise media.SkippedInput("unreadable", str(error)) from error
     if len(video) < self.frames:
       raise media.SkippedInput("too_short", f"{entry.path}: {len(video)} frames, fewer than "
                                             f"the {self.frames} compared")
-    return _square(video[:self.frames], self.size), entry.caption
+    return np.stack([video_files.center_square(frame, self.size)
+                     for frame in video[:self.frames]]), entry.caption
 
 
 def shares(count: int, global_batch: int, process_index: int,

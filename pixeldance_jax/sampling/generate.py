@@ -11,7 +11,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from pixeldance_jax import tokenizer
+from pixeldance_jax.data import tokenizer
 from pixeldance_jax.diffusion import samplers, schedules
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import settings as settings_lib

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from pixeldance_jax import video_io
+from pixeldance_jax.io import video_files
 
 VIDEO_SUFFIXES = (".mp4", ".gif")
 
@@ -49,9 +49,9 @@ def check_writable(path: str, *, folder: bool = False) -> None:
 
 def _write_media(video: np.ndarray, paths: dict[str, str], fps: int, upscale: int,
                  record: dict[str, Any]) -> list[str]:
-  video_io.write_video(video, paths["mp4"], fps=fps, upscale=upscale)
-  video_io.write_video(video, paths["gif"], fps=fps, upscale=upscale)
-  video_io.write_contact_sheet(video, paths["sheet"], upscale=upscale)
+  video_files.write_video(video, paths["mp4"], fps=fps, upscale=upscale)
+  video_files.write_video(video, paths["gif"], fps=fps, upscale=upscale)
+  video_files.write_contact_sheet(video, paths["sheet"], upscale=upscale)
   with open(paths["json"], "w") as f:
     json.dump(record, f, indent=2)
   return list(paths.values())
@@ -72,5 +72,5 @@ def write_folder(video: np.ndarray, folder: str, fps: int, upscale: int,
                          fps, upscale, record)
   for index, frame in enumerate(video):
     written.append(os.path.join(folder, "frames", f"{index:03d}.png"))
-    video_io.save_image(frame, written[-1], upscale=upscale)
+    video_files.save_image(frame, written[-1], upscale=upscale)
   return written

@@ -10,7 +10,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from pixeldance_jax import checkpoints
+from pixeldance_jax.io import checkpoints
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import program

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from pixeldance_jax import programs
+from pixeldance_jax.runtime import programs
 from pixeldance_jax.data import conditioning
 from pixeldance_jax.diffusion import samplers, schedules
 from pixeldance_jax.models import autoencoder as autoencoder_lib

@@ -15,9 +15,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from pixeldance_jax import video_io
+from pixeldance_jax.io import video_files
 from pixeldance_jax.data import media
-from pixeldance_jax.data import pipeline as data_pipeline
+from pixeldance_jax.data import loaders
 from pixeldance_jax.sampling import generate as generate_lib
 from pixeldance_jax.sampling import settings as settings_lib
 from pixeldance_jax.sampling.pipeline import Pipeline
@@ -55,7 +55,7 @@ def resolve_settings(config: ml_collections.ConfigDict, prompt: str | Sequence[s
 
 
 def _heldout_clip(config: ml_collections.ConfigDict, workdir: str, index: int) -> dict[str, Any]:
-  return data_pipeline.load_test_clips(config, data_pipeline.data_dir(config, workdir),
+  return loaders.load_test_clips(config, loaders.data_dir(config, workdir),
                                        index + 1)[index]
 
 
@@ -108,7 +108,7 @@ def make_request(pipeline: Pipeline, *, prompt: str | Sequence[str] | None = Non
   prompt, first, last = _resolve_inputs(pipeline, prompt, first_frame, last_frame,
                                         heldout_index, read, record)
   if last is not None and last_frame_edges:
-    last = video_io.edge_map(last)
+    last = video_files.edge_map(last)
   prompts = (prompt,) * settings["num_clips"] if isinstance(prompt, str) else tuple(prompt)
   if len(prompts) != settings["num_clips"]:
     raise ValueError(f"{len(prompts)} prompts for num_clips={settings['num_clips']}")

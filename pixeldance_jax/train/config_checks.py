@@ -1,4 +1,4 @@
-"""Training configs checked before any work: `check(config)` raises `console.ConfigError`.
+"""Training configs checked before any work: `check(config)` raises `ConfigError`.
 
 A misspelled choice (`lr_schedule="cosin"`) would otherwise surface after the dataset is built
 and the state initialised, or at the first trace, minutes in. Each check reads the registry
@@ -11,8 +11,8 @@ from typing import Any
 
 import ml_collections
 
-from pixeldance_jax import console
-from pixeldance_jax.data import conditioning, pipeline
+from pixeldance_jax.runtime.errors import ConfigError, closest
+from pixeldance_jax.data import conditioning, loaders
 from pixeldance_jax.diffusion import losses, samplers, schedules
 from pixeldance_jax.evaluate import suite
 from pixeldance_jax.models import autoencoder, text_encoder, unet3d
@@ -22,7 +22,7 @@ from pixeldance_jax.train import state as state_lib
 def _choices() -> dict[str, Collection[Any]]:
   """Dotted config key -> the values the code accepts."""
   return {
-      "data.name": pipeline.DATASETS,
+      "data.name": loaders.DATASETS,
       "autoencoder.kind": autoencoder.AUTOENCODERS,
       "text_encoder.hidden_act": text_encoder.ACTIVATIONS,
       "unet.remat_policy": unet3d.REMAT_POLICIES,
@@ -45,7 +45,7 @@ def _choice_error(key: str, value: Any, allowed: Collection[Any]) -> str | None:
   if value in allowed or (value is None and "" in allowed):
     return None
   names = sorted(str(a) for a in allowed)
-  close = console.closest(str(value), names)
+  close = closest(str(value), names)
   hint = f"; did you mean {close[0]!r}?" if close else ""
   return f"config.{key}={value!r} is not one of {names}{hint}"
 
@@ -87,7 +87,7 @@ def _evaluation(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def check(config: ml_collections.ConfigDict, fresh_start: bool = True) -> None:
-  """Raises `console.ConfigError`, one line per problem, for a config that cannot train.
+  """Raises `ConfigError`, one line per problem, for a config that cannot train.
 
   `fresh_start`: the workdir has no checkpoint yet, so the weights are initialised here (a KL
   autoencoder then needs `init_from`).
@@ -95,7 +95,7 @@ def check(config: ml_collections.ConfigDict, fresh_start: bool = True) -> None:
   errors = [error for key, allowed in _choices().items()
             if (error := _choice_error(key, _get(config, key), allowed))]
   if config.data.image_every_k_steps:
-    errors += _call(pipeline.image_data_config, config)
+    errors += _call(loaders.image_data_config, config)
   if not errors:  # The validators would repeat a bad choice in their own words.
     for validate in _VALIDATORS:
       errors += _call(validate, config)
@@ -106,7 +106,7 @@ def check(config: ml_collections.ConfigDict, fresh_start: bool = True) -> None:
                   "diffusers checkpoint with `python -m pixeldance_jax.convert` and pass "
                   "--config.init_from=<its output directory>.")
   if errors:
-    raise console.ConfigError("\n".join(errors))
+    raise ConfigError("\n".join(errors))
 
 
 def _call(validate: Callable[[ml_collections.ConfigDict], Any],

@@ -17,8 +17,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 import orbax.checkpoint as ocp
 
-from pixeldance_jax import checkpoints, console
-from pixeldance_jax.data import pipeline
+from pixeldance_jax.io import checkpoints
+from pixeldance_jax.runtime import quiet
+from pixeldance_jax.data import loaders
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.train import latent_cache
 from pixeldance_jax.train import state as state_lib
@@ -28,7 +29,7 @@ Iterators = dict[str, Any]
 
 def _build(data_config: ml_collections.ConfigDict, directory: str) -> None:
   """Builds one dataset if missing, saying so: generating thousands of clips takes a while."""
-  builder = pipeline.get_builder(data_config, directory)
+  builder = loaders.get_builder(data_config, directory)
   # TFDS renames the folder into place once complete, and checks the same (`is_prepared` also
   # warns about the folder it does not find).
   if builder.data_path.exists():
@@ -36,10 +37,10 @@ def _build(data_config: ml_collections.ConfigDict, directory: str) -> None:
   logging.info("data: building %s (%s) in %s, once", data_config.name,
                builder.builder_config.name, builder.data_dir)
   start = time.perf_counter()
-  with console.library_prints():
-    builder = pipeline.build_dataset(data_config, directory)
+  with quiet.library_prints():
+    builder = loaders.build_dataset(data_config, directory)
   splits = ", ".join(f"{split.num_examples} {name}" for name, split in builder.info.splits.items())
-  skipped = {k: v for k, v in pipeline.report_metrics(pipeline.build_report(builder)).items()
+  skipped = {k: v for k, v in loaders.report_metrics(loaders.build_report(builder)).items()
              if k.startswith("data/skipped")}
   logging.info("data: %s ready, %s records (%.1f s)%s", data_config.name, splits,
                time.perf_counter() - start, f"; skipped {skipped}" if skipped else "")
@@ -47,11 +48,11 @@ def _build(data_config: ml_collections.ConfigDict, directory: str) -> None:
 
 def prepare_data(config: ml_collections.ConfigDict, workdir: str) -> str:
   """Builds the run's datasets once (process 0) before any process reads them; their folder."""
-  directory = pipeline.data_dir(config, workdir)
+  directory = loaders.data_dir(config, workdir)
   if jax.process_index() == 0:
     _build(config.data, directory)
     if config.data.image_every_k_steps:
-      _build(pipeline.image_data_config(config), directory)
+      _build(loaders.image_data_config(config), directory)
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("dataset prepared")
   return directory
@@ -69,15 +70,15 @@ def make(config: ml_collections.ConfigDict, directory: str,
   index, count = jax.process_index(), jax.process_count()
   if config.data.cache_latents:
     if count == 1:
-      with console.library_prints():
+      with quiet.library_prints():
         latent_cache.build_cache(config, directory, state.params, state.frozen)
     videos = latent_cache.make_cached_loader(config, directory, state.params, state.frozen,
                                              index, count)
   else:
-    videos = pipeline.make_train_loader(config, directory, index, count)
+    videos = loaders.make_train_loader(config, directory, index, count)
   iterators = {"data": iter(videos)}
   if "image_data" in names(config):
-    iterators["image_data"] = iter(pipeline.make_image_loader(config, directory, index, count))
+    iterators["image_data"] = iter(loaders.make_image_loader(config, directory, index, count))
   return iterators
 
 
@@ -104,6 +105,6 @@ def next_batch(config: ml_collections.ConfigDict, iterators: Iterators, step: in
                mesh: Mesh) -> tuple[str, dict[str, jax.Array]]:
   """(step kind, global batch) for training step `step`: "image_step" on the image steps of
   joint training (single frames), else "train_step" (video clips)."""
-  if pipeline.is_image_step(config, step):
+  if loaders.is_image_step(config, step):
     return "image_step", mesh_lib.global_batch(next(iterators["image_data"]), mesh)
   return "train_step", mesh_lib.global_batch(next(iterators["data"]), mesh)

@@ -29,8 +29,10 @@ from ml_collections import config_flags
 import numpy as np
 import tensorflow_datasets as tfds
 
-from pixeldance_jax import checkpoints, console, tokenizer
-from pixeldance_jax.data import cache, conditioning, media, pipeline
+from pixeldance_jax.io import checkpoints
+from pixeldance_jax.cli import console
+from pixeldance_jax.data import tokenizer
+from pixeldance_jax.data import cache, conditioning, media, loaders
 from pixeldance_jax.data.builders.latent_cache import LatentCache, LatentCacheConfig
 from pixeldance_jax.diffusion import schedules
 from pixeldance_jax.models import autoencoder as autoencoder_lib
@@ -140,7 +142,7 @@ def make_record_encoder(config: ml_collections.ConfigDict, params: Any, frozen: 
     padded = np.zeros((max_frames,) + video.shape[1:], np.uint8)
     padded[:len(video)] = video
     mean, logvar = encode_frames(padded)
-    caption = pipeline.as_str(record["caption"])
+    caption = loaders.as_str(record["caption"])
     cached = {"caption": caption, "latent_mean": np.asarray(mean)[:len(video)]}
     if logvar is not None:
       cached["latent_logvar"] = np.asarray(logvar)[:len(video)]
@@ -159,7 +161,7 @@ def build_cache(config: ml_collections.ConfigDict, data_dir: str, params: Any,
   `params`/`frozen` are the weights training will use (the text encoder's and the VAE's are
   read). One process encodes: run it before training (the CLI below) on multi-host jobs.
   """
-  source_builder = pipeline.build_dataset(config.data, data_dir)
+  source_builder = loaders.build_dataset(config.data, data_dir)
   builder = LatentCache(
       config=cache_config(config, source_builder, params, frozen), data_dir=data_dir,
       file_format="array_record",
@@ -174,7 +176,7 @@ def build_cache(config: ml_collections.ConfigDict, data_dir: str, params: Any,
 def cache_builder(config: ml_collections.ConfigDict, data_dir: str, params: Any,
                   frozen: Any) -> tfds.core.DatasetBuilder:
   """The prepared cache for these weights; a clear error when it was not built."""
-  source_builder = pipeline.build_dataset(config.data, data_dir)
+  source_builder = loaders.build_dataset(config.data, data_dir)
   return cache.open_cache(cache_config(config, source_builder, params, frozen), data_dir)
 
 
@@ -239,7 +241,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   config = flags.FLAGS.config
-  data_dir = pipeline.data_dir(config, flags.FLAGS.workdir)
+  data_dir = loaders.data_dir(config, flags.FLAGS.workdir)
   builder = build_cache(config, data_dir, *pretrained_weights(config))
   logging.info("Latent cache ready: %s", builder.data_dir)
 

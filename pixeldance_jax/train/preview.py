@@ -9,8 +9,8 @@ import ml_collections
 from absl import logging
 from jax.sharding import Mesh
 
-from pixeldance_jax import video_io
-from pixeldance_jax.data import pipeline
+from pixeldance_jax.io import video_files
+from pixeldance_jax.data import loaders
 from pixeldance_jax.sampling import generate, program
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
 from pixeldance_jax.train import metrics_logger
@@ -32,7 +32,7 @@ class Preview:
     if not self.every or step % self.every:
       return
     if self.clip is None:
-      self.clip = pipeline.load_test_clips(self.config, self.directory, 1)[0]
+      self.clip = loaders.load_test_clips(self.config, self.directory, 1)[0]
       self.generate_fn = program.make_generate_fn(self.config, self.mesh)
     sampler = sampling_pipeline.make_pipeline(
         self.config, state.ema_params, state.frozen, self.mesh, step=step, weights="ema",
@@ -42,7 +42,7 @@ class Preview:
                                seed=0)[0]
     if jax.process_index() == 0:
       path = os.path.join(self.folder, f"step_{step}.gif")
-      video_io.write_video(frames, path, fps=self.config.data.fps)
+      video_files.write_video(frames, path, fps=self.config.data.fps)
       with open(path, "rb") as f:
         logger.log_gif("samples/heldout", f.read(), frames.shape[1], frames.shape[2], step)
       logging.info("step %d: preview sample %s", step, path)

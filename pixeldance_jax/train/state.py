@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from pixeldance_jax import programs
+from pixeldance_jax.runtime import programs
 from pixeldance_jax.data import conditioning
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import sharding

@@ -11,7 +11,8 @@ import ml_collections
 import optax
 from jax.sharding import Mesh
 
-from pixeldance_jax import programs, tokenizer
+from pixeldance_jax.runtime import programs
+from pixeldance_jax.data import tokenizer
 from pixeldance_jax.data import conditioning
 from pixeldance_jax.diffusion import losses, schedules
 from pixeldance_jax.models import autoencoder as autoencoder_lib

@@ -15,7 +15,7 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
-from pixeldance_jax import checkpoints
+from pixeldance_jax.io import checkpoints
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.train import config_checks, iterators, latent_cache, metrics_logger
 from pixeldance_jax.train import evaluation as evaluation_lib
@@ -107,7 +107,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   """Trains (or resumes) in `workdir`: checkpoints, TensorBoard logs and config.json go there.
 
   Stops early, after saving, when preempted (SIGTERM); rerunning the same command resumes.
-  Raises `console.ConfigError` (a ValueError) before any work for a config that cannot train,
+  Raises `errors.ConfigError` (a ValueError) before any work for a config that cannot train,
   and FloatingPointError at the first non-finite step (nothing saved after it).
   """
   # --- Set up ---

@@ -3,7 +3,7 @@
 Every entry point (train.py, sample.py, `python -m pixeldance_jax.convert`, the benchmarks)
 defines its flags, then hands its `main` to `console.run`:
 
-  from pixeldance_jax import console
+  from pixeldance_jax.cli import console
   ...
   if __name__ == "__main__":
     console.run(main)
@@ -33,16 +33,13 @@ root handler passes this package's (and the running script's) records from `prog
 and everyone else's from WARNING. Nothing in the rest of the code needs to change how it logs.
 """
 
-import contextlib
-import difflib
-import io
 import logging
 import os
 import re
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn
 
 import ml_collections
@@ -51,7 +48,8 @@ from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections.config_flags.config_flags import ConfigFileFlagParser
 
-from pixeldance_jax import host_memory, threefry_cpu
+from pixeldance_jax.runtime import host_memory, quiet, threefry_cpu
+from pixeldance_jax.runtime.errors import ConfigError, closest
 
 LEVELS = ("warning", "progress", "info", "debug")
 LOG_LEVEL = flags.DEFINE_enum(
@@ -77,12 +75,7 @@ _EXPECTED_WARNINGS = (
     # per-item metadata file it looks for first is not written for composite items.
     "Metadata file does not exist",
 )
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
-_quiet = False  # Set by `setup`: hide the libraries' prints (see `library_prints`).
-
-
-class ConfigError(ValueError):
-  """A config that cannot work, found before any work is done; one line per problem."""
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep
 
 
 def _is_ours(record: logging.LogRecord) -> bool:
@@ -125,7 +118,6 @@ def setup(level_name: str = "progress") -> None:
   """
   if level_name not in _THRESHOLDS:
     raise ValueError(f"log level {level_name!r} is not one of {LEVELS}")
-  global _quiet
   ours, libraries = _THRESHOLDS[level_name]
   absl_logging.use_absl_handler()
   handler = absl_logging.get_absl_handler()
@@ -136,22 +128,11 @@ def setup(level_name: str = "progress") -> None:
   handler.setFormatter(absl_logging.PythonFormatter() if verbose else _ShortFormatter())
   # The root level lets the records through to the filter, which decides.
   absl_logging.set_verbosity(min(ours, libraries))
-  _quiet = not verbose
+  quiet.set_quiet(not verbose)
   tfds.display_progress_bar(verbose)  # tqdm bars while a dataset is generated.
   # JAX warns at every fork; subprocess forks only to exec at once (ffmpeg), which is safe.
   warnings.filterwarnings("ignore" if not verbose else "default", message=r"os\.fork\(\)",
                           category=RuntimeWarning, module="subprocess")
-
-
-@contextlib.contextmanager
-def library_prints() -> Iterator[None]:
-  """Hides what libraries `print` to stdout inside the block (TFDS's "Downloading and
-  preparing dataset..." banners) unless the console is verbose; our lines go to stderr."""
-  if not _quiet:
-    yield
-    return
-  with contextlib.redirect_stdout(io.StringIO()):
-    yield
 
 
 def fail(message: str, exit_code: int = 2) -> NoReturn:
@@ -162,16 +143,6 @@ def fail(message: str, exit_code: int = 2) -> NoReturn:
 
 
 # --- Config overrides ---------------------------------------------------------------------
-
-
-def closest(word: str, candidates: Sequence[str]) -> list[str]:
-  """The candidate most like `word` (a list of 0 or 1): one with the same letters in another
-  order ("ddmi" -> "ddim"), else difflib's closest match, else one that `word` begins
-  ("dots" -> "dots_saveable")."""
-  candidates = sorted(candidates)
-  anagrams = [c for c in candidates if sorted(c) == sorted(word)]
-  prefixed = [c for c in candidates if word and c.startswith(word)]
-  return anagrams[:1] or difflib.get_close_matches(word, candidates, n=1) or prefixed[:1]
 
 
 def _keys(node: Any) -> list[str] | None:

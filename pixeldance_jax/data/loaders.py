@@ -33,7 +33,7 @@ from pixeldance_jax.data.builders.local_videos import LocalVideos
 from pixeldance_jax.data.builders.local_videos import LocalVideosConfig
 from pixeldance_jax.data.builders.moving_shapes import MovingShapes
 from pixeldance_jax.data.builders.moving_shapes import MovingShapesConfig
-from pixeldance_jax import tokenizer
+from pixeldance_jax.data import tokenizer
 
 BuilderFactory = Callable[[ml_collections.ConfigDict, str], tfds.core.DatasetBuilder]
 # Image sources for joint training besides DATASETS' image datasets: single frames of the

@@ -21,9 +21,10 @@ from flax.core import meta as flax_meta
 from safetensors import numpy as safetensors_numpy
 
 from pixeldance_jax.models import autoencoder_kl
-from pixeldance_jax.models import clip
+from pixeldance_jax.evaluate.networks import clip
 from pixeldance_jax.models import text_encoder
 from pixeldance_jax.models import unet3d
+from pixeldance_jax.io import mismatch
 
 PathTuple = tuple[str, ...]
 
@@ -131,32 +132,19 @@ def check_and_build(converted: Mapping[PathTuple, np.ndarray],
                     expected: Mapping[PathTuple, Any], sources: Mapping[PathTuple, str],
                     what: str, problems: tuple[str, ...] = (), limit: int | None = None
                     ) -> dict[str, Any]:
-  """Unflattens `converted` if its names and shapes are exactly `expected`'s.
-
-  Otherwise raises one ValueError listing every missing, unexpected and mis-shaped tensor, so a
-  bad checkpoint is diagnosed in one run. `sources` names each path's torch tensor; `problems`
-  are further lines found by the caller. With `limit`, the message counts each kind and lists
-  only its first `limit` (a wrong model's file would list hundreds).
-  """
+  """Unflattens `converted` if its names and shapes are exactly `expected`'s, else raises
+  `mismatch.check`'s ValueError: missing tensors by Flax path, unexpected ones by torch name,
+  misshapen ones by both. `sources` names each path's torch tensor; `problems` are further
+  lines found by the caller. `limit`: entries listed per kind (default all)."""
   missing = sorted("/".join(p) for p in expected.keys() - converted.keys())
   unexpected = sorted(sources[p] for p in converted.keys() - expected.keys())
-  mis_shaped = sorted(
+  misshapen = sorted(
       f"{sources[p]}: got {tuple(converted[p].shape)} after transposing, expected "
       f"{tuple(expected[p].shape)} at {'/'.join(p)}"
       for p in converted.keys() & expected.keys()
       if tuple(converted[p].shape) != tuple(expected[p].shape))
-  if missing or unexpected or mis_shaped or problems:
-    lines = [f"{what}: the checkpoint does not match the model."]
-    if limit is not None:
-      lines[0] += (f" {len(missing)} missing, {len(unexpected)} unexpected, "
-                   f"{len(mis_shaped)} mis-shaped tensors.")
-    for label, names in (("", problems), ("missing (Flax path)", missing),
-                         ("unexpected (torch name)", unexpected), ("shape mismatch", mis_shaped)):
-      shown = names if limit is None else names[:limit]
-      lines += [f"  {label}: {name}" if label else f"  {name}" for name in shown]
-      if len(shown) < len(names):
-        lines.append(f"  ... and {len(names) - len(shown)} more {label or 'problems'}")
-    raise ValueError("\n".join(lines))
+  mismatch.check(f"{what}: the checkpoint does not match the model", missing, unexpected,
+                 misshapen, other=[("problem", problems)], shown=limit)
   return traverse_util.unflatten_dict(dict(converted))
 
 

@@ -1,7 +1,5 @@
-"""Converts a diffusers / Hugging Face model folder into a PixelDance Orbax checkpoint.
-
-  python -m pixeldance_jax.convert --config=configs/pixeldance.py --model_dir=/models/sd \
-      --output=/ckpt/pixeldance_init
+"""A diffusers / Hugging Face model folder converted into a PixelDance Orbax checkpoint
+(`convert`, the library behind `python -m pixeldance_jax.convert`).
 
 The folder may hold `unet/` (a UNet3DConditionModel, or a UNet2DConditionModel that is inflated
 with fresh temporal layers), `vae/` (AutoencoderKL), `text_encoder/` (CLIPTextModel) and
@@ -18,12 +16,11 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
-from ml_collections import config_flags
+from absl import logging
 
-from pixeldance_jax import checkpoints, console
+from pixeldance_jax.io import checkpoints
 from pixeldance_jax.models import autoencoder_kl
-from pixeldance_jax.models import convert as convert_lib
+from pixeldance_jax.convert import layouts
 from pixeldance_jax.models import pixeldance, text_encoder, unet3d
 from pixeldance_jax.parallel import mesh as mesh_lib
 
@@ -38,24 +35,24 @@ def _class_name(folder: str) -> str | None:
 
 def _convert_unet(folder: str, config: ml_collections.ConfigDict, seed: int) -> Any:
   spec = unet3d.UNetSpec.from_config(config)
-  state_dict = convert_lib.load_safetensors_folder(folder)
+  state_dict = layouts.load_safetensors_folder(folder)
   if _class_name(folder) == "UNet2DConditionModel":
     logging.info("inflating the 2D U-Net in %s to 3D (fresh temporal layers)", folder)
-    return convert_lib.unet_params_from_2d_torch_state_dict(state_dict, spec,
+    return layouts.unet_params_from_2d_torch_state_dict(state_dict, spec,
                                                             jax.random.key(seed))
-  return convert_lib.unet_params_from_torch_state_dict(state_dict, spec)
+  return layouts.unet_params_from_torch_state_dict(state_dict, spec)
 
 
 def _convert_text_encoder(folder: str, config: ml_collections.ConfigDict) -> Any:
   spec = text_encoder.TextEncoderSpec.from_config(config)
-  return convert_lib.clip_params_from_torch_state_dict(
-      convert_lib.load_safetensors_folder(folder), spec)
+  return layouts.clip_params_from_torch_state_dict(
+      layouts.load_safetensors_folder(folder), spec)
 
 
 def _convert_vae(folder: str, config: ml_collections.ConfigDict) -> Any:
   spec = autoencoder_kl.AutoencoderKLSpec.from_config(config)
-  return convert_lib.vae_params_from_torch_state_dict(
-      convert_lib.load_safetensors_folder(folder), spec)
+  return layouts.vae_params_from_torch_state_dict(
+      layouts.load_safetensors_folder(folder), spec)
 
 
 def _check_tokenizer(folder: str, config: ml_collections.ConfigDict) -> None:
@@ -109,23 +106,3 @@ def convert(config: ml_collections.ConfigDict, model_dir: str, output: str, seed
     _check_tokenizer(os.path.join(model_dir, "tokenizer"), config)
   checkpoints.save_pretrained(output, params, frozen, config)
   return converted
-
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config the weights must fit.",
-                                          lock_config=True)
-_MODEL_DIR = flags.DEFINE_string("model_dir", None, "diffusers / Hugging Face model folder.")
-_OUTPUT = flags.DEFINE_string("output", None, "Directory for the converted checkpoint.")
-_SEED = flags.DEFINE_integer("seed", 0, "Initialisation seed for what the folder lacks.")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  converted = convert(_CONFIG.value, _MODEL_DIR.value, _OUTPUT.value, _SEED.value)
-  print(f"converted {', '.join(converted) or 'nothing'} -> "
-        f"{checkpoints.checkpoint_dir(_OUTPUT.value)}")
-
-
-if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "model_dir", "output"])
-  console.run(main)

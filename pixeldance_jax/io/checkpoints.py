@@ -15,6 +15,8 @@ import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
+from pixeldance_jax.io import mismatch
+
 
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
@@ -188,31 +190,22 @@ def restore_pretrained(directory: str, abstract_params: Any, abstract_frozen: An
 # --- Weights only (sampling) ------------------------------------------------------------------
 
 
-def _shape_mismatches(item_dir: str, expected: dict[str, Any]) -> list[str]:
-  """The leaves of `expected` (ShapeDtypeStructs) that an Orbax item lacks or stores otherwise."""
+def _check_fits(workdir: str, step: int, item: str, expected: dict[str, Any]) -> None:
+  """Refuses, listing what differs (`mismatch.check`), a checkpoint whose arrays do not fit
+  the model: cheaper and clearer than Orbax failing mid-restore. Arrays the model does not
+  read (the optimiser's) are not checked."""
+  item_dir = os.path.join(checkpoint_dir(workdir), str(step), item)
   try:
     metadata = ocp.StandardCheckpointer().metadata(item_dir).item_metadata
   except (OSError, ValueError) as error:
     raise ValueError(f"Cannot read the metadata of checkpoint item {item_dir}: {error}") from error
-  stored = {jax.tree_util.keystr(path): tuple(leaf.shape)
-            for path, leaf in jax.tree_util.tree_leaves_with_path(metadata)}
-  problems = []
-  for path, leaf in jax.tree_util.tree_leaves_with_path(expected):
-    key = jax.tree_util.keystr(path)
-    if stored.get(key) != tuple(leaf.shape):
-      problems.append(f"{key}: stored {stored.get(key, 'nothing')}, the model has {leaf.shape}")
-  return problems
-
-
-def _check_fits(workdir: str, step: int, item: str, expected: dict[str, Any]) -> None:
-  """Refuses, listing what differs, a checkpoint whose arrays do not fit the model: cheaper and
-  clearer than Orbax failing mid-restore."""
-  problems = _shape_mismatches(os.path.join(checkpoint_dir(workdir), str(step), item), expected)
-  if problems:
-    shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8
-                                       else "")
-    raise ValueError(f"Checkpoint {step} in {checkpoint_dir(workdir)} does not fit the model "
-                     f"its own config describes ({len(problems)} arrays): {shown}")
+  shapes = lambda tree: {jax.tree_util.keystr(path): tuple(leaf.shape)
+                         for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+  wanted, stored = shapes(expected), shapes(metadata)
+  missing, _, misshapen = mismatch.compare(wanted, {k: v for k, v in stored.items()
+                                                    if k in wanted})
+  mismatch.check(f"Checkpoint {step} in {checkpoint_dir(workdir)} does not fit the model its "
+                 f"own config describes", missing, (), misshapen)
 
 
 def _restore_subtrees(manager: ocp.CheckpointManager, step: int, item: str,

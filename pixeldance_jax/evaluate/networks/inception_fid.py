@@ -31,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from pixeldance_jax.models import torch_checkpoint
+from pixeldance_jax.evaluate.networks import torch_checkpoint
+from pixeldance_jax.io import mismatch
 
 Array = jax.Array
 PrecisionLike = Any
@@ -55,7 +56,6 @@ _IGNORED = re.compile(r"fc\.(weight|bias)|.*\.num_batches_tracked")
 # Flax leaf -> torch tensor suffix.
 _TORCH_LEAF = {"kernel": "weight", "scale": "weight", "bias": "bias", "mean": "running_mean",
                "var": "running_var"}
-_SHOWN = 8  # Names listed per kind of mismatch.
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,12 +304,6 @@ def _canonical_name(torch_name: str) -> str:
   return f"{_WRAPPER_BLOCKS[block][index]}.{rest}"
 
 
-def _listing(kind: str, lines: list[str]) -> str:
-  shown = ", ".join(lines[:_SHOWN])
-  more = f", ... ({len(lines) - _SHOWN} more)" if len(lines) > _SHOWN else ""
-  return f"  {kind} ({len(lines)}): {shown}{more}"
-
-
 def params_from_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
   """pytorch-fid state dict (tensor name -> array) -> variables of `FIDInceptionV3`.
 
@@ -338,13 +332,8 @@ def params_from_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
       found[name] = np.asarray(value, np.float32)
     seen.add(name)
   missing = sorted(name for name in expected if name not in seen)
-  problems = [(kind, lines) for kind, lines in (
-      ("missing", missing), ("unexpected", unexpected), ("shape mismatch", mis_shaped),
-      ("duplicate", duplicates)) if lines]
-  if problems:
-    counts = ", ".join(f"{len(lines)} {kind}" for kind, lines in problems)
-    raise ValueError("\n".join([f"The state dict is not pytorch-fid's Inception-v3: {counts}."]
-                               + [_listing(kind, lines) for kind, lines in problems]))
+  mismatch.check("The state dict is not pytorch-fid's Inception-v3", missing, unexpected,
+                 mis_shaped, other=[("duplicate", duplicates)])
   flat = {}
   for name, value in found.items():
     path = expected[name][0]

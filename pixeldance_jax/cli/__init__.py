@@ -1,0 +1,1 @@
+"""Command-line plumbing of the entry points: `console` (logging, flag errors, `run`)."""
