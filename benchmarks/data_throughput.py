@@ -13,7 +13,7 @@
    every worker has produced a batch.
 
 Each rate is printed beside the clips per second a train step consumes: the tiny config
-(measured: 0.34 s per batch of 8 on this CPU) and the paper config, whose step rate is
+(`--tiny_step_seconds`, from benchmarks/train_step.py on the same machine) and the paper config, whose step rate is
 estimated from the FLOPs of one training example (XLA cost analysis of `step.loss_fn` and its
 gradient at batch 1, nothing materialised) at an assumed utilisation of an A100 (the paper
 trains batch 192 on 32 A100s). Without `--config.data.video_dir`, synthetic 8 s 320x240 30 fps
@@ -59,7 +59,10 @@ _NUM_VIDEOS = flags.DEFINE_integer("num_videos", 16, "Synthetic videos to write.
 _BATCHES = flags.DEFINE_integer("batches", 24, "Batches timed per loader setting.")
 _PAPER_FLOPS = flags.DEFINE_bool("paper_flops", True, "Estimate the paper step from FLOPs.")
 
-TINY_STEP_SECONDS, TINY_BATCH = 0.34, 8  # configs/tiny.py on this CPU (README, trainer log).
+_TINY_STEP_SECONDS = flags.DEFINE_float(
+    "tiny_step_seconds", 0.34, "Seconds per configs/tiny.py train step on this machine "
+    "(benchmarks/train_step.py --runs=tiny@1x1x1), to compare the loader's rate with.")
+TINY_BATCH = 8  # configs/tiny.py's batch_size.
 PAPER_CHIPS, CHIPS_PER_HOST = 32, 8  # The paper trains on 32 A100s (4 hosts of 8).
 A100_FLOPS, ASSUMED_MFU = dict(throughput.PEAK_FLOPS)["a100"], 0.4
 
@@ -161,7 +164,7 @@ def main(argv):
       write_synthetic_videos(data.video_dir, _NUM_VIDEOS.value)
     rates = measure_rates(config, workdir)
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {common.cpu_cores()} cores")
-  consumers = {"tiny step (CPU, measured)": TINY_BATCH / TINY_STEP_SECONDS}
+  consumers = {"tiny step (CPU, --tiny_step_seconds)": TINY_BATCH / _TINY_STEP_SECONDS.value}
   if _PAPER_FLOPS.value:
     consumers["paper step, per 8-chip host (estimated)"] = paper_step_rate()
   print_table(rates, consumers)

@@ -10,7 +10,7 @@ remat policy and the largest batch that fits a device, from shapes alone (nothin
       --check_batches=2,8 --check_policies=none
 
 All figures are per device of the mesh (data x fsdp x tensor; as many fake CPU devices). The
-paper config takes ~30 s of CPU time for all six policies.
+paper config takes well under a minute for all six policies.
   - Parameter counts, and the train state under its real shardings (`state.abstract_state`,
     each leaf's shard bytes): parameters, gradients (the trainable ones, sharded like them;
     twice with grad_accum_steps > 1, the accumulator), AdamW moments, EMA, frozen weights; and
@@ -47,19 +47,13 @@ backward pass's cotangents.
 benchmarks/train_step.py --compile_only) on fake CPU devices for each --check_policies and
 --check_batches (per device), and prints XLA's memory plan per device (arguments + outputs -
 donated aliases + temporaries) beside the estimate: "est/XLA", and "act e/X" for both less the
-state and gradients. Measured (2-core CPU), estimate / XLA plan, total (act), without remat:
-  float32   tiny 1x1x1       b=2: 1.04 (1.10)   b=8: 1.12 (1.17)
-            tiny 1x2x1       b=2: 1.01 (1.02)   b=8: 1.13 (1.15)
-            tiny 1x1x2       b=8: 1.42 (1.53)   (activations split over tensor, not estimated)
-            unit_test 1x1x1  b=1: 1.07 (1.19)   b=4: 1.06 (1.19)   (the optimiser step's peak)
-            paper 1x1x1      b=1: 1.02 (1.04)   59.15 vs 57.96 GiB (12.5 min to compile)
-  bfloat16  tiny 1x1x1       b=8: 0.96 (0.94)   (the CPU's handling of bfloat16, not a GPU's)
-The estimate is high by up to ~17% without remat: XLA recomputes cheap elementwise results
-inside fusions rather than keep them. Remat cannot be checked on CPU: XLA's CPU pipeline drops
-the optimization barriers that keep jax.checkpoint's recomputation apart right after its first
-CSE pass, and the recomputation merges back into the forward pass (tiny, "full": the plan is
-within 3% of "none"'s, est/XLA 0.55 and 0.32 at b=2 and 8 on 1x2x1); GPU and TPU compilers
-drop them only after scheduling. The remat figures are the jaxpr's, unchecked by a compiler.
+state and gradients (docs/benchmarks.md has the current ratios).
+The estimate runs high without remat: XLA recomputes cheap elementwise results inside fusions
+rather than keep them. Remat cannot be checked on CPU: XLA's CPU pipeline drops the
+optimization barriers that keep jax.checkpoint's recomputation apart right after its first CSE
+pass, and the recomputation merges back into the forward pass; GPU and TPU compilers drop them
+only after scheduling. The remat figures are the jaxpr's; `python -m pixeldance_jax.aot`
+checks them with the TPU compiler.
 """
 
 import functools

@@ -44,8 +44,7 @@ On CPU (--torch), per --torch_configs config, one device, float32, two pairs:
 All steps alternate in one process, so machine load hits all alike; ratios are
 torch seconds / JAX seconds (> 1: JAX faster). torch is timed at each --torch_threads count:
 at as many threads as cores its OpenMP workers spin and stall when other processes share the
-cores (measured on a loaded 2-core machine: ~0.5-0.8 s per tiny step at 1 thread, 2-10 s at 2),
-so one thread is the fairer figure there. JAX runs with XLA's default CPU thread pool.
+cores, so one thread is the fairer figure on a loaded machine. JAX runs with XLA's default CPU thread pool.
 """
 
 import functools

@@ -23,7 +23,7 @@ threefry_cpu.register()  # As the entry points do (console.run), for every test 
 
 # A U-Net of one level (no down/upsampling; spatial, temporal and text attention in its mid
 # block), for tests of the machinery around the model (processes, resume, data, the CLI): its
-# train step compiles 2.5x faster than the unit-test U-Net's.
+# train step compiles much faster than the unit-test U-Net's.
 ONE_LEVEL_UNET = {"unet.block_out_channels": (16,), "unet.attention_levels": (False,)}
 
 

@@ -8,10 +8,9 @@ import sys
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # XLA CPU flags for the suite (see conftest.py): LLVM at -O0 without its expensive passes, and
-# XLA's fast-compile preset of HLO passes (measured on the unit-test model, a fresh process per
-# flag set, 2 alternations: the initialiser compiles in 11-14 s instead of 20-21 s, the train
-# step in 22-27 s instead of 27-36 s). (Not --xla_cpu_use_fusion_emitters=false: a batch then
-# rounds unlike its rows.)
+# XLA's fast-compile preset of HLO passes, since the suite compiles far more than it runs
+# (docs/benchmarks.md). (Not --xla_cpu_use_fusion_emitters=false: a batch then rounds unlike
+# its rows.)
 FAST_COMPILE = ("--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
                 " --xla_cpu_opt_preset=CPU_OPT_PRESET_FAST_COMPILE")
 

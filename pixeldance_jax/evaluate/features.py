@@ -158,7 +158,7 @@ class ShardedExtractor:
     self._variables = _replicated(extractor.variables, mesh)
     replicated = NamedSharding(mesh, PartitionSpec())
     # Feature networks are large convolution stacks: always compiled optimised, even where a
-    # process asks XLA for fast compiles (the test suite does; I3D then runs ~2x slower).
+    # process asks XLA for fast compiles (the test suite does), which would slow them down.
     self._apply = jax.jit(extractor.apply, in_shardings=(replicated, self._sharding),
                           out_shardings=self._sharding, compiler_options=_OPTIMISED)
 

@@ -3,11 +3,9 @@
 JAX lowers its random-bit hash on the CPU as a `while` loop of 5 iterations (4 rounds each), to
 keep the program small; on GPUs and TPUs, as the 20 rounds written out. A loop per random draw
 is costly to compile: XLA analyses and assigns buffers to each loop apart, and an initialiser
-draws once per weight. The unit-test model's train-state initialiser (~490 weights), measured
-on 2 cores with the test suite's XLA flags: 8.6 s to compile with the loops, 3.9 s written out;
-the train step (a handful of draws) compiles as before. Written out, the hash is elementwise
-integer arithmetic that XLA fuses into one loop over the counters, which also runs faster (a
-393k-element normal draw: 1.3 ms instead of 2.3 ms).
+draws once per weight, so an initialiser compiles in about half the time written out
+(docs/benchmarks.md). Written out, the hash is elementwise integer arithmetic that XLA fuses
+into one loop over the counters, which also runs faster.
 
 The function is the Threefry-2x32 of Salmon et al. (SC 2011) with 20 rounds, as JAX computes
 it: the same key schedule and rotations, in uint32 arithmetic, so every bit is as before

@@ -92,7 +92,7 @@ def _build_generate_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
 
   # On CPU, each device samples its examples one at a time: XLA:CPU's kernels (YNNPACK's and
   # Eigen's convolutions, matrix products and reductions) pick their tiling by problem size, and
-  # on some CPUs (an AMD EPYC with AVX2, measured) a row's sums then depend on how many rows are
+  # on some CPUs (AMD EPYC with AVX2) a row's sums then depend on how many rows are
   # in the batch. One example per device per iteration keeps every kernel's sizes the same
   # whatever the batch or the device count, so a seed gives the same video, bitwise, in any
   # batch. GPUs and TPUs run the batch at once.

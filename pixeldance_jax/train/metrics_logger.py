@@ -16,8 +16,8 @@ from pixeldance_jax.train import throughput
 
 
 def _import_tensorboardx():
-  """tensorboardX imports torch, where it is installed, only to accept torch tensors: 1.2 s of
-  every training start. It is imported with torch hidden (unless torch is already loaded)."""
+  """tensorboardX imports torch, where it is installed, only to accept torch tensors, which
+  slows every training start; it is imported with torch hidden (unless torch is loaded)."""
   hide = "torch" not in sys.modules
   if hide:
     sys.modules["torch"] = None  # `import torch` raises ImportError: tensorboardX goes on.
