@@ -29,7 +29,7 @@ Measurements (--measure):
     sharded data parallel over every local device, as a TPU host needs; on one GPU that is
     1x1x1), with --remat (config.unet.remat_policy) and --attention (config.unet.attention_impl:
     xla, cudnn on GPU, splash on TPU). Compiled ahead of time from the abstract state
-    (`train_step.compile_step`); the state is then drawn at random on the devices by one
+    (`common.compile_step`); the state is then drawn at random on the devices by one
     jitted program; one untimed warm-up step, then --timed_steps steps (fewer, at least 2,
     past --timed_seconds), the median counts.
   sample: the whole jitted sampling program (text encoding, --sample_steps DDIM steps with
@@ -104,7 +104,6 @@ error_kind.) Fields:
                     "error"; the driver adds "timeout" and "crash"
 """
 
-import ast
 import json
 import math
 import os
@@ -128,13 +127,12 @@ from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import throughput
 
 import common
-import train_step
 from configs import unit_test  # The repository root is on sys.path (common).
 from tests import processes
 
 # The fused attention kernels by platform (custom calls: XLA counts their FLOPs as zero).
 KERNEL_ATTENTION = {"gpu": "cudnn", "tpu": "splash"}
-SIZES = {"paper": common.CONFIGS["paper"], "unit_test": unit_test.get_config}
+SIZES = ("paper", "unit_test")
 # Largest batch of an open-ended sweep ("train:none:xla:2-"), by size.
 MAX_BATCH = {"paper": 64, "unit_test": 2}
 GUIDANCE_SCALE = 7.5
@@ -170,8 +168,9 @@ _SAMPLE_REPEATS = flags.DEFINE_integer("sample_repeats", 2, "sample: timed calls
                                        "first (the median counts).")
 _MEMORY_LIMIT = flags.DEFINE_float("memory_limit_gib", 0.0, "Memory per device to plan "
                                    "against; 0: the device's own limit where it reports one.")
-_SET = flags.DEFINE_multi_string("set", [], "A config override KEY=VALUE (a Python literal, or "
-                                  "a string), e.g. --set=data.frames=8; repeatable.")
+# Every field of either size is overridable as for the other benchmarks:
+# --config.paper.data.frames=8, --config.unit_test.unet.block_out_channels="(16,)".
+_CONFIG = common.define_named_configs("paper", unit_test=unit_test.get_config)
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "train: compile and count only (FLOPs, XLA's "
                              "memory plan); nothing is materialised or run.")
 _PLAN = flags.DEFINE_bool("plan", False, "Print the sweep (--order) for this machine, one "
@@ -257,20 +256,10 @@ def plan(order: str, platform: str, max_batch: int) -> list[tuple[str, str, dict
 
 
 def make_config(measure: str) -> ml_collections.ConfigDict:
-  config = SIZES[_SIZE.value]()
+  config = _CONFIG.value[_SIZE.value].copy_and_resolve_references()
   config.unet.dtype = _DTYPE.value
   config.unet.attention_impl = _ATTENTION.value
   config.unet.remat_policy = _REMAT.value
-  overrides = {}
-  for item in _SET.value:
-    key, separator, text = item.partition("=")
-    if not separator:
-      raise app.UsageError(f"--set={item!r}: expected KEY=VALUE.")
-    try:
-      overrides[key] = ast.literal_eval(text)
-    except (SyntaxError, ValueError):
-      overrides[key] = text
-  config.update_from_flattened_dict(overrides)
   config.mesh.data, config.mesh.fsdp, config.mesh.tensor = common.parse_mesh(
       _MESH.value or ("1x-1x1" if measure == "train" else "1x1x1"), jax.device_count())
   return config
@@ -340,8 +329,8 @@ def measure_train(config: ml_collections.ConfigDict, mesh, devices, record: dict
   """Compiles, then (unless --dry_run) runs the train step; fills `record`."""
   config.batch_size = _BATCH.value * mesh.shape["data"] * mesh.shape["fsdp"]
   record["global_batch"] = config.batch_size
-  compiled, flops, (lower_s, compile_s), abstract = train_step.compile_step(config, mesh)
-  plan_gib, _ = train_step.peak_memory_gib(compiled, devices, ran=False)
+  compiled, flops, (lower_s, compile_s), abstract = common.compile_step(config, mesh)
+  plan_gib, _ = common.peak_memory_gib(compiled, devices, ran=False)
   plan_gib = None if math.isnan(plan_gib) else plan_gib
   peak = throughput.peak_flops_per_device(devices[0], config.peak_flops_per_device)
   record.update(
@@ -359,7 +348,7 @@ def measure_train(config: ml_collections.ConfigDict, mesh, devices, record: dict
   if _DRY_RUN.value:
     return
   state, record["init_s"] = common.timed(random_state, abstract)
-  batch = mesh_lib.global_batch(train_step.synthetic_batch(config), mesh)
+  batch = mesh_lib.global_batch(common.synthetic_batch(config), mesh)
   rng = jax.random.key(1)
   holder = {"state": state}
 

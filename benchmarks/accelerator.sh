@@ -13,7 +13,7 @@
 # Run (from anywhere; writes into the current directory):
 #   bash benchmarks/accelerator.sh [RESULTS.jsonl] [--budget=SECONDS] [--step_timeout=SECONDS]
 #       [any flag of benchmarks/accelerator.py, given to every measurement, e.g. --order=...,
-#        --max_batch=16, --timed_steps=20, --mesh=1x1x1, --set=data.frames=8]
+#        --max_batch=16, --timed_steps=20, --mesh=1x1x1, --config.paper.data.frames=8]
 #   # Check the whole thing end to end on a CPU in a few minutes (the unit-test model):
 #   SIZE=unit_test bash benchmarks/accelerator.sh /tmp/cpu-check.jsonl
 #

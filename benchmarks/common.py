@@ -7,6 +7,7 @@ benchmark runs several named configs, `--config.mid.unet.dtype=bfloat16`. Its ow
 repeats, threads...) are absl flags.
 """
 
+import math
 import os
 import pathlib
 import platform
@@ -27,6 +28,8 @@ from ml_collections import config_flags  # pylint: disable=wrong-import-position
 from configs import pixeldance as paper  # pylint: disable=wrong-import-position
 from configs import tiny  # pylint: disable=wrong-import-position
 from pixeldance_jax.parallel import mesh as mesh_lib  # pylint: disable=wrong-import-position
+from pixeldance_jax.train import state as state_lib  # pylint: disable=wrong-import-position
+from pixeldance_jax.train import step as step_lib  # pylint: disable=wrong-import-position
 from tests import torch_compat  # noqa: F401  # pylint: disable=wrong-import-position,unused-import
 
 GiB = 2**30
@@ -126,6 +129,12 @@ def parse_mesh(text: str, num_devices: int) -> tuple[int, int, int]:
     return tuple(sizes)
   return mesh_lib.mesh_shape(ml_collections.ConfigDict(dict(zip(mesh_lib.MESH_AXES, sizes))),
                              num_devices)
+
+
+def make_mesh(shape: Sequence[int]) -> jax.sharding.Mesh:
+  """A data x fsdp x tensor mesh of `shape` on the first prod(shape) devices."""
+  sizes = ml_collections.ConfigDict(dict(zip(mesh_lib.MESH_AXES, shape)))
+  return mesh_lib.make_mesh(sizes, jax.devices()[:math.prod(shape)])
 
 
 def batch_shapes(config: ml_collections.ConfigDict, batch: int) -> dict[str, jax.ShapeDtypeStruct]:
@@ -234,3 +243,61 @@ def torch_unet3d(config: ml_collections.ConfigDict, pooled_text: bool = False):
       attention_head_dim=heads.pop(),
       time_cond_proj_dim=(unet.cross_attention_dim if pooled_text and unet.pooled_text_embedding
                           else None)).eval()
+
+
+# --- The train step as train.py runs it -----------------------------------------------------
+
+
+def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
+  """A fixed batch in the loader's format (as tests/multi_device_checks.py)."""
+  rng = np.random.default_rng(0)
+  shapes = batch_shapes(config, config.batch_size)
+  return {"video": rng.integers(0, 256, shapes["video"].shape, np.uint8),
+          "tokens": rng.integers(0, config.text_encoder.vocab_size, shapes["tokens"].shape,
+                                 np.int32)}
+
+
+def compile_step(config: ml_collections.ConfigDict, mesh):
+  """(compiled step as train.py runs it, global FLOPs, (trace + lower s, XLA compile s),
+  abstract state)."""
+  abstract, shardings = state_lib.abstract_state(config, mesh)
+  batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh_lib.batch_sharding(mesh))
+           for name, x in batch_shapes(config, config.batch_size).items()}
+  step = step_lib.jit_train_step(config, mesh, shardings)
+  lowered, lower_s = timed(step.lower, abstract, batch, jax.random.key(0))
+  compile_s = step.compile(lowered)
+  flops = sum(xla_flops(program) for program in lowered.values())
+  return step, flops, (lower_s, compile_s), abstract
+
+
+def planned_bytes(compiled) -> int:
+  """XLA's plan of one executable per device: arguments + outputs - donated + temporaries."""
+  plan = compiled.memory_analysis()
+  return (plan.argument_size_in_bytes + plan.output_size_in_bytes - plan.alias_size_in_bytes
+          + plan.temp_size_in_bytes)
+
+
+def peak_memory_gib(step: step_lib.CompiledStep, devices, ran: bool) -> tuple[float, str]:
+  """(GiB per device, source): the device allocator's high-water mark, else XLA's plan (of the
+  largest of the step's programs, which run one after the other)."""
+  stats = devices[0].memory_stats() if ran else None
+  if stats and "peak_bytes_in_use" in stats:
+    return max(d.memory_stats()["peak_bytes_in_use"] for d in devices) / GiB, "dev"
+  executables = step.executables.values()
+  if any(compiled.memory_analysis() is None for compiled in executables):
+    return float("nan"), "n/a"
+  return max(planned_bytes(compiled) for compiled in executables) / GiB, "xla"
+
+
+def step_runner(config: ml_collections.ConfigDict, mesh, step: step_lib.CompiledStep):
+  """`run()`: one train step (from random weights, on a synthetic batch), waited for."""
+  state = state_lib.create_train_state(config, mesh, jax.random.key(config.seed))
+  batch = mesh_lib.global_batch(synthetic_batch(config), mesh)
+  rng = jax.random.key(1)
+  holder = {"state": state}
+
+  def one_step():
+    holder["state"], metrics = step(holder["state"], batch, rng)
+    jax.block_until_ready(metrics["loss"])
+
+  return one_step

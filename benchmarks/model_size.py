@@ -137,12 +137,6 @@ def parse_mesh(text: str) -> tuple[int, int, int]:
   return shape
 
 
-def make_mesh(shape: Sequence[int]) -> jax.sharding.Mesh:
-  """A data x fsdp x tensor mesh on the first prod(shape) devices."""
-  sizes = ml_collections.ConfigDict(dict(zip(mesh_lib.MESH_AXES, shape)))
-  return mesh_lib.make_mesh(sizes, jax.devices()[:math.prod(shape)])
-
-
 def on_mesh(config: ml_collections.ConfigDict, shape: Sequence[int], policy: str | None = None,
             per_device_batch: int | None = None) -> ml_collections.ConfigDict:
   """A copy of `config` on the mesh `shape`, with remat `policy` and the global batch of
@@ -168,7 +162,7 @@ def shard_bytes(tree) -> int:
 def state_gib(config: ml_collections.ConfigDict, shape: Sequence[int]) -> dict[str, float]:
   """GiB per device of each part of the train state and of the gradients (STATE_PARTS), and
   "update": the optimiser step's temporaries, UPDATE_COPIES of the largest trainable leaf."""
-  abstract, _ = state_lib.abstract_state(on_mesh(config, shape), make_mesh(shape))
+  abstract, _ = state_lib.abstract_state(on_mesh(config, shape), common.make_mesh(shape))
   trainable = {name: subtree for name, subtree in abstract.params.items()
                if name != "text_encoder" or config.text_encoder.trainable}
   grads = shard_bytes(trainable) * (2 if config.grad_accum_steps > 1 else 1)
@@ -191,7 +185,7 @@ def _unsharded(tree):
 
 def abstract_weights(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
   """(params, frozen) as plain ShapeDtypeStructs (no shardings)."""
-  abstract, _ = state_lib.abstract_state(on_mesh(config, (1, 1, 1)), make_mesh((1, 1, 1)))
+  abstract, _ = state_lib.abstract_state(on_mesh(config, (1, 1, 1)), common.make_mesh((1, 1, 1)))
   return _unsharded(abstract.params), _unsharded(getattr(abstract, "frozen", {}))
 
 
@@ -548,7 +542,7 @@ def check_xla(config: ml_collections.ConfigDict, shape: Sequence[int], policies:
   for policy in policies:
     for batch in batches:
       run_config = on_mesh(config, shape, policy, batch)
-      compiled, seconds = compile_step(run_config, make_mesh(shape))
+      compiled, seconds = compile_step(run_config, common.make_mesh(shape))
       plan = xla_plan_gib(compiled)
       estimate = estimate_gib(state, estimates[policy], batch)
       base = state_total(state)

@@ -4,7 +4,7 @@
   taskset -c 0 python benchmarks/profile_step.py   # One core, as the torch comparison runs it.
   python benchmarks/profile_step.py --config.tiny.unet.remat_policy=full   # Any config field.
 
-Compiles the whole train step as train.py does (`train_step.compile_step`: text encoder,
+Compiles the whole train step as train.py does (`common.compile_step`: text encoder,
 conditions, U-Net forward and backward, clipped AdamW, EMA), runs it `--profile_steps` times under
 `jax.profiler.trace`, and maps every XLA operation that ran (on the CPU, one thunk per HLO
 instruction of the optimised program) back to the JAX code that made it, through the
@@ -33,7 +33,6 @@ import jax
 from absl import flags
 
 from pixeldance_jax.cli import console
-from pixeldance_jax.parallel import mesh as mesh_lib
 
 import common
 
@@ -134,12 +133,12 @@ def main(argv) -> None:
   # One program, so that every profiled operation's name is one instruction's (with
   # config.separate_update, the gradients' and the update's programs reuse names).
   config.separate_update = False
-  mesh = mesh_lib.make_mesh(config.mesh, jax.devices()[:shape[0] * shape[1] * shape[2]])
+  mesh = common.make_mesh(shape)
   print(f"{common.machine_summary()}; {name} on mesh {shape}, batch {config.batch_size}")
-  compiled, _, (lower_s, compile_s), _ = train_step.compile_step(config, mesh)
+  compiled, _, (lower_s, compile_s), _ = common.compile_step(config, mesh)
   print(f"compiled in {lower_s + compile_s:.0f} s")
   known = instructions(compiled.executables["step"].as_text())
-  run_step = train_step.step_runner(config, mesh, compiled)
+  run_step = common.step_runner(config, mesh, compiled)
   run_step()  # Warm-up.
   start = time.perf_counter()
   run_step()

@@ -118,64 +118,9 @@ def resolve_config(name: str, shape: tuple[int, int, int]) -> ml_collections.Con
   return config
 
 
-def synthetic_batch(config: ml_collections.ConfigDict) -> dict[str, np.ndarray]:
-  """A fixed batch in the loader's format (as tests/multi_device_checks.py)."""
-  rng = np.random.default_rng(0)
-  shapes = common.batch_shapes(config, config.batch_size)
-  return {"video": rng.integers(0, 256, shapes["video"].shape, np.uint8),
-          "tokens": rng.integers(0, config.text_encoder.vocab_size, shapes["tokens"].shape,
-                                 np.int32)}
-
-
-def compile_step(config: ml_collections.ConfigDict, mesh):
-  """(compiled step as train.py runs it, global FLOPs, (trace + lower s, XLA compile s),
-  abstract state)."""
-  abstract, shardings = state_lib.abstract_state(config, mesh)
-  batch = {name: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=mesh_lib.batch_sharding(mesh))
-           for name, x in common.batch_shapes(config, config.batch_size).items()}
-  step = step_lib.jit_train_step(config, mesh, shardings)
-  lowered, lower_s = common.timed(step.lower, abstract, batch, jax.random.key(0))
-  compile_s = step.compile(lowered)
-  flops = sum(common.xla_flops(program) for program in lowered.values())
-  return step, flops, (lower_s, compile_s), abstract
-
-
-def planned_bytes(compiled) -> int:
-  """XLA's plan of one executable per device: arguments + outputs - donated + temporaries."""
-  plan = compiled.memory_analysis()
-  return (plan.argument_size_in_bytes + plan.output_size_in_bytes - plan.alias_size_in_bytes
-          + plan.temp_size_in_bytes)
-
-
-def peak_memory_gib(step: step_lib.CompiledStep, devices, ran: bool) -> tuple[float, str]:
-  """(GiB per device, source): the device allocator's high-water mark, else XLA's plan (of the
-  largest of the step's programs, which run one after the other)."""
-  stats = devices[0].memory_stats() if ran else None
-  if stats and "peak_bytes_in_use" in stats:
-    return max(d.memory_stats()["peak_bytes_in_use"] for d in devices) / common.GiB, "dev"
-  executables = step.executables.values()
-  if any(compiled.memory_analysis() is None for compiled in executables):
-    return float("nan"), "n/a"
-  return max(planned_bytes(compiled) for compiled in executables) / common.GiB, "xla"
-
-
-def step_runner(config: ml_collections.ConfigDict, mesh, step: step_lib.CompiledStep):
-  """`run()`: one train step (from random weights, on a synthetic batch), waited for."""
-  state = state_lib.create_train_state(config, mesh, jax.random.key(config.seed))
-  batch = mesh_lib.global_batch(synthetic_batch(config), mesh)
-  rng = jax.random.key(1)
-  holder = {"state": state}
-
-  def one_step():
-    holder["state"], metrics = step(holder["state"], batch, rng)
-    jax.block_until_ready(metrics["loss"])
-
-  return one_step
-
-
 def run_steps(config: ml_collections.ConfigDict, mesh, step: step_lib.CompiledStep) -> float:
   """Median seconds of --steps steps of `step` after one warm-up, from random weights."""
-  one_step = step_runner(config, mesh, step)
+  one_step = common.step_runner(config, mesh, step)
   one_step()  # Warm-up: first-run allocations, autotuning.
   return common.median_seconds(one_step, _STEPS.value)
 
@@ -186,10 +131,10 @@ def measure(name: str, shape: tuple[int, int, int]) -> tuple[dict, object]:
   config = resolve_config(name, shape)
   devices = jax.devices()[:math.prod(shape)]
   mesh = mesh_lib.make_mesh(config.mesh, devices)
-  compiled, flops, compile_s, abstract = compile_step(config, mesh)
+  compiled, flops, compile_s, abstract = common.compile_step(config, mesh)
   ran = not _COMPILE_ONLY.value
   step_s = run_steps(config, mesh, compiled) if ran else float("nan")
-  memory_gib, memory_source = peak_memory_gib(compiled, devices, ran)
+  memory_gib, memory_source = common.peak_memory_gib(compiled, devices, ran)
   flops_per_s = flops / step_s / len(devices)  # Per device.
   peak = throughput.peak_flops_per_device(devices[0], config.peak_flops_per_device)
   mfu = flops_per_s / peak if peak else float("nan")
@@ -312,7 +257,7 @@ def torch_full_step(config: ml_collections.ConfigDict):
                                 config.adam_b2), weight_decay=config.weight_decay)
   alpha_bar = torch.from_numpy(schedules.alphas_cumprod(config.diffusion))
   null_tokens = torch.tensor(np.asarray(step_lib.null_token_ids(config)), dtype=torch.long)
-  batch = {k: torch.from_numpy(v) for k, v in synthetic_batch(config).items()}
+  batch = {k: torch.from_numpy(v) for k, v in common.synthetic_batch(config).items()}
   generator = torch.Generator().manual_seed(0)
   size, frames = config.batch_size, config.data.frames
   holder = {"step": 0}
@@ -385,7 +330,7 @@ def compare_with_torch(name: str, full_step=None) -> None:
   runs = {"jax": jax_run}
   runs |= {t: functools.partial(run_torch, torch_run, t) for t in threads}
   if full_step is not None:
-    runs["full"] = step_runner(config, mesh_lib.make_mesh(config.mesh, jax.devices()[:1]),
+    runs["full"] = common.step_runner(config, mesh_lib.make_mesh(config.mesh, jax.devices()[:1]),
                                full_step)
     torch_full_run = torch_full_step(config)
     runs |= {("full", t): functools.partial(run_torch, torch_full_run, t) for t in threads}

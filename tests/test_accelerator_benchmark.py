@@ -20,7 +20,7 @@ SCRIPT = "benchmarks/accelerator.py"
 # unit-test config's batch of 4: test_cli's programs, which the suite's compilation cache (see
 # conftest.py) may already hold.
 _SMALL = ["--size=unit_test", "--dtype=float32",
-          *(f"--set={key}={value}" for key, value in helpers.ONE_LEVEL_UNET.items())]
+          *(f"--config.unit_test.{key}={value}" for key, value in helpers.ONE_LEVEL_UNET.items())]
 
 
 def _documented_fields() -> list[str]:

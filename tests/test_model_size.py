@@ -82,7 +82,7 @@ def test_estimate_is_near_xla_plan():
   estimate = model_size.estimate_gib(
       state, model_size.activation_estimates(config, ["none"])["none"], config.batch_size)
   run_config = model_size.on_mesh(config, ONE_DEVICE, "none", config.batch_size)
-  compiled, _ = model_size.compile_step(run_config, model_size.make_mesh(ONE_DEVICE))
+  compiled, _ = model_size.compile_step(run_config, model_size.common.make_mesh(ONE_DEVICE))
   plan = model_size.xla_plan_gib(compiled)
   # The state but the gradients is an argument.
   assert plan["args"] >= model_size.state_total(state) - state["grads"]

@@ -9,7 +9,7 @@ import jax
 import ml_collections
 from absl import logging
 
-from pixeldance_jax.runtime import errors
+from pixeldance_jax.runtime import errors, host_memory
 from pixeldance_jax.aot import plan as plan_lib
 from pixeldance_jax.aot import topology
 from pixeldance_jax.parallel import mesh as mesh_lib
@@ -45,6 +45,14 @@ def _header(config: ml_collections.ConfigDict, tpu_slice: topology.Slice, device
           "unet_dtype": str(config.unet.dtype), "remat_policy": config.unet.remat_policy,
           "attention_impl": config.unet.attention_impl,
           "kernels": config.unet.get("kernels", "auto"), "jax": jax.__version__}
+
+
+def _release_memory() -> None:
+  """Drops the compiled program and returns the compiler's freed memory to the system, so a
+  slice's programs compile one after another within the largest one's peak."""
+  jax.clear_caches()
+  gc.collect()
+  host_memory.release_free_memory()
 
 
 def compile_all(config: ml_collections.ConfigDict, tpu_slice: topology.Slice, devices: list,
@@ -87,7 +95,7 @@ def compile_all(config: ml_collections.ConfigDict, tpu_slice: topology.Slice, de
     if name == "train_step" and check_sharding:
       result["sharding"] = plan_lib.sharding_findings(config, mesh, compiled.as_text())
     del compiled
-    gc.collect()
+    _release_memory()
     on_program(result)
   return result
 
@@ -99,8 +107,7 @@ def _fits(config: ml_collections.ConfigDict, tpu_slice: topology.Slice,
   logging.info(f"  {config.unet.remat_policy}, {per_chip} per chip: "
                    f"{plan.total_bytes / GiB:.2f} GiB ({'fits' if plan.fits else 'too large'}, "
                    f"{plan.compile_seconds:.0f} s)")
-  jax.clear_caches()
-  gc.collect()
+  _release_memory()
   return plan
 
 
