@@ -136,7 +136,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.grad_accum_steps = 1
   # The update (AdamW, clipping, EMA) as a program of its own after the gradients' program:
   # the video and image steps share it, and the TPU compiler plans the two in less host memory
-  # than the fused step (docs/tpu.md). False: one program per step.
+  # than the fused step (docs/tpu.md). False: one program per step (configs/tiny.py, on CPU).
   config.separate_update = True
 
   # --- Parallelism -------------------------------------------------------
