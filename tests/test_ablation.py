@@ -46,6 +46,7 @@ def ablated(tmp_path_factory):
   return base, workdir, results, settings
 
 
+@pytest.mark.slow
 def test_each_variant_trains_with_exactly_its_overrides(ablated):
   base, workdir, _, _ = ablated
   expected_common = {"data.data_dir": os.path.join(workdir, "data"), "num_train_steps": 2}
@@ -57,6 +58,7 @@ def test_each_variant_trains_with_exactly_its_overrides(ablated):
     assert differences == dict(variant.overrides, **expected_common), name
 
 
+@pytest.mark.slow
 def test_table_and_json_have_every_metric_for_every_variant(ablated):
   _, workdir, results, _ = ablated
   with open(os.path.join(workdir, "ablation.json")) as f:
@@ -79,6 +81,7 @@ def test_table_and_json_have_every_metric_for_every_variant(ablated):
   assert os.path.getsize(os.path.join(workdir, "ablation.png")) > 0
 
 
+@pytest.mark.slow
 def test_a_second_run_trains_and_samples_nothing(ablated, monkeypatch):
   base, workdir, results, settings = ablated
   records = [os.path.join(workdir, name, ablation.Settings(2, 2, 2, 0).file_name(2) + ".json")
@@ -94,6 +97,7 @@ def test_a_second_run_trains_and_samples_nothing(ablated, monkeypatch):
   assert again["variants"] == results["variants"]
 
 
+@pytest.mark.slow
 def test_a_workdir_trained_with_other_overrides_is_refused(ablated, tmp_path):
   base, workdir, _, settings = ablated
   other = tmp_path / "other"
@@ -103,6 +107,7 @@ def test_a_workdir_trained_with_other_overrides_is_refused(ablated, tmp_path):
     ablation.run(base, str(other), variants=["no_text"], **settings)
 
 
+@pytest.mark.slow
 def test_a_preempted_variant_stops_the_ablation(ablated, tmp_path, monkeypatch):
   base, workdir, _, settings = ablated
   base = copy.deepcopy(base)
@@ -125,6 +130,7 @@ def test_unknown_variant_is_named(tmp_path):
     ablation.run(_config(), str(tmp_path), variants=["full", "no_frames"])
 
 
+@pytest.mark.slow
 def test_a_model_trained_without_text_samples_the_empty_prompt():
   config = _config()
   pipeline = helpers.random_pipeline(config, seed=3)
@@ -162,6 +168,7 @@ def test_prompts_keep_the_subject_and_name_each_motion():
       "a red square moves quickly to the lower right"]
 
 
+@pytest.mark.slow
 def test_steering_measures_every_prompt(tmp_path):
   config = _config()
   pipeline = helpers.random_pipeline(config, seed=1)
@@ -176,6 +183,7 @@ def test_steering_measures_every_prompt(tmp_path):
                                                   "steering-0.png"]
 
 
+@pytest.mark.slow
 def test_the_variants_share_one_compiled_train_step():
   """Their overrides are traced numbers of the step, not parts of its program."""
   base = _config()

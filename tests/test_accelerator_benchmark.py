@@ -15,6 +15,9 @@ import pytest
 import helpers
 from processes import REPO, run_python
 
+# Multi-process, end-to-end or browser: the full suite's tier (README, Developing).
+pytestmark = pytest.mark.slow
+
 SCRIPT = "benchmarks/accelerator.py"
 # The suite's one-level U-Net (its programs compile fastest) in float32 and, below, the
 # unit-test config's batch of 4: test_cli's programs, which the suite's compilation cache (see

@@ -85,6 +85,7 @@ def test_wrapper_scales_and_samples(kl):
   np.testing.assert_allclose(kl.decode(mean * SPEC.scaling_factor), decoded, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_video_is_encoded_frame_by_frame(kl):
   video = jax.random.uniform(jax.random.key(0), (2, 3, 16, 16, 3), minval=-1, maxval=1)
   latents = kl.encode(video)
@@ -93,6 +94,7 @@ def test_video_is_encoded_frame_by_frame(kl):
     np.testing.assert_allclose(latents[:, frame], kl.encode(video[:, frame]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_chunked_decode_equals_unchunked(kl):
   latents = jax.random.normal(jax.random.key(0), (1, 5, 4, 4, 4))
   unchunked = kl.replace(decode_chunk_frames=0).decode(latents)

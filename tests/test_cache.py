@@ -16,6 +16,9 @@ from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
 from pixeldance_jax.train import trainer
 
+# Multi-process, end-to-end or browser: the full suite's tier (README, Developing).
+pytestmark = pytest.mark.slow
+
 
 def _kl_config():
   """unit_test with a small random KL autoencoder (2x down) and a frozen text encoder."""

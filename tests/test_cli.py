@@ -43,12 +43,14 @@ def workdir(train_run):
   return train_run[0]
 
 
+@pytest.mark.slow
 def test_train_writes_checkpoints_logs_and_config(workdir):
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
   assert (workdir / "config.json").exists()
   assert any(name.startswith("events") for name in os.listdir(workdir / "tensorboard"))
 
 
+@pytest.mark.slow
 def test_train_evaluates_periodically_into_eval_and_tensorboard(train_run):
   workdir, result = train_run
   results = json.loads((workdir / "eval" / "4.json").read_text())
@@ -61,6 +63,7 @@ def test_train_evaluates_periodically_into_eval_and_tensorboard(train_run):
   assert b"eval/basic/failed_fraction" in events
 
 
+@pytest.mark.slow
 def test_evaluate_command_writes_beside_earlier_results(workdir, tmp_path):
   """`python -m pixeldance_jax.evaluate --workdir` on sampled held-out clips (FVD's I3D runs in
   test_evaluate.py); the training run's eval/4.json stays, this run's goes to eval/4-2.json."""
@@ -81,6 +84,7 @@ def test_evaluate_command_writes_beside_earlier_results(workdir, tmp_path):
 _ABSL_LINE = re.compile(r"^[IWE]\d{4} [\d:.]+ +\d+ \S+\.py:\d+\]", re.MULTILINE)
 
 
+@pytest.mark.slow
 def test_train_console_shows_progress_without_library_chatter(train_run):
   workdir, result = train_run
   log = result.stderr + result.stdout
@@ -93,6 +97,7 @@ def test_train_console_shows_progress_without_library_chatter(train_run):
   assert len(log.splitlines()) < 20, log
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("level, shown", [
     ("progress", {"ours/info", "ours/warning", "library/warning"}),
     ("info", {"ours/info", "ours/warning", "library/info", "library/warning"}),
@@ -115,6 +120,7 @@ def test_log_level_decides_whose_lines_show(level, shown):
   assert passed == shown
 
 
+@pytest.mark.slow
 def test_sample_from_heldout_clip(workdir, tmp_path):
   result = _run("sample.py", f"--workdir={workdir}", "--last_frame=heldout", "--tau=2",
                 "--sampler=dpmpp_2m", "--guidance_rescale=0.7", "--raw_weights",
@@ -129,6 +135,7 @@ def test_sample_from_heldout_clip(workdir, tmp_path):
   assert record["sampler"] == "dpmpp_2m" and record["mode"] == "magic" and record["tau"] == 2
 
 
+@pytest.mark.slow
 def test_sample_prompts_file_writes_a_folder_per_line(workdir, tmp_path, caplog):
   """In-process from here on: sample.py passes its flags to `jobs` (the run above is the
   command's own), and a subprocess per case would pay jax's import each time."""
@@ -152,6 +159,18 @@ def test_sample_prompts_file_writes_a_folder_per_line(workdir, tmp_path, caplog)
   assert record["heldout_index"] == 1 and record["weights"] == "ema"
 
 
+@pytest.mark.parametrize("command", ["pixeldance_jax.aot", "pixeldance_jax.convert",
+                                     "pixeldance_jax.demo", "pixeldance_jax.evaluate",
+                                     "pixeldance_jax.data.build"])
+def test_every_command_answers_help(command):
+  """Each command's module imports and defines its flags (in the quick tier, the one run of
+  the commands' entry modules; the slow tier runs each end to end)."""
+  result = _run("-m", command, "--helpshort", check=False)
+  assert "Traceback" not in result.stderr, result.stderr[-3000:]
+  assert re.search(r"^  --\w+", result.stdout, re.MULTILINE), result.stdout[-2000:]
+
+
+@pytest.mark.slow
 def test_sample_help_documents_every_flag_with_its_default():
   result = _run("sample.py", "--helpshort", check=False)  # absl exits 1 after help.
   flags = re.findall(r"^  --(?:\[no\])?(\w+)", result.stdout, re.MULTILINE)
@@ -163,6 +182,7 @@ def test_sample_help_documents_every_flag_with_its_default():
     assert "default" in block.lower() or "required" in block.lower(), block
 
 
+@pytest.mark.slow
 def test_sample_missing_checkpoint_step_is_a_clear_error(workdir, tmp_path):
   """As the command prints it: one line, no traceback (the library's errors below are the
   same ValueError/FileNotFoundError that sample.py prints this way)."""
@@ -172,6 +192,7 @@ def test_sample_missing_checkpoint_step_is_a_clear_error(workdir, tmp_path):
   assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_sample_resizes_a_wrong_size_first_frame(workdir, tmp_path, caplog):
   Image.fromarray(np.full((40, 40, 4), 200, np.uint8), "RGBA").save(tmp_path / "first.png")
   with caplog.at_level(logging.INFO):
@@ -184,11 +205,13 @@ def test_sample_resizes_a_wrong_size_first_frame(workdir, tmp_path, caplog):
   assert not (tmp_path / "w.mp4").exists()
 
 
+@pytest.mark.slow
 def test_sample_without_checkpoint_is_a_clear_error(tmp_path):
   with pytest.raises(FileNotFoundError, match="No checkpoint in"):
     jobs.sample(str(tmp_path), output=f"{tmp_path}/v.mp4")
 
 
+@pytest.mark.slow
 def test_sample_incompatible_checkpoint_is_a_clear_error(workdir, tmp_path):
   """A checkpoint whose arrays do not fit its config (here: a wider first level)."""
   broken = tmp_path / "broken"
@@ -201,6 +224,7 @@ def test_sample_incompatible_checkpoint_is_a_clear_error(workdir, tmp_path):
     jobs.sample(str(broken), output=f"{tmp_path}/v.mp4")
 
 
+@pytest.mark.slow
 def test_misspelled_config_override_is_an_error(tmp_path):
   result = _run("train.py", "--config=configs/unit_test.py", f"--workdir={tmp_path}",
                 "--config.conditioning.last_frame_drop_prop=0.5", check=False)

@@ -149,6 +149,7 @@ def _changed(a: np.ndarray, b: np.ndarray) -> float:
   return float((a != b).mean())
 
 
+@pytest.mark.slow
 def test_prompt_changes_the_sample(pipeline):
   """Two prompts, the same first frame and seed. Swapping the prompts swaps the videos: the
   difference is the text's, not the batch position's."""
@@ -159,6 +160,7 @@ def test_prompt_changes_the_sample(pipeline):
   assert _changed(videos[0], videos[1]) > 0.05
 
 
+@pytest.mark.slow
 def test_first_frame_changes_the_sample(pipeline):
   """One prompt and seed, two first frames; swapping them swaps the videos."""
   first = _images(pipeline.config, 0, 1)

@@ -89,6 +89,7 @@ def converted(model_dir, tmp_path_factory):
   return output
 
 
+@pytest.mark.slow
 def test_converted_checkpoint_holds_the_torch_weights(model_dir, converted):
   pipeline = sampling_pipeline.load_pipeline(str(converted))
   kernel = np.asarray(pipeline.params["unet"]["conv_in"]["kernel"])  # [3, 3, 2C, out]
@@ -98,6 +99,7 @@ def test_converted_checkpoint_holds_the_torch_weights(model_dir, converted):
   assert "autoencoder" in pipeline.frozen
 
 
+@pytest.mark.slow
 def test_sample_from_the_converted_checkpoint(converted):
   pipeline = sampling_pipeline.load_pipeline(str(converted))
   frames = np.zeros((1, 16, 16, 3), np.uint8)
@@ -105,6 +107,7 @@ def test_sample_from_the_converted_checkpoint(converted):
   assert video.shape == (1, 4, 16, 16, 3) and video.dtype == np.uint8
 
 
+@pytest.mark.slow
 def test_train_initialises_from_the_converted_checkpoint(converted):
   """The trainer's step 0 is the converted weights (EMA included) with fresh optimiser state,
   and no model initialiser is compiled for it. (train_and_evaluate from init_from, through a KL
@@ -129,6 +132,7 @@ def test_kl_without_init_from_is_explained(tmp_path):
     trainer.train_and_evaluate(_config(), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_mismatching_config_lists_the_tensors(model_dir, tmp_path):
   config = _config()
   config.unet.block_out_channels = (32, 48)
@@ -136,6 +140,7 @@ def test_mismatching_config_lists_the_tensors(model_dir, tmp_path):
     pretrained.convert(config, str(model_dir[0]), str(tmp_path))
 
 
+@pytest.mark.slow
 def test_converted_unet_reproduces_torch(model_dir, converted):
   """The command's checkpoint, restored by sampling's loader, computes the torch U-Net."""
   pipeline = sampling_pipeline.load_pipeline(str(converted))

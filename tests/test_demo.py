@@ -32,6 +32,9 @@ from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import generate as generate_lib
 from pixeldance_jax.sampling import program
 
+# Multi-process, end-to-end or browser: the full suite's tier (README, Developing).
+pytestmark = pytest.mark.slow
+
 # The page's controls (element ids) that the issue asks for.
 CONTROLS = ("prompt", "first-heldout", "first-upload", "last-source", "last-heldout",
             "last-upload", "last-edges", "sketch", "tau", "guidance_scale", "steps", "sampler",

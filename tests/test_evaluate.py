@@ -54,12 +54,14 @@ def i3d_fvd():
   return {"features": logits, "self": fvd(0), "noise": [fvd(1), fvd(2)], "shuffled": fvd(3)}
 
 
+@pytest.mark.slow
 def test_i3d_weights_load_and_give_finite_logits(i3d_fvd):
   assert i3d_fvd["features"].shape == (8, 400)
   assert np.isfinite(i3d_fvd["features"]).all()
   assert i3d_fvd["features"].std() > 0.1  # Not a dead network.
 
 
+@pytest.mark.slow
 def test_fvd_is_zero_for_a_set_with_itself_and_grows_with_noise_and_frame_shuffling(i3d_fvd):
   assert abs(i3d_fvd["self"]) < 1e-3
   noise = i3d_fvd["noise"]
@@ -128,6 +130,7 @@ def evaluated(tmp_path_factory):
   return results, again, calls_first, len(calls) - calls_first, root
 
 
+@pytest.mark.slow
 def test_every_variant_is_sampled_and_compared_with_the_real_clips(evaluated):
   results = evaluated[0]
   assert list(results["variants"]) == list(_EVALUATED)
@@ -144,6 +147,7 @@ def test_every_variant_is_sampled_and_compared_with_the_real_clips(evaluated):
   assert "the floor" in table
 
 
+@pytest.mark.slow
 def test_real_statistics_are_cached_and_reused(evaluated):
   _, again, calls_first, calls_again, root = evaluated
   # First run: real and floor sets (1 batch each) + 4 variants; then only the variant.
@@ -152,6 +156,7 @@ def test_real_statistics_are_cached_and_reused(evaluated):
   assert again["variants"]["basic"]["fvd"] > 0
 
 
+@pytest.mark.slow
 def test_results_never_overwrite_earlier_ones(evaluated, tmp_path):
   results = evaluated[0]
   first = suite.write_results(results, str(tmp_path / "eval" / "3.json"))
@@ -195,6 +200,7 @@ def test_each_process_gets_an_equal_number_of_shares():
   assert [list(r) for r in videos.shares(1, 4, 1, 2)] == [[]]
 
 
+@pytest.mark.slow
 def test_clipsim_of_a_captioned_folder_is_the_mean_frame_caption_cosine(tmp_path):
   """CLIPSIM through the whole path (folder, captions, jitted CLIP, averaging) against the CLIP
   module applied directly; a tiny random transformers CLIPModel with CLIP's vocabulary."""

@@ -43,6 +43,7 @@ def _faults_per_run(env_update: dict[str, str]) -> dict:
   return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _GLIBC, reason="glibc's malloc only")
 def test_tuned_malloc_reuses_the_per_run_buffer_and_default_malloc_does_not():
   tuned = _faults_per_run({})

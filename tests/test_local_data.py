@@ -273,6 +273,7 @@ def test_records_hold_captioned_frames_at_the_target_rate(video_dir: pathlib.Pat
   assert clip["video"].shape == (4, 16, 16, 3) and clip["caption"].startswith("clip ")
 
 
+@pytest.mark.slow
 def test_parallel_build_writes_the_same_records(video_dir: pathlib.Path, data_dir: str,
                                                 tmp_path: pathlib.Path):
   config = _video_config(video_dir)
@@ -347,6 +348,7 @@ def test_loader_windows_are_consecutive_stored_frames_from_varying_starts(
   assert all(_frame_indices(video) == [0, 8, 15, 23] for video in batch["video"])
 
 
+@pytest.mark.slow
 def test_multi_worker_iterator_state_round_trip(video_dir: pathlib.Path, data_dir: str):
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags (app.run parses).
@@ -428,6 +430,7 @@ def test_one_frame_batches_get_no_image_condition_and_the_usual_text_drop():
     np.testing.assert_array_equal(np.asarray(dropped_embeddings[:, 0, 0] == 0), dropped)
 
 
+@pytest.mark.slow
 def test_image_batch_runs_the_unet_with_temporal_layers_off(video_dir: pathlib.Path,
                                                             image_dir: pathlib.Path,
                                                             data_dir: str):
@@ -459,6 +462,7 @@ def test_image_batch_runs_the_unet_with_temporal_layers_off(video_dir: pathlib.P
 # --- End to end --------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_train_on_a_folder_of_mp4s(video_dir: pathlib.Path, tmp_path: pathlib.Path):
   """What README "Training on your own videos" runs, at the unit-test size: unit_test's 4
   steps, with the one-level U-Net of the other machinery tests."""

@@ -156,6 +156,7 @@ def _primitives(jaxpr) -> set[str]:
   return names
 
 
+@pytest.mark.slow
 def test_portable_and_cpu_kernels_are_one_function():
   """config.unet.kernels: the portable formulations (what GPUs and TPUs compile) and XLA:CPU's
   own (GroupNorm's gradient, temporal and 1x1 convolutions, Dense, GELU) share the parameters

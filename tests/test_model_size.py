@@ -25,6 +25,7 @@ def fixture_estimates(trace):
   return model_size.activation_estimates(unit_test.get_config(), POLICIES, trace)
 
 
+@pytest.mark.slow
 def test_activations_fall_as_policies_save_less(estimates):
   kept = {policy: estimates[policy]["saved"] for policy in POLICIES}
   assert kept["none"] > kept["dots_saveable"] > kept["nothing_saveable"] > 0
@@ -36,6 +37,7 @@ def test_activations_fall_as_policies_save_less(estimates):
   assert estimates["dots_saveable"]["layer"] <= estimates["full"]["layer"]
 
 
+@pytest.mark.slow
 def test_swapped_policy_is_what_the_model_traces(trace):
   """The policy swapped into the once-traced loss gives the residuals of the model traced with
   that `config.unet.remat_policy`."""
@@ -43,6 +45,7 @@ def test_swapped_policy_is_what_the_model_traces(trace):
   assert trace.residuals(policy) == model_size.loss_residuals(unit_test.get_config(), policy)
 
 
+@pytest.mark.slow
 def test_largest_batch_grows_with_memory(estimates):
   state = model_size.state_gib(unit_test.get_config(), ONE_DEVICE)
   for policy in POLICIES:
@@ -72,6 +75,7 @@ def test_device_memory_table():
     model_size.parse_mesh("1x-1x1")
 
 
+@pytest.mark.slow
 def test_estimate_is_near_xla_plan():
   """Within a sane factor of XLA's plan (arguments + outputs - aliases + temporaries) for the
   compiled step: the one-level unit-test U-Net (the suite's shared program), no remat (XLA's CPU

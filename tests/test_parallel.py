@@ -49,6 +49,7 @@ def eight_devices(tmp_path_factory) -> dict:
   return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", ["1x8x1", "2x2x2"])
 def test_no_large_state_leaf_is_replicated_at_paper_size(eight_devices, mesh):
   offenders = eight_devices["replicated"][mesh]
@@ -56,12 +57,14 @@ def test_no_large_state_leaf_is_replicated_at_paper_size(eight_devices, mesh):
                          f"mesh data x fsdp x tensor = {mesh}:\n" + "\n".join(offenders))
 
 
+@pytest.mark.slow
 def test_replication_check_sees_replicated_convolutions(eight_devices):
   """The control maps conv_in to None: every conv kernel must then be reported."""
   offenders = eight_devices["replicated"]["control"]
   assert any("['conv1']['kernel']" in leaf for leaf in offenders), offenders[:5]
 
 
+@pytest.mark.slow
 def test_feature_statistics_sharded_over_8_devices_equal_one_device(eight_devices):
   """The evaluation's feature pass (evaluate.features.ShardedExtractor) on meshes 8x1x1 and
   2x2x2, a padded last batch included."""
@@ -74,6 +77,7 @@ def test_feature_statistics_sharded_over_8_devices_equal_one_device(eight_device
     ("token_embedding", ["tensor", "fsdp"], [24704, 16]),
     ("adam_mu_conv", [None, None, "fsdp", "tensor"], [3, 3, 8, 8]),
 ])
+@pytest.mark.slow
 def test_train_state_shards_on_a_2x2x2_mesh(eight_devices, name, spec, shard_shape):
   placement = eight_devices["step"]["placements"][name]
   assert placement["spec"] == spec, placement
@@ -85,6 +89,7 @@ def test_train_state_shards_on_a_2x2x2_mesh(eight_devices, name, spec, shard_sha
 MESHES = ["2x2x2"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_losses_do_not_depend_on_the_mesh(eight_devices, mesh):
   """Three steps from the same state on each mesh (data x fsdp x tensor) against one device."""
@@ -94,6 +99,7 @@ def test_losses_do_not_depend_on_the_mesh(eight_devices, mesh):
   np.testing.assert_allclose(sharded["grad_norm"], one_device["grad_norm"], rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", MESHES)
 def test_trained_state_does_not_depend_on_the_mesh(eight_devices, mesh):
   """Params, EMA and Adam moments after three steps, as max |difference| from one device.
@@ -109,6 +115,7 @@ def test_trained_state_does_not_depend_on_the_mesh(eight_devices, mesh):
     assert difference <= atol, f"{part} on mesh {mesh} differ by {difference:.2e} at {where}"
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_master_weights():
   """One step from the same float32 state with the U-Net computing in bfloat16 and float32."""
   config = unit_test.get_config()
@@ -219,6 +226,7 @@ def test_splash_attention_agrees_with_xla(context_length):
       np.testing.assert_allclose(leaf_a, leaf_b, atol=2e-5, rtol=1e-5, err_msg=name)
 
 
+@pytest.mark.slow
 def test_splash_attention_shards_over_the_mesh(eight_devices):
   """On a 2x2x2 mesh splash attention runs per shard (shard_map) and still agrees with XLA."""
   assert eight_devices["splash_2x2x2_relative_error"] < 1e-5
@@ -238,6 +246,7 @@ def _entry_ops(compiled) -> str:
   return entry[:entry.index("\n}")]
 
 
+@pytest.mark.slow
 def test_the_cpu_train_step_gives_convolutions_to_eigen_and_keeps_matmuls_on_ynnpack():
   mesh = mesh_lib.make_mesh(unit_test.get_config().mesh, jax.devices()[:1])
   options = mesh_lib.train_compiler_options(mesh)

@@ -1,5 +1,6 @@
 """benchmarks/profile_step.py: XLA's profile mapped back to the operations of the program."""
 
+import pytest
 import pathlib
 import sys
 
@@ -10,6 +11,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks
 import profile_step  # pylint: disable=wrong-import-position
 
 
+@pytest.mark.slow
 def test_profiled_operations_map_to_their_instructions_and_kinds():
   def program(x, kernel, weights):
     with jax.named_scope("UNet3D"):

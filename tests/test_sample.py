@@ -59,6 +59,7 @@ def test_tau_zero_ignores_the_last_frame_bitwise(pipeline):
   np.testing.assert_array_equal(a, c)
 
 
+@pytest.mark.slow
 def test_tau_all_steps_is_always_conditioned(pipeline):
   """tau = steps uses the last frame at every step: a larger tau changes nothing."""
   prompts, first, last = _frames(pipeline.config, 2)
@@ -75,6 +76,7 @@ def test_tau_all_steps_is_always_conditioned(pipeline):
                                                             tau=0, seed=3))
 
 
+@pytest.mark.slow
 def test_same_seed_same_video_and_other_seed_differs(pipeline):
   prompts, first, last = _frames(pipeline.config, 1)
   twice = lambda seeds: generate_lib.generate(pipeline, prompts * 2, np.repeat(first, 2, 0),
@@ -85,6 +87,7 @@ def test_same_seed_same_video_and_other_seed_differs(pipeline):
   assert _differ(other[0], other[1])
 
 
+@pytest.mark.slow
 def test_a_seed_gives_the_same_video_in_any_batch(pipeline):
   prompts, first, last = _frames(pipeline.config, 2)
   batch = generate_lib.generate(pipeline, prompts, first, last, tau=[2, 1], guidance_scale=[3, 1.5],
@@ -94,6 +97,7 @@ def test_a_seed_gives_the_same_video_in_any_batch(pipeline):
   np.testing.assert_array_equal(batch[1], alone[0])
 
 
+@pytest.mark.slow
 def test_changing_traced_settings_does_not_retrace(pipeline):
   prompts, first, last = _frames(pipeline.config, 2)
   generate_lib.generate(pipeline, prompts, first, last, seed=0)
@@ -113,6 +117,7 @@ def test_negative_tau_is_refused(pipeline):
     generate_lib.generate(pipeline, prompts, first, last, tau=-1)
 
 
+@pytest.mark.slow
 def test_long_video_continues_from_each_clips_last_frame(pipeline):
   prompts, first, last = _frames(pipeline.config, 1)
   clip_prompts = [["a red square moves up", "a red square moves down", prompts[0]]]
@@ -132,6 +137,7 @@ def test_long_video_continues_from_each_clips_last_frame(pipeline):
   assert _differ(other.clips[:, 2], result.clips[:, 2])
 
 
+@pytest.mark.slow
 def test_prompts_file_samples_each_line_into_its_folder(pipeline, tmp_path):
   prompts, first, last = _frames(pipeline.config, 1)
   Image.fromarray(first[0]).save(tmp_path / "first.png")
@@ -184,6 +190,7 @@ def test_long_prompts_are_truncated_with_a_warning(pipeline, caplog):
   assert any("truncated" in message and "red square" in message for message in caplog.messages)
 
 
+@pytest.mark.slow
 def test_batch_sharded_over_eight_devices_samples_the_same_videos():
   """data x fsdp = 4 x 2 fake devices, batch 3 padded to 8: the videos of one device, with XLA's
   default code generation (the suite's -O0 flags round a sharded batch otherwise).
@@ -307,6 +314,7 @@ def _assert_trees_equal(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
+@pytest.mark.slow
 def test_load_pipeline_restores_the_ema_or_the_raw_weights(train_state, trained_workdir):
   _, state = train_state
   ema = pipeline_lib.load_pipeline(str(trained_workdir))
@@ -319,6 +327,7 @@ def test_load_pipeline_restores_the_ema_or_the_raw_weights(train_state, trained_
   assert isinstance(leaf, jax.Array) and leaf.sharding.mesh.shape == ema.mesh.shape
 
 
+@pytest.mark.slow
 def test_restore_weights_never_reads_the_optimizer_state(train_state, tmp_path):
   """Every data chunk of the optimiser state is overwritten with garbage: a full restore fails
   on it, the weights-only restore gives exact arrays (it never opens those chunks)."""
@@ -343,6 +352,7 @@ def test_restore_weights_never_reads_the_optimizer_state(train_state, tmp_path):
   manager.close()
 
 
+@pytest.mark.slow
 def test_restore_weights_lists_mismatched_shapes_first(trained_workdir):
   config = unit_test.get_config()
   config.unet.block_out_channels = (16, 48)
@@ -352,6 +362,7 @@ def test_restore_weights_lists_mismatched_shapes_first(trained_workdir):
     checkpoints.restore_weights(str(trained_workdir), 3, abstract_params, abstract_frozen)
 
 
+@pytest.mark.slow
 def test_missing_checkpoints_are_named(trained_workdir, tmp_path):
   with pytest.raises(FileNotFoundError, match="No checkpoint in"):
     pipeline_lib.load_pipeline(str(tmp_path))
@@ -359,6 +370,7 @@ def test_missing_checkpoints_are_named(trained_workdir, tmp_path):
     pipeline_lib.load_pipeline(str(trained_workdir), step=7)
 
 
+@pytest.mark.slow
 def test_sample_job_checks_everything_before_reading_weights(trained_workdir, tmp_path,
                                                              monkeypatch):
   def no_weights(*args, **kwargs):
@@ -385,6 +397,7 @@ def test_sample_job_checks_everything_before_reading_weights(trained_workdir, tm
   assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_sample_cli_refuses_nan_guidance_in_one_line(tmp_path):
   """The one CLI case run as a user does: exit status, message and no traceback."""
   script = pathlib.Path(__file__).resolve().parents[1] / "sample.py"

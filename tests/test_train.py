@@ -25,6 +25,7 @@ def _assert_trees_equal(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 
 
+@pytest.mark.slow
 def test_loss_decreases_on_a_fixed_batch(tmp_path):
   config = unit_test.get_config()
   config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
@@ -44,6 +45,7 @@ def test_loss_decreases_on_a_fixed_batch(tmp_path):
   assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:3]), losses
 
 
+@pytest.mark.slow
 def test_a_non_finite_step_leaves_the_whole_state_unchanged(tmp_path):
   """The step's guard (`lax.cond` on a finite loss and gradient norm) keeps every array, the
   optimiser's and the EMA's too, and the step count; a finite step moves them."""
@@ -65,6 +67,7 @@ def test_a_non_finite_step_leaves_the_whole_state_unchanged(tmp_path):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), y), after, expected)
 
 
+@pytest.mark.slow
 def test_the_separate_update_program_is_the_fused_step(tmp_path):
   """`config.separate_update` (gradients, then the update, as two programs) computes what one
   program does, a skipped non-finite step included; the video and image steps share the
@@ -117,6 +120,7 @@ def test_learning_rate_schedule_is_optax_warmup_then_decay(schedule, warmup):
   np.testing.assert_allclose(found, jax.vmap(expected)(steps), rtol=1e-6, atol=2e-3 * 1e-6)
 
 
+@pytest.mark.slow
 def test_optimiser_numbers_do_not_change_the_program():
   """Learning rate, schedule length, Adam and EMA numbers are traced: one compiled step."""
   def program(**changes):
@@ -139,6 +143,7 @@ def test_optimiser_numbers_do_not_change_the_program():
   assert program(lr_schedule="constant") != reference
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_is_exact(tmp_path):
   config = unit_test.get_config()
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -164,6 +169,7 @@ def test_checkpoint_round_trip_is_exact(tmp_path):
   assert checkpoints.restore_config(manager, 7).unet.block_out_channels == [16, 32]
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config = unit_test.get_config()
   config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)

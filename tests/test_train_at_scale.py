@@ -31,6 +31,9 @@ import processes
 from helpers import ONE_LEVEL_UNET, one_level_flags
 from processes import REPO, free_port as _free_port, process_group_env
 
+# Multi-process, end-to-end or browser: the full suite's tier (README, Developing).
+pytestmark = pytest.mark.slow
+
 
 def _train_command(workdir, *flags: str) -> list[str]:
   return [sys.executable, "train.py", "--config=configs/unit_test.py", f"--workdir={workdir}",

@@ -102,6 +102,7 @@ def test_unet3d_matches_diffusers(torch_3d, torch_3d_output, inputs):
   assert _max_error(ours, torch_3d_output, "UNet3DConditionModel") <= TOLERANCE
 
 
+@pytest.mark.slow
 def test_zero_extended_conv_in_ignores_c_image_at_first(torch_3d, torch_3d_output, inputs):
   """A C-channel checkpoint in the 2C-input PixelDance model equals the original, any c_image."""
   video, timesteps, context = inputs
@@ -127,6 +128,7 @@ def test_mismatched_checkpoint_lists_every_problem(torch_3d):
   assert "conv_out.weight: got (3, 3, 32, 5)" in message
 
 
+@pytest.mark.slow
 def test_inflated_2d_unet_equals_diffusers_2d_per_frame(tmp_path, inputs):
   torch.manual_seed(0)
   model = diffusers.UNet2DConditionModel(
@@ -154,7 +156,7 @@ def test_inflated_2d_unet_equals_diffusers_2d_per_frame(tmp_path, inputs):
 
 
 def test_2d_checkpoint_with_temporal_tensors_is_rejected(torch_3d):
-  with pytest.raises(ValueError, match=r"unexpected \(torch name\): transformer_in\."):
+  with pytest.raises(ValueError, match=r"unexpected: transformer_in\."):
     layouts.unet_params_from_2d_torch_state_dict(torch_3d[0], SPEC_3D, jax.random.key(0))
 
 
@@ -197,6 +199,7 @@ def gradients_without_remat(remat_params):
   return jax.jit(jax.grad(_unit_test_loss("none")))(remat_params)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["full", "dots_saveable"])
 def test_remat_keeps_gradients(remat_params, gradients_without_remat, policy):
   loss = _unit_test_loss(policy)
