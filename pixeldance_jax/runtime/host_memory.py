@@ -1,25 +1,15 @@
 """Host memory for XLA:CPU: keep freed memory for the next step instead of returning it.
 
-XLA:CPU allocates one buffer per execution for every intermediate of the program and frees it
-at the end. glibc's malloc serves an allocation that large with a fresh `mmap` and unmaps it on
-free, so every step faults its pages in again. Told to serve everything from one heap
-(`M_ARENA_MAX` 1, no `mmap`) and to keep up to 2 GiB of free memory at its top
-(`M_TRIM_THRESHOLD`), malloc hands the same pages back each step (docs/benchmarks.md has the
-figures). The heap grows to its
-working shape over the first steps (now and then once more, when freed blocks no longer fit the
-next request) and keeps its peak: memory is not returned to the system until it exits.
-
-Only the CPU backend gains; on a GPU or TPU host the device has its own allocator and a heap
-that never shrinks would only hold on to host memory. So `reuse_freed_memory` applies the
-setting when no accelerator plugin for JAX is installed (libtpu counts only on a host with TPU
-chips; on others it is there to compile ahead of time) or `JAX_PLATFORMS=cpu`, on glibc, and
-not when the environment already tunes malloc (`MALLOC_*`, `GLIBC_TUNABLES`) or sets
-`PIXELDANCE_HOST_MALLOC=default`. It must run before JAX starts its backend: threads that have
-already allocated keep their own arenas, which still `mmap` large blocks.
-
-The price is compile time: XLA's compiler threads then share the one arena. So the commands that run a step many times ask for it
-(`console.run(main, reuse_freed_memory=True)`: train.py, the ablation, the train-step
-benchmark), and those that mostly compile (sampling, the test suite) do not.
+XLA:CPU allocates one buffer per execution for all of a program's intermediates and frees it at
+the end; glibc serves so large a block with a fresh `mmap`, so every step faults its pages in
+again. From one heap that keeps up to 2 GiB free at its top (`M_ARENA_MAX` 1, no `mmap`,
+`M_TRIM_THRESHOLD`), malloc hands the same pages back each step (docs/benchmarks.md); the heap
+keeps its peak until the process exits, and XLA's compiler threads then share one arena, which
+slows compiles. So the commands that run a step many times ask for it (`console.run(main,
+reuse_freed_memory=True)`), and only where it helps: a CPU-only install (libtpu counts as an
+accelerator only on a host with TPU chips) or `JAX_PLATFORMS=cpu`, on glibc, unless the
+environment tunes malloc itself (`MALLOC_*`, `GLIBC_TUNABLES`) or sets
+`PIXELDANCE_HOST_MALLOC=default`. It must run before JAX starts its threads.
 """
 
 import ctypes
