@@ -202,8 +202,7 @@ def _check_fits(workdir: str, step: int, item: str, expected: dict[str, Any]) ->
   shapes = lambda tree: {jax.tree_util.keystr(path): tuple(leaf.shape)
                          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
   wanted, stored = shapes(expected), shapes(metadata)
-  missing, _, misshapen = mismatch.compare(wanted, {k: v for k, v in stored.items()
-                                                    if k in wanted})
+  missing, _, misshapen = mismatch.compare(wanted, stored)  # Leaves it has beyond: not read.
   mismatch.check(f"Checkpoint {step} in {checkpoint_dir(workdir)} does not fit the model its "
                  f"own config describes", missing, (), misshapen)
 

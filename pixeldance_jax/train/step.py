@@ -322,7 +322,8 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state_sharding
   key = (programs.config_key(program_config), mesh, tuple(leaves), treedef)
   rules = sharding.logical_rules(program_config)
   replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  batch_sharding = mesh_lib.batch_sharding(mesh)
+  # (state, batch, rng, hyperparameters), the arguments of the whole step and of its gradients.
+  step_in = (state_shardings, mesh_lib.batch_sharding(mesh), replicated, replicated)
   options = mesh_lib.train_compiler_options(mesh)
 
   def in_rules(function):
@@ -335,8 +336,7 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state_sharding
     step = functools.partial(train_step, config=program_config, use_temporal=use_temporal,
                              loss=loss)
     return _Program(jax.jit(in_rules(step), donate_argnums=0,
-                            in_shardings=(state_shardings, batch_sharding, replicated,
-                                          replicated),
+                            in_shardings=step_in,
                             out_shardings=(state_shardings, replicated),
                             compiler_options=options), mesh)
 
@@ -346,8 +346,7 @@ def jit_train_step(config: ml_collections.ConfigDict, mesh: Mesh, state_sharding
     # The whole state stays an argument (the moments and EMA are on the device meanwhile), so
     # the program's memory plan counts them.
     return _Program(jax.jit(in_rules(step), keep_unused=True,
-                            in_shardings=(state_shardings, batch_sharding, replicated,
-                                          replicated),
+                            in_shardings=step_in,
                             out_shardings=(state_shardings.params, replicated),
                             compiler_options=options), mesh)
 
