@@ -53,3 +53,36 @@ def free_port() -> int:
   with socket.socket() as sock:
     sock.bind(("127.0.0.1", 0))
     return sock.getsockname()[1]
+
+
+class ProcessGroup:
+  """`commands` started at once, each process's stderr to a file of its own in `log_dir`: a
+  process that logs more than a pipe holds never blocks while its peers wait for it in a
+  collective (reading the pipes one after the other would deadlock). A failure or a timeout
+  kills them all."""
+
+  def __init__(self, commands: list[list[str]], env: dict[str, str], log_dir: pathlib.Path):
+    log_dir.mkdir(parents=True, exist_ok=True)
+    self.log_paths = [log_dir / f"process_{index}.log" for index in range(len(commands))]
+    self.processes = []
+    for command, path in zip(commands, self.log_paths):
+      with open(path, "w") as log:
+        self.processes.append(subprocess.Popen(command, cwd=REPO, env=env, stderr=log,
+                                               stdout=subprocess.DEVNULL))
+
+  def wait(self, timeout: float = 600) -> list[str]:
+    """Each process's log, once all have exited with status 0 (else AssertionError)."""
+    try:
+      for process in self.processes:
+        process.wait(timeout=timeout)
+    finally:
+      self.kill()
+    logs = [path.read_text() for path in self.log_paths]
+    for index, (process, log) in enumerate(zip(self.processes, logs)):
+      assert process.returncode == 0, f"process {index}:\n{log[-4000:]}"
+    return logs
+
+  def kill(self) -> None:
+    for process in self.processes:
+      if process.poll() is None:
+        process.kill()

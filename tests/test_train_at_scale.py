@@ -117,21 +117,15 @@ SCRIPT = str(pathlib.Path(__file__).resolve().parent / "multi_process_check.py")
 
 @pytest.fixture(scope="module")
 def statistics(tmp_path_factory) -> dict[str, dict[str, np.ndarray]]:
-  two = str(tmp_path_factory.mktemp("multi_process") / "two.npz")
+  root = tmp_path_factory.mktemp("multi_process")
+  two = str(root / "two.npz")
   address = f"127.0.0.1:{_free_port()}"
-  children = [subprocess.Popen([sys.executable, SCRIPT, two, address, "2", str(index)],
-                               cwd=REPO, env=process_group_env(1), stderr=subprocess.PIPE,
-                               text=True)
-              for index in range(2)]
+  group = processes.ProcessGroup([[sys.executable, SCRIPT, two, address, "2", str(index)]
+                                  for index in range(2)], process_group_env(1), root)
   try:
     one = multi_process_check.run(mesh_shape=(1, 1, 1))  # Meanwhile, here.
-    logs = [process.communicate(timeout=600)[1] for process in children]
-  finally:  # One process failing leaves the other waiting for it.
-    for process in children:
-      if process.poll() is None:
-        process.kill()
-  for index, (process, log) in enumerate(zip(children, logs)):
-    assert process.returncode == 0, f"process {index}:\n{log[-4000:]}"
+  finally:
+    group.wait()
   return {"two": dict(np.load(two)), "one": one}
 
 
@@ -202,13 +196,9 @@ def test_two_processes_train_like_one_and_a_different_topology_resumes(tmp_path,
   flags = ["--config.num_train_steps=2", "--config.log_every_steps=1", "--config.mesh.data=1",
            "--config.mesh.fsdp=2", *one_level_flags(),
            f"--coordinator_address={address}", "--num_processes=2"]
-  processes = [subprocess.Popen(_train_command(tmp_path, *flags, f"--process_id={index}"),
-                                cwd=REPO, env=process_group_env(1),
-                                stderr=subprocess.PIPE, text=True)
-               for index in range(2)]
-  logs = [process.communicate(timeout=600)[1] for process in processes]
-  for index, process in enumerate(processes):
-    assert process.returncode == 0, f"process {index}:\n{logs[index][-4000:]}"
+  logs = processes.ProcessGroup(
+      [_train_command(tmp_path, *flags, f"--process_id={index}") for index in range(2)],
+      process_group_env(1), tmp_path / "logs").wait()
   assert "process 0 of 2; 1 local devices, 2 in all" in logs[0]
   manager = checkpoints.make_manager(str(tmp_path), read_only=True)
   assert manager.all_steps() == [2]
