@@ -107,9 +107,10 @@ def test_preempted_run_resumes_bitwise_identically(tmp_path, monkeypatch):
 # --- Two processes train like one -------------------------------------------------------------
 #
 # train.py runs as 2 processes of 1 CPU device each (jax.distributed on 127.0.0.1, a data 1 x
-# fsdp 2 x tensor 1 mesh: the batch, the parameter shards and their all-gathers, the gradients'
-# reductions cross processes); this process repeats those steps on its one device, from the same
-# initial state and global batches, and then resumes the group's checkpoint.
+# fsdp 2 x tensor 1 mesh: the initial weights' restore, the batch, the parameter shards and their
+# all-gathers, the gradients' reductions cross processes); this process repeats those steps on
+# its one device, from the same initial state and global batches, and then resumes the group's
+# checkpoint.
 # tests/multi_process_check.py measures the evaluation's feature statistics the same two ways.
 
 SCRIPT = str(pathlib.Path(__file__).resolve().parent / "multi_process_check.py")
@@ -156,16 +157,22 @@ def _scalars(workdir, tag: str) -> dict[int, float]:
   return found
 
 
+def _initial_state(config) -> state_lib.TrainState:
+  """The state train.py starts from without `init_from`, on this process's one device."""
+  init_rng, _ = jax.random.split(jax.random.key(config.seed))
+  return state_lib.create_train_state(config, mesh_lib.make_mesh(config.mesh), init_rng)
+
+
 def _one_device_replay(config, workdir, process_count: int
                        ) -> tuple[list[float], state_lib.TrainState]:
   """(losses, state) of the first `config.num_train_steps` steps that train.py took in
   `workdir` with `process_count` processes, repeated on this process's one device: the same
-  initial state (the initialiser's numbers do not depend on the mesh), the same global batches
-  (each process's loader gives its rows, in process order) and the same step rng."""
+  initial state (`_initial_state`, which the processes got from `init_from`), the same global
+  batches (each process's loader gives its rows, in process order) and the same step rng."""
   mesh = mesh_lib.make_mesh(config.mesh)
   _, shardings = state_lib.abstract_state(config, mesh)
-  init_rng, train_rng = jax.random.split(jax.random.key(config.seed))
-  state = state_lib.create_train_state(config, mesh, init_rng)
+  _, train_rng = jax.random.split(jax.random.key(config.seed))
+  state = _initial_state(config)
   train_step = step_lib.jit_train_step(config, mesh, shardings)
   directory = loaders.data_dir(config, str(workdir))
   per_process = [iter(loaders.make_train_loader(config, directory, index, process_count))
@@ -192,20 +199,28 @@ def test_two_processes_train_like_one_and_a_different_topology_resumes(tmp_path,
   at the unit-test learning rate (1e-3) can move a weight; a wrong reduction or batch moves
   weights by O(lr).
   """
+  config = unit_test.get_config()
+  config.update_from_flattened_dict(ONE_LEVEL_UNET)
+  config.num_train_steps = 2
+  # The group starts from the initialiser's weights as this process computes them (they do not
+  # depend on the mesh), saved as a converted checkpoint: each process restores its shards
+  # rather than compiling the sharded initialiser (as costly to compile as a step).
+  config.init_from = str(tmp_path / "initial")
+  initial = _initial_state(config)
+  checkpoints.save_pretrained(config.init_from, initial.params, initial.frozen, config)
+
   address = f"127.0.0.1:{_free_port()}"
   flags = ["--config.num_train_steps=2", "--config.log_every_steps=1", "--config.mesh.data=1",
-           "--config.mesh.fsdp=2", *one_level_flags(),
+           "--config.mesh.fsdp=2", *one_level_flags(), f"--config.init_from={config.init_from}",
            f"--coordinator_address={address}", "--num_processes=2"]
   logs = processes.ProcessGroup(
       [_train_command(tmp_path, *flags, f"--process_id={index}") for index in range(2)],
       process_group_env(1), tmp_path / "logs").wait()
   assert "process 0 of 2; 1 local devices, 2 in all" in logs[0]
+  assert "initialised parameters from" in logs[0]
   manager = checkpoints.make_manager(str(tmp_path), read_only=True)
   assert manager.all_steps() == [2]
 
-  config = unit_test.get_config()
-  config.update_from_flattened_dict(ONE_LEVEL_UNET)
-  config.num_train_steps = 2
   losses, replayed = _one_device_replay(config, tmp_path, process_count=2)
   logged = _scalars(tmp_path, "train/loss")
   np.testing.assert_allclose([logged[1], logged[2]], losses, rtol=0, atol=1e-5)
