@@ -137,14 +137,16 @@ def test_every_variant_is_sampled_and_compared_with_the_real_clips(evaluated):
   for name, values in results["variants"].items():
     assert values["videos"] == 2, name
     assert np.isfinite(values["fvd"]) and values["fvd"] > 0, (name, values)
-    for field in ("last_frame_centroid_px", "first_frame_centroid_px", "failed_fraction"):
+    for field in ("last_frame_centroid_px", "first_frame_centroid_px", "failed_fraction",
+                  "psnr_db", "shape_iou", "colour_error", "first_frame_psnr_db"):
       assert field in values, (name, values)
+    assert 0 <= values["shape_iou"] <= 1 and values["psnr_db"] > 0, (name, values)
   assert results["real"]["videos"] == 2
   assert np.isfinite(results["floor"]["fvd"])  # Held-out clips 0-1 against clips 2-3.
   assert json.loads(json.dumps(results)) == results
   table = suite.markdown_table(results)
   assert "| text + first + last frame (tau = steps) | 2 |" in table, table
-  assert "the floor" in table
+  assert "the floor" in table and "| psnr_db | shape_iou |" in table, table
 
 
 @pytest.mark.slow

@@ -87,3 +87,61 @@ def test_centroid_survives_mp4_round_trip(tmp_path):
     assert metrics.centroid_distance(original, round_trip, _BACKGROUND) < 0.5
   assert metrics.motion_direction_agreement(
       shrunk, (2, 3), _BACKGROUND) == pytest.approx(1.0, abs=1e-3)
+
+
+# --- Fidelity against the real clip --------------------------------------------------------------
+
+def test_psnr_of_known_errors():
+  frame = _frame_with_square(10, 30)
+  assert metrics.psnr(frame, frame) == metrics.MAX_PSNR_DB
+  off_by_16 = frame.astype(np.int32) + 16  # MSE 256: 20 log10(255 / 16) = 24.05 dB.
+  assert metrics.psnr(off_by_16, frame) == pytest.approx(20 * math.log10(255 / 16))
+  with pytest.raises(ValueError, match="different shapes"):
+    metrics.psnr(frame, frame[:32])
+
+
+def test_shape_iou_of_overlapping_squares():
+  # 10 x 10 squares shifted by 5 columns: 50 shared pixels of 150.
+  assert metrics.shape_iou(_frame_with_square(10, 30), _frame_with_square(10, 35),
+                           _BACKGROUND) == pytest.approx(50 / 150)
+  assert metrics.shape_iou(_frame_with_square(10, 30), _frame_with_square(10, 30),
+                           _BACKGROUND) == 1.0
+  empty = np.full((64, 64, 3), _BACKGROUND, np.uint8)
+  assert metrics.shape_iou(empty, empty, _BACKGROUND) == 1.0
+  assert metrics.shape_iou(empty, _frame_with_square(10, 30), _BACKGROUND) == 0.0
+
+
+def test_colour_error_is_the_rms_of_the_mean_colours():
+  frame = _frame_with_square(10, 30)
+  recoloured = frame.copy()
+  recoloured[10:20, 30:40] = (_SHAPE[0] - 30, _SHAPE[1], _SHAPE[2] + 30)  # -30, 0, +30.
+  assert metrics.colour_error(recoloured, frame, _BACKGROUND) == pytest.approx(
+      math.sqrt((30 ** 2 + 30 ** 2) / 3))
+  # A shape drawn smaller in the right colour has the right colour.
+  smaller = np.full_like(frame, _BACKGROUND)
+  smaller[12:18, 32:38] = _SHAPE
+  assert metrics.colour_error(smaller, frame, _BACKGROUND) == 0.0
+  assert math.isnan(metrics.colour_error(np.full_like(frame, _BACKGROUND), frame, _BACKGROUND))
+
+
+def test_fidelity_of_a_video_against_the_real_one():
+  real = _moving_square_video((0, 2))
+  found = metrics.fidelity(real, real, _BACKGROUND)
+  assert found == {"psnr_db": metrics.MAX_PSNR_DB, "shape_iou": 1.0, "colour_error": 0.0,
+                   "first_frame_psnr_db": metrics.MAX_PSNR_DB}
+  # Frame 0 kept; in frames 1-3 the square lags 2 columns per frame behind and is 40 bluer;
+  # in the last frame it is gone.
+  bluer = (_SHAPE[0], _SHAPE[1], _SHAPE[2] + 40)
+  fake = real.copy()
+  for i in range(1, 4):
+    fake[i] = np.full_like(real[i], _BACKGROUND)
+    fake[i][20:30, 20 + 2 * (i - 1):30 + 2 * (i - 1)] = bluer
+  fake[4] = np.full_like(real[4], _BACKGROUND)
+  found = metrics.fidelity(fake, real, _BACKGROUND)
+  # IoU per frame: 1, then 10 x 8 shared of 10 x 12 (frames 1-3), then 0.
+  assert found["shape_iou"] == pytest.approx((1 + 3 * 80 / 120 + 0) / 5)
+  assert found["colour_error"] == pytest.approx((0 + 3 * 40 / math.sqrt(3)) / 4)
+  assert found["first_frame_psnr_db"] == metrics.MAX_PSNR_DB
+  assert found["psnr_db"] < metrics.MAX_PSNR_DB
+  with pytest.raises(ValueError, match="one shape"):
+    metrics.fidelity(real, real[:3], _BACKGROUND)

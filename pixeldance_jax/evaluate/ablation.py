@@ -69,7 +69,8 @@ METRICS = ("fvd", "conditioning")
 # Columns of the table and the bar charts: (result key, heading).
 COLUMNS = (("fvd", "FVD"), ("first_frame_centroid_px", "first-frame px"),
            ("last_frame_centroid_px", "last-frame px"), ("direction_cosine", "direction cos"),
-           ("empty_prompt_cosine", "empty-prompt cos"))
+           ("empty_prompt_cosine", "empty-prompt cos"), ("psnr_db", "PSNR dB"),
+           ("shape_iou", "shape IoU"), ("colour_error", "colour error"))
 
 
 def variant_config(base: ml_collections.ConfigDict, name: str, data_dir: str,

@@ -4,9 +4,11 @@ The synthetic data draws shapes on a flat background of known colour, so the
 object is simply every pixel far enough from that colour. The main use is
 scoring a generated video against its conditioning: the distance between the
 shape's centroid in the last generated frame and in the given last frame, and
-whether the shape moved in the expected direction.
+whether the shape moved in the expected direction; and against the real clip it
+was conditioned on: how well it draws the shape (PSNR, the shape's IoU and colour).
 """
 
+import math
 from typing import Sequence
 
 import numpy as np
@@ -109,3 +111,66 @@ def direction_cosine(moved: VectorLike, expected_velocity: VectorLike,
   if not (length >= min_displacement and speed > 0):
     return float("nan")
   return float(np.dot(moved, velocity) / (length * speed))
+
+
+# --- Fidelity: how well a generated clip draws the real one ----------------------------------
+
+# PSNR of identical frames is infinite; this cap keeps means finite (no uint8 frame that
+# differs anywhere scores above 58 dB).
+MAX_PSNR_DB = 100.0
+
+
+def psnr(frame_a: np.ndarray, frame_b: np.ndarray) -> float:
+  """Peak signal-to-noise ratio in dB of two `[..., 3]` images in 0..255, capped at
+  `MAX_PSNR_DB`."""
+  a, b = np.asarray(frame_a, np.float64), np.asarray(frame_b, np.float64)
+  if a.shape != b.shape:
+    raise ValueError(f"frames of different shapes: {a.shape} and {b.shape}")
+  mse = float(np.mean((a - b) ** 2))
+  return MAX_PSNR_DB if mse == 0 else min(MAX_PSNR_DB, 10.0 * math.log10(255.0 ** 2 / mse))
+
+
+def shape_iou(frame: np.ndarray, reference: np.ndarray, background: VectorLike,
+              threshold: float = 60.0) -> float:
+  """Intersection over union of the object masks of two `[H, W, 3]` frames; 1 when neither
+  has an object (nothing to draw, nothing drawn)."""
+  mask, expected = (object_mask(f, background, threshold) for f in (frame, reference))
+  union = np.logical_or(mask, expected).sum()
+  return 1.0 if union == 0 else float(np.logical_and(mask, expected).sum() / union)
+
+
+def shape_colour(frame: np.ndarray, background: VectorLike,
+                 threshold: float = 60.0) -> np.ndarray:
+  """Mean RGB `[3]` of the object's pixels; NaN where there is no object."""
+  mask = object_mask(frame, background, threshold)
+  if not mask.any():
+    return np.full(3, np.nan)
+  return np.asarray(frame, np.float64)[mask].mean(axis=0)
+
+
+def colour_error(frame: np.ndarray, reference: np.ndarray, background: VectorLike,
+                 threshold: float = 60.0) -> float:
+  """Root mean square over the channels of the difference between the two frames' mean
+  object colours, in 0..255 (a shape drawn 20 too red, green and blue scores 20); NaN where
+  either frame has no object."""
+  difference = (shape_colour(frame, background, threshold)
+                - shape_colour(reference, background, threshold))
+  return float(np.sqrt(np.mean(difference ** 2)))
+
+
+def fidelity(video: np.ndarray, reference: np.ndarray, background: VectorLike,
+             threshold: float = 60.0) -> dict[str, float]:
+  """A generated clip against the real one, frame by frame (`[frames, H, W, 3]` both): the
+  means over frames of PSNR, shape IoU and colour error (over the frames where both have an
+  object; NaN if none), and the PSNR of frame 0 alone (the given first frame, redrawn)."""
+  video, reference = np.asarray(video), np.asarray(reference)
+  if video.shape != reference.shape or video.ndim != 4:
+    raise ValueError(f"expected two videos [frames, H, W, 3] of one shape, got {video.shape} "
+                     f"and {reference.shape}")
+  colours = [colour_error(v, r, background, threshold) for v, r in zip(video, reference)]
+  colours = [c for c in colours if not math.isnan(c)]
+  return {"psnr_db": float(np.mean([psnr(v, r) for v, r in zip(video, reference)])),
+          "shape_iou": float(np.mean([shape_iou(v, r, background, threshold)
+                                      for v, r in zip(video, reference)])),
+          "colour_error": float(np.mean(colours)) if colours else float("nan"),
+          "first_frame_psnr_db": psnr(video[0], reference[0])}
