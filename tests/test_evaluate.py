@@ -19,7 +19,7 @@ from configs import unit_test
 from pixeldance_jax.io import video_files
 from pixeldance_jax.data import moving_shapes
 from pixeldance_jax.data import loaders
-from pixeldance_jax.evaluate import features, frechet, suite, videos
+from pixeldance_jax.evaluate import denoising, features, frechet, suite, videos
 from pixeldance_jax.evaluate.networks import i3d
 from pixeldance_jax.parallel import mesh as mesh_lib
 
@@ -240,3 +240,25 @@ def test_clipsim_of_a_captioned_folder_is_the_mean_frame_caption_cosine(tmp_path
   expected = float(np.mean(clip.video_clipsim(image, text)))
   assert results["real"]["clipsim"] == pytest.approx(expected, abs=1e-5)
   assert results["fake"]["clipsim"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_one_step_reconstructions_per_timestep(tmp_path):
+  """An epsilon-prediction model's clean estimate at t = 0 is the noisy clip itself but for
+  sqrt(1 - alpha_bar_0) = 1% of its output, whatever its weights: the real clip again (the
+  fidelity metrics' known answer); at t = 999 the random model's estimate is not the clip."""
+  config = unit_test.get_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
+  config.diffusion.prediction_type = "epsilon"
+  pipeline = helpers.random_pipeline(config, seed=1)
+  results = denoising.measure(pipeline, loaders.data_dir(config, str(tmp_path)), num_videos=3,
+                              timesteps=(0, 999), batch_size=2)
+  rows = results["timesteps"]
+  assert list(rows) == ["0", "999"] and results["num_videos"] == 3
+  assert rows["0"]["noise_std"] == pytest.approx(0.01, rel=1e-3) and rows["999"]["noise_std"] > 0.99
+  assert rows["0"]["shape_iou"] > 0.95 and rows["0"]["psnr_db"] > 30, rows["0"]
+  assert rows["999"]["psnr_db"] < rows["0"]["psnr_db"] - 10, rows
+  assert all(row["loss"] > 0 for row in rows.values())
+  assert "| 999 |" in denoising.markdown(results)
+  with pytest.raises(ValueError, match="outside"):
+    denoising.measure(pipeline, loaders.data_dir(config, str(tmp_path)), num_videos=1,
+                      timesteps=(1000,))
