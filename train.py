@@ -26,6 +26,10 @@ _COORDINATOR = flags.DEFINE_string(
     "and --process_id) for clusters JAX does not detect.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, 0-based.")
+_ALLOW_RESUME_CHANGES = flags.DEFINE_list(
+    "allow_resume_changes", [], "Config keys or sections (of conditioning, data, seed) that may "
+    "differ from the checkpoint's when resuming, e.g. data.num_train_clips,conditioning. "
+    "Without them such a change is refused; model settings can never change.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -49,7 +53,7 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   initialize_distributed()
-  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+  trainer.train_and_evaluate(_CONFIG.value, _WORKDIR.value, _ALLOW_RESUME_CHANGES.value)
 
 
 if __name__ == "__main__":

@@ -175,7 +175,10 @@ def test_prompts_file_samples_each_line_into_its_folder(pipeline, tmp_path):
                                           ('{"prompt": "x", "first_frame": "missing.png"}',
                                            "missing.png"),
                                           ('{"prompt": "x", "sampler": "euler"}', "euler"),
-                                          ("not json", "not JSON")])
+                                          ("not json", "not JSON"),
+                                          ('{"prompt": "x", "name": "../escape"}', "escape"),
+                                          ('{"prompt": "x", "name": "/tmp/x"}', "plain folder"),
+                                          ('{"prompt": "x", "name": ".."}', "plain folder")])
 def test_prompts_file_errors_name_the_line(pipeline, tmp_path, line, message):
   (tmp_path / "jobs.jsonl").write_text("# a comment\n\n" + line + "\n")
   with pytest.raises(ValueError, match=f"jobs.jsonl:3: .*{message}"):

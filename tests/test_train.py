@@ -1,6 +1,7 @@
 """Train step, checkpoints, resume and failure handling on the unit-test config."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -217,3 +218,78 @@ def test_config_checks_name_each_bad_choice_before_any_work(tmp_path):
   with pytest.raises(ValueError, match="lr_schedule='linear'.*\n.*batch_size=3 is not divisible"):
     trainer.train_and_evaluate(config, str(tmp_path))
 
+
+
+def _workdir_with_checkpoint(tmp_path, config):
+  manager = checkpoints.make_manager(str(tmp_path), config)
+  checkpoints.save(manager, 1, {"step": np.int32(1)}, config)
+  manager.wait_until_finished()
+  return manager
+
+
+def test_resuming_with_other_data_conditioning_or_seed_is_refused_before_the_data_is_built(
+    tmp_path):
+  config = unit_test.get_config()
+  manager = _workdir_with_checkpoint(tmp_path, config)
+  changed = config.copy_and_resolve_references()
+  changed.data.num_train_clips = 64
+  changed.conditioning.last_frame_drop_prob = 0.123
+  changed.seed = 3
+  changed.data.worker_count = 1  # How the same examples are loaded: free.
+  changed.num_train_steps = 8  # A longer schedule: free.
+  with pytest.raises(ValueError) as error:
+    trainer.train_and_evaluate(changed, str(tmp_path))
+  message = str(error.value)
+  for line in ("data.num_train_clips: checkpoint 32, config 64",
+               "conditioning.last_frame_drop_prob: checkpoint ", "seed: checkpoint 0, config 3",
+               "--allow_resume_changes=conditioning.last_frame_drop_prob,"
+               "data.num_train_clips,seed"):
+    assert line in message, message
+  assert "worker_count" not in message and "num_train_steps" not in message, message
+  assert not (tmp_path / "data").exists()  # Refused before the dataset was built.
+  # Asked for, by key or by section, the changes are taken (and reported).
+  taken = checkpoints.check_resume_config(
+      manager, 1, changed, allow=("data", "conditioning.last_frame_drop_prob", "seed"))
+  assert {key for key, _, _ in taken} >= {"data.num_train_clips", "seed", "num_train_steps"}
+
+
+def test_resuming_with_another_model_is_refused_before_the_data_is_built(tmp_path):
+  config = unit_test.get_config()
+  _workdir_with_checkpoint(tmp_path, config)
+  config.unet.block_out_channels = (16, 48)
+  config.text_encoder.num_layers = 2
+  with pytest.raises(ValueError) as error:
+    trainer.train_and_evaluate(config, str(tmp_path), allow_resume_changes=("unet",))
+  message = str(error.value)
+  assert "unet.block_out_channels: checkpoint [16, 32], config (16, 48)" in message, message
+  assert "text_encoder.num_layers: checkpoint 1, config 2" in message, message
+  assert str(tmp_path) in message and not (tmp_path / "data").exists()
+
+
+def test_init_from_weights_of_another_dtype_or_shape_is_refused(tmp_path):
+  config = unit_test.get_config()
+  abstract, _ = state_lib.abstract_state(config, mesh_lib.make_mesh(config.mesh))
+  params = jax.tree.map(lambda x: np.asarray(x, np.float32), helpers.random_params(config))
+  params["unet"]["conv_in"]["kernel"] = params["unet"]["conv_in"]["kernel"].astype(
+      jnp.bfloat16)
+  params["unet"]["conv_out"]["bias"] = params["unet"]["conv_out"]["bias"][:2]
+  checkpoints.save_pretrained(str(tmp_path), params, {}, config)
+  with pytest.raises(ValueError) as error:
+    checkpoints.restore_pretrained(str(tmp_path), abstract.params, abstract.frozen)
+  message = str(error.value)
+  assert "does not fit this config's model (config.init_from)" in message, message
+  assert "['unet']['conv_in']['kernel']: bfloat16, expected float32" in message, message
+  assert "['unet']['conv_out']['bias']: (2,), expected" in message, message
+
+
+def test_a_writer_removes_unfinished_checkpoint_folders(tmp_path, caplog):
+  config = unit_test.get_config()
+  manager = _workdir_with_checkpoint(tmp_path, config)
+  unfinished = tmp_path / "checkpoints" / "2.orbax-checkpoint-tmp-1733400000000000"
+  (unfinished / "state").mkdir(parents=True)
+  checkpoints.make_manager(str(tmp_path), read_only=True)  # A reader leaves it.
+  assert unfinished.exists()
+  with caplog.at_level("WARNING"):
+    manager = checkpoints.make_manager(str(tmp_path), config)
+  assert not unfinished.exists() and manager.all_steps() == [1]
+  assert "removed 1 unfinished checkpoint folder(s)" in caplog.text

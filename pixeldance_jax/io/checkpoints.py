@@ -6,7 +6,8 @@ checkpoint (never the optimiser state, twice the params' size), or a converted c
 """
 
 import os
-from collections.abc import Mapping
+import shutil
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import grain
@@ -18,6 +19,9 @@ from absl import logging
 from pixeldance_jax.io import mismatch
 
 
+_TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax's name for a step still being written.
+
+
 def checkpoint_dir(workdir: str) -> str:
   return os.path.join(os.path.abspath(workdir), "checkpoints")
 
@@ -27,11 +31,27 @@ def make_manager(workdir: str, config: ml_collections.ConfigDict | None = None,
   """Keeps the newest `config.max_checkpoints_to_keep`, and for good every step that is a
   multiple of `config.keep_checkpoint_every_steps` (when > 0); saves asynchronously."""
   keep_period = config.keep_checkpoint_every_steps if config else 0
+  directory = checkpoint_dir(workdir)
+  if not read_only:
+    _remove_unfinished(directory)
   options = ocp.CheckpointManagerOptions(
       max_to_keep=config.max_checkpoints_to_keep if config else None,
       keep_period=keep_period or None,
       create=not read_only, read_only=read_only, enable_async_checkpointing=not read_only)
-  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def _remove_unfinished(directory: str) -> None:
+  """Removes the temporary folders of steps whose save never finished (a run stopped while
+  saving); process 0 only, as it alone finalises saves."""
+  if jax.process_index() != 0 or not os.path.isdir(directory):
+    return
+  unfinished = sorted(name for name in os.listdir(directory) if _TMP_SUFFIX in name)
+  for name in unfinished:
+    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+  if unfinished:
+    logging.warning("removed %d unfinished checkpoint folder(s) in %s (a run stopped while "
+                    "saving): %s", len(unfinished), directory, ", ".join(unfinished))
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any,
@@ -89,6 +109,11 @@ def has_data_state(manager: ocp.CheckpointManager, step: int, name: str, process
 # Config sections that shape the parameters or what they mean: a checkpoint trained with other
 # values cannot be resumed with these.
 MODEL_SECTIONS = ("unet", "text_encoder", "autoencoder", "diffusion")
+# What the run trains on and how its conditions are drawn: resuming with other values changes
+# the experiment half way, so it needs to be asked for (`allow`). Data keys that only say how
+# the same examples are loaded are free.
+RUN_SECTIONS = ("conditioning", "data", "seed")
+LOADING_KEYS = ("data.worker_count", "data.build_workers")
 
 
 def config_differences(saved: Mapping[str, Any], current: Mapping[str, Any], prefix: str = ""
@@ -110,19 +135,34 @@ def _normalise(value: Any) -> Any:
 
 
 def check_resume_config(manager: ocp.CheckpointManager, step: int,
-                        config: ml_collections.ConfigDict) -> list[tuple[str, Any, Any]]:
-  """Raises if the model sections of the checkpoint's config differ from `config`, naming
-  each key; returns the other (allowed) differences, e.g. a longer schedule or another mesh."""
+                        config: ml_collections.ConfigDict, allow: Sequence[str] = ()
+                        ) -> list[tuple[str, Any, Any]]:
+  """The differences between the checkpoint's config and `config` that resuming may take (a
+  longer schedule, another mesh, ...). Raises ValueError naming each key where the model
+  sections differ, and where the run sections (conditioning, data, seed) differ unless the key
+  or its section is in `allow`."""
   saved = restore_config(manager, step).to_dict()
   differences = config_differences(saved, config.to_dict())
+  where = os.path.join(str(manager.directory), str(step))
   model = [d for d in differences if d[0].split(".")[0] in MODEL_SECTIONS]
   if model:
-    lines = "\n".join(f"  {key}: checkpoint {old!r}, config {new!r}" for key, old, new in model)
-    raise ValueError(f"The config does not match the model in checkpoint "
-                     f"{os.path.join(str(manager.directory), str(step))}:\n{lines}\n"
-                     "Use the checkpoint's config (config.json in the workdir), or a new "
-                     "--workdir to train a different model.")
+    raise ValueError(f"The config does not match the model in checkpoint {where}:\n"
+                     f"{_listing(model)}\nUse the checkpoint's config (config.json in the "
+                     "workdir), or a new --workdir to train a different model.")
+  allowed = lambda key: key in allow or key.split(".")[0] in allow or key in LOADING_KEYS
+  run = [d for d in differences if d[0].split(".")[0] in RUN_SECTIONS and not allowed(d[0])]
+  if run:
+    keys = ",".join(key for key, _, _ in run)
+    raise ValueError(f"The config changes what checkpoint {where} was trained on:\n"
+                     f"{_listing(run)}\nUse the checkpoint's config (config.json in the "
+                     f"workdir), a new --workdir, or resume with these changes on purpose: "
+                     f"--allow_resume_changes={keys}")
   return differences
+
+
+def _listing(differences: list[tuple[str, Any, Any]]) -> str:
+  return "\n".join(f"  {key}: checkpoint {old!r}, config {new!r}"
+                   for key, old, new in differences)
 
 
 def restore(manager: ocp.CheckpointManager, step: int, abstract_state: Any,
@@ -183,6 +223,8 @@ def restore_pretrained(directory: str, abstract_params: Any, abstract_frozen: An
     raise ValueError(f"{checkpoint_dir(directory)}/{step} is not a converted checkpoint "
                      f"(python -m pixeldance_jax.convert writes those).")
   target = {"params": abstract_params, "frozen": abstract_frozen}
+  _check_fits(directory, step, "pretrained", target, "does not fit this config's model "
+              "(config.init_from)")
   restored = _restore(manager, step, {"pretrained": ocp.args.StandardRestore(target)})
   return restored["pretrained"]["params"], restored["pretrained"]["frozen"]
 
@@ -190,21 +232,28 @@ def restore_pretrained(directory: str, abstract_params: Any, abstract_frozen: An
 # --- Weights only (sampling) ------------------------------------------------------------------
 
 
-def _check_fits(workdir: str, step: int, item: str, expected: dict[str, Any]) -> None:
+def _check_fits(workdir: str, step: int, item: str, expected: dict[str, Any],
+                what: str = "does not fit the model its own config describes") -> None:
   """Refuses, listing what differs (`mismatch.check`), a checkpoint whose arrays do not fit
-  the model: cheaper and clearer than Orbax failing mid-restore. Arrays the model does not
-  read (the optimiser's) are not checked."""
+  the model in shape or dtype: cheaper and clearer than Orbax failing mid-restore, or casting
+  without a word. Arrays the model does not read (the optimiser's) are not checked."""
   item_dir = os.path.join(checkpoint_dir(workdir), str(step), item)
   try:
     metadata = ocp.StandardCheckpointer().metadata(item_dir).item_metadata
   except (OSError, ValueError) as error:
     raise ValueError(f"Cannot read the metadata of checkpoint item {item_dir}: {error}") from error
-  shapes = lambda tree: {jax.tree_util.keystr(path): tuple(leaf.shape)
+  leaves = lambda tree: {jax.tree_util.keystr(path): leaf
                          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-  wanted, stored = shapes(expected), shapes(metadata)
-  missing, _, misshapen = mismatch.compare(wanted, stored)  # Leaves it has beyond: not read.
-  mismatch.check(f"Checkpoint {step} in {checkpoint_dir(workdir)} does not fit the model its "
-                 f"own config describes", missing, (), misshapen)
+  wanted, stored = leaves(expected), leaves(metadata)
+  missing, _, misshapen = mismatch.compare(  # Leaves it has beyond: not read.
+      {name: leaf.shape for name, leaf in wanted.items()},
+      {name: leaf.shape for name, leaf in stored.items()})
+  other_dtype = sorted(f"{name}: {stored[name].dtype}, expected {leaf.dtype}"
+                       for name, leaf in wanted.items()
+                       if name in stored and getattr(stored[name], "dtype", None) is not None
+                       and stored[name].dtype != leaf.dtype)
+  mismatch.check(f"Checkpoint {step} in {checkpoint_dir(workdir)} {what}", missing, (),
+                 misshapen, (("of another dtype", other_dtype),))
 
 
 def _restore_subtrees(manager: ocp.CheckpointManager, step: int, item: str,

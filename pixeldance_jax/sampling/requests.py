@@ -100,6 +100,8 @@ def make_request(pipeline: Pipeline, *, prompt: str | Sequence[str] | None = Non
   `last_frame_edges` turns the last frame into an edge map (the sketch mode). A list of
   prompts gives one per clip; one prompt serves every clip. `settings`: see settings.SETTINGS.
   """
+  if name:
+    check_name(name)
   settings = resolve_settings(pipeline.config, prompt, settings)
   size = pipeline.config.data.image_size
   read = lambda path: media.read_image(
@@ -118,6 +120,16 @@ def make_request(pipeline: Pipeline, *, prompt: str | Sequence[str] | None = Non
   record["tau"] = 0 if last is None else min(settings["tau"], settings["steps"])
   return Request(prompts=prompts, first_frame=first, last_frame=last, settings=settings,
                  record=record, name=name)
+
+
+def check_name(name: Any) -> str:
+  """A request's name, the folder its outputs go to under the output directory: one plain
+  path component (no separator, not "." or "..")."""
+  if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
+      or "\\" in name or "\0" in name or os.sep in name):
+    raise ValueError(f"name {name!r} must be a plain folder name (no '/', '\\', '.' or "
+                     "'..'): the request's outputs go to <output_dir>/<name>")
+  return name
 
 
 def _parse_line(line: str) -> dict[str, Any] | None:
@@ -149,8 +161,13 @@ def _prompt_lines(path: str, defaults: Mapping[str, Any]) -> Iterator[tuple[int,
       except ValueError as error:
         raise ValueError(f"{path}:{number}: {error}") from error
       if item is not None:
-        yield number, {**defaults, "seed": (defaults.get("seed") or 0) + count,
-                       "name": f"{count:04d}", **item}
+        arguments = {**defaults, "seed": (defaults.get("seed") or 0) + count,
+                     "name": f"{count:04d}", **item}
+        try:
+          check_name(arguments["name"])
+        except ValueError as error:
+          raise ValueError(f"{path}:{number}: {error}") from error
+        yield number, arguments
         count += 1
   if not count:
     raise ValueError(f"{path} holds no requests")

@@ -9,6 +9,7 @@ and TensorBoard), `preview` (samples), `evaluation` (metrics), `preemption` (SIG
 import json
 import os
 import time
+from collections.abc import Sequence
 
 import jax
 import ml_collections
@@ -31,9 +32,12 @@ MAX_STEPS_IN_FLIGHT = 2
 
 
 def _write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """config.json, replaced whole (a run stopped mid-write never leaves half a file)."""
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
+    path = os.path.join(workdir, "config.json")
+    with open(path + ".tmp", "w") as f:
       json.dump(config.to_dict(), f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def _initial_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
@@ -54,6 +58,18 @@ def _initial_state(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh,
   return state_lib.state_from_weights(config, mesh, params, frozen)
 
 
+def _check_resume(config: ml_collections.ConfigDict, manager: ocp.CheckpointManager,
+                  allow_resume_changes: Sequence[str]) -> None:
+  """Refuses to resume the newest checkpoint with another model, data, conditioning or seed
+  (`checkpoints.check_resume_config`), before any data is built; logs what else changed."""
+  step = manager.latest_step()
+  if step is None:
+    return
+  for key, old, new in checkpoints.check_resume_config(manager, step, config,
+                                                       allow_resume_changes):
+    logging.info("resuming with %s changed: %r -> %r", key, old, new)
+
+
 def _restore_or_initialise(config: ml_collections.ConfigDict, manager: ocp.CheckpointManager,
                            mesh: jax.sharding.Mesh, abstract: state_lib.TrainState,
                            directory: str, rng: jax.Array
@@ -63,8 +79,6 @@ def _restore_or_initialise(config: ml_collections.ConfigDict, manager: ocp.Check
   if step is None:
     state = _initial_state(config, mesh, abstract, rng)
     return state, iterators.make(config, directory, state)
-  for key, old, new in checkpoints.check_resume_config(manager, step, config):
-    logging.info("resuming with %s changed: %r -> %r", key, old, new)
   logging.info("resuming from checkpoint step %d", step)
   state = checkpoints.restore(manager, step, abstract)
   return state, iterators.restore(config, manager, step, directory, state)
@@ -103,12 +117,16 @@ def _save(manager: ocp.CheckpointManager, step: int, state: state_lib.TrainState
                os.path.join(str(manager.directory), str(step)))
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state_lib.TrainState:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       allow_resume_changes: Sequence[str] = ()) -> state_lib.TrainState:
   """Trains (or resumes) in `workdir`: checkpoints, TensorBoard logs and config.json go there.
 
   Stops early, after saving, when preempted (SIGTERM); rerunning the same command resumes.
   Raises `errors.ConfigError` (a ValueError) before any work for a config that cannot train,
-  and FloatingPointError at the first non-finite step (nothing saved after it).
+  ValueError before any work for a config that cannot resume the workdir's checkpoint (another
+  model; other data, conditioning or seed unless those keys or sections are in
+  `allow_resume_changes`), and FloatingPointError at the first non-finite step (nothing saved
+  after it).
   """
   # --- Set up ---
   started = time.time()
@@ -116,6 +134,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> state
   config_checks.check(config, fresh_start=not os.path.isdir(checkpoints.checkpoint_dir(workdir)))
   os.makedirs(workdir, exist_ok=True)
   manager = checkpoints.make_manager(workdir, config)
+  _check_resume(config, manager, allow_resume_changes)
   directory = iterators.prepare_data(config, workdir)
   mesh = mesh_lib.make_mesh(config.mesh)
   logging.info("mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size,
