@@ -7,6 +7,7 @@ without torch and compared on pool3 features within float32 round-off. Nothing i
 """
 
 import collections
+import io
 import pickle
 import zipfile
 
@@ -253,3 +254,108 @@ def test_reader_names_missing_and_foreign_files(tmp_path):
   for name in (*foreign, "other.zip"):
     with pytest.raises(ValueError, match=f"{name} is not a torch.save file"):
       torch_checkpoint.load_state_dict(tmp_path / name)
+
+
+# --- torch.save reader: untrusted files --------------------------------------------------------
+
+
+def _zip_with_pickle(path, data_pkl: bytes, records: dict[str, bytes] | None = None,
+                     compression: int = zipfile.ZIP_STORED):
+  """A torch-style zip archive whose data.pkl is `data_pkl`."""
+  with zipfile.ZipFile(path, "w", compression=compression) as archive:
+    archive.writestr("archive/data.pkl", data_pkl)
+    for name, data in (records or {}).items():
+      archive.writestr(f"archive/data/{name}", data)
+  return path
+
+
+def test_a_small_file_cannot_ask_for_a_large_array(tmp_path):
+  """A broadcast view (stride 0) of one float stands for 2^40 of them: refused before any
+  allocation. A broadcast within the file's means (the `_tensors` expand) reads."""
+  path = tmp_path / "bomb.pt"
+  torch.save({"bomb": torch.zeros(1).expand(2**20, 2**20)}, path)
+  assert path.stat().st_size < 4096
+  with pytest.raises(ValueError, match=r"bomb\.pt.*broadcast or overlapping views"):
+    torch_checkpoint.load_state_dict(path)
+  # Sizes past any integer type, and negative ones, are refused the same way.
+  for size, message in (((2**70,), "broadcast or overlapping"), ((-1,), "non-negative")):
+    with pytest.raises(ValueError, match=message):
+      torch_checkpoint.load(_crafted_tensor_file(tmp_path / "crafted.pt", size, (1,)))
+  ok = torch_checkpoint.load(_crafted_tensor_file(tmp_path / "ok.pt", (1,), (1,)))
+  np.testing.assert_array_equal(ok["t"], [1.0])  # The crafted file is a torch file.
+
+
+_STORAGE = object()  # Pickled as the persistent id of a one-float storage "0".
+
+
+class _CraftedTensor:
+  """Pickles as torch pickles a tensor, with any size and stride."""
+
+  def __init__(self, size, stride):
+    self.size, self.stride = size, stride
+
+  def __reduce__(self):
+    return (torch._utils._rebuild_tensor_v2,  # pylint: disable=protected-access
+            (_STORAGE, 0, self.size, self.stride, False, collections.OrderedDict()))
+
+
+class _TorchLikePickler(pickle.Pickler):
+
+  def persistent_id(self, obj):
+    return ("storage", torch.FloatStorage, "0", "cpu", 1) if obj is _STORAGE else None
+
+
+def _crafted_tensor_file(path, size, stride):
+  buffer = io.BytesIO()
+  _TorchLikePickler(buffer, protocol=2).dump({"t": _CraftedTensor(size, stride)})
+  return _zip_with_pickle(path, buffer.getvalue(), {"0": np.float32(1).tobytes()})
+
+
+def test_compressed_members_and_short_legacy_storages_are_refused(tmp_path):
+  path = tmp_path / "saved.pt"
+  torch.save({"w": torch.ones(64)}, path)
+  with zipfile.ZipFile(path) as archive:
+    members = {info.filename: archive.read(info) for info in archive.infolist()}
+  deflated = tmp_path / "deflated.pt"
+  with zipfile.ZipFile(deflated, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    for name, data in members.items():
+      archive.writestr(name, data)
+  with pytest.raises(ValueError, match=r"deflated\.pt.*compressed"):
+    torch_checkpoint.load_state_dict(deflated)
+  # Legacy format: a storage whose element count claims more than the file holds.
+  legacy = tmp_path / "legacy.pt"
+  torch.save({"w": torch.ones(64)}, legacy, _use_new_zipfile_serialization=False)
+  data = legacy.read_bytes()
+  count = (64).to_bytes(8, "little")
+  assert data.count(count) >= 1
+  at = data.rindex(count)
+  legacy.write_bytes(data[:at] + (2**60).to_bytes(8, "little") + data[at + 8:])
+  with pytest.raises(ValueError, match=r"legacy\.pt.*claims 1152921504606846976 elements"):
+    torch_checkpoint.load_state_dict(legacy)
+
+
+# GLOBAL torch.FloatStorage, then BUILD {"dtype": 1} on it; the same on OrderedDict.
+_SET_STORAGE_DTYPE = b"\x80\x02ctorch\nFloatStorage\n}X\x05\x00\x00\x00dtypeK\x01sb."
+_SET_DICT_ATTRIBUTE = b"\x80\x02ccollections\nOrderedDict\n}X\x03\x00\x00\x00fooK\x01sb."
+
+
+def test_a_pickle_cannot_change_how_the_next_file_is_read(tmp_path):
+  for attack in (_SET_STORAGE_DTYPE, _SET_DICT_ATTRIBUTE):
+    with pytest.raises(ValueError, match="refusing to set"):
+      torch_checkpoint.load(_zip_with_pickle(tmp_path / "attack.pt", attack))
+  assert not hasattr(collections.OrderedDict, "foo")
+  path = tmp_path / "after.pt"
+  torch.save({"w": torch.arange(4.0)}, path)
+  np.testing.assert_array_equal(torch_checkpoint.load_state_dict(path)["w"], np.arange(4.0))
+
+
+def test_every_failure_is_a_value_error_naming_the_file(tmp_path):
+  depth = 200_000  # Nested lists: deeper than Python's recursion limit.
+  nested = b"\x80\x02" + b"]" * depth + b"a" * (depth - 1) + b"."
+  cases = {"nested.pt": nested,
+           "not_a_tensor.pt": b"\x80\x02ctorch._utils\n_rebuild_parameter\nK\x01\x85R.",
+           "bad_storage.pt": b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(K\x01K\x00K\x01\x85"
+                             b"K\x01\x85tR."}
+  for name, data in cases.items():
+    with pytest.raises(ValueError, match=name.replace(".", r"\.")):
+      torch_checkpoint.load(_zip_with_pickle(tmp_path / name, data))
