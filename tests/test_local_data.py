@@ -16,10 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import crash_inputs
 import helpers
 from configs import unit_test
-from pixeldance_jax.data import conditioning, media, loaders
+from pixeldance_jax.data import conditioning, local_sources, media, loaders
 from pixeldance_jax.io import video_files
+from pixeldance_jax.data.builders import build_report
 from pixeldance_jax.data.builders.local_videos import LocalVideos
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.train import state as state_lib
@@ -474,3 +476,70 @@ def test_train_on_a_folder_of_mp4s(video_dir: pathlib.Path, tmp_path: pathlib.Pa
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
   heldout = loaders.load_test_clips(config, loaders.data_dir(config, str(tmp_path / "run")), 1)
   assert heldout[0]["video"].shape == (4, 16, 16, 3)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_one_bad_input_costs_only_itself(workers):
+  """An error no reader expects is counted against its file; with workers, a worker killed
+  (as by the out-of-memory killer) costs only the file it was reading, and nothing hangs."""
+  names = ["a.mp4", "b_error.mp4", "c.mp4", "d_killed.mp4", "e.mp4", "f.mp4", "g.mp4"]
+  if workers == 1:  # In this process a kill would end the test run.
+    names.remove("d_killed.mp4")
+  results = list(build_report.map_inputs(crash_inputs.read, [(name,) for name in names],
+                                         len(names), workers, "reading"))
+  assert len(results) == len(names)
+  for name, (result, skip) in zip(names, results):
+    if "error" in name:
+      assert result is None and skip == ("failed", f"{name}: RuntimeError: the codec gave up")
+    elif "killed" in name:
+      assert result is None and skip[0] == "crashed" and skip[1].startswith(name), skip
+    else:
+      assert result == f"{name} read" and skip is None
+
+
+# --- Listings of untidy collections -----------------------------------------------------------
+
+
+def test_caption_csvs_with_a_byte_order_mark_read_and_bad_ones_name_the_line(tmp_path):
+  folder = tmp_path / "videos"
+  folder.mkdir()
+  for name in ("a.mp4", "b.mp4"):
+    (folder / name).write_bytes(b"")
+  captions = folder / "captions.csv"
+  captions.write_bytes("\ufefffile,caption\na.mp4,a red ball\nb.mp4,\"a ball, blue\"\n"
+                       .encode("utf-8"))
+  entries = local_sources.list_folder(str(folder), "", local_sources.VIDEO_EXTENSIONS)
+  assert [(e.key, e.caption) for e in entries] == [("a.mp4", "a red ball"),
+                                                   ("b.mp4", "a ball, blue")]
+  for data, message in (("file,caption\na.mp4,rouge\nb.mp4,bl\xe9\n".encode("latin-1"),
+                         r"captions\.csv:3: not UTF-8"),
+                        (b"file,caption\na.mp4\n", r"captions\.csv:2: 1 fields, the header has 2"),
+                        (b"file,caption\na.mp4,a ball, blue\n", r"captions\.csv:2: 3 fields")):
+    captions.write_bytes(data)
+    with pytest.raises(ValueError, match=message):
+      local_sources.list_folder(str(folder), "", local_sources.VIDEO_EXTENSIONS)
+
+
+def test_webvid_paths_stay_inside_the_folder_and_symlinked_folders_are_not_walked(tmp_path):
+  folder, outside = tmp_path / "videos", tmp_path / "elsewhere"
+  folder.mkdir()
+  outside.mkdir()
+  (folder / "in.mp4").write_bytes(b"")
+  (outside / "out.mp4").write_bytes(b"")
+  (folder / "linked").symlink_to(outside, target_is_directory=True)
+  csv_path = tmp_path / "list.csv"
+  csv_path.write_text(f"path,caption\nin.mp4,inside\n../elsewhere/out.mp4,up\n"
+                      f"{outside / 'out.mp4'},absolute\n")
+  entries = local_sources.list_webvid_csv(str(csv_path), str(folder))
+  assert [(e.caption, e.path is not None) for e in entries] == [
+      ("inside", True), ("up", False), ("absolute", False)]
+  listed = local_sources.list_folder(str(folder), "", local_sources.VIDEO_EXTENSIONS)
+  assert [e.key for e in listed] == ["in.mp4"]
+
+
+def test_slivers_are_refused_not_cropped():
+  assert video_files.center_square(np.zeros((8, 64, 3), np.uint8), 8).shape == (8, 8, 3)
+  with pytest.raises(ValueError, match="more than 8:1"):
+    video_files.center_square(np.zeros((4, 64, 3), np.uint8), 8)
+  with pytest.raises(ValueError, match="more than 8:1"):
+    video_files.center_square(np.zeros((0, 5, 3), np.uint8), 8)

@@ -8,7 +8,12 @@ Three layouts (the `source` of a local dataset):
   `clip.txt`).
 - `webvid_csv`: a WebVid-style CSV (`videoid`, `name`, optional `duration` as seconds or
   `PT00H00M12S`, optional `page_dir`) or the same with `path` / `caption` columns; videos are found
-  under the folder as `<videoid>.<ext>` (at any depth) or at `path`.
+  under the folder as `<videoid>.<ext>` (at any depth) or at `path`, relative to the folder (an
+  absolute path or one through `..` is not read: the row counts as a missing file).
+
+CSVs are UTF-8 (with or without a byte order mark); another encoding, or a row with another
+number of fields than the header, is an error naming the file and line. Folders are walked
+without following symbolic links to folders (a link to a file is read).
 - `image_folder`: images with captions, exactly like `video_folder`.
 
 Rows with no usable file or caption stay in the listing with `path` or `caption` None: the
@@ -18,6 +23,7 @@ build counts and reports them instead of dropping them silently.
 import csv
 import dataclasses
 import hashlib
+import io
 import os
 import re
 from typing import Iterable
@@ -62,11 +68,32 @@ def _pick_column(fieldnames: Iterable[str], candidates: tuple[str, ...], csv_pat
 
 
 def _read_csv(csv_path: str) -> tuple[list[dict[str, str]], list[str]]:
+  """The rows and header of a UTF-8 CSV (a byte order mark is dropped); another encoding, or
+  a row with more or fewer fields than the header, is a ValueError naming the file and line."""
   if not os.path.isfile(csv_path):
     raise FileNotFoundError(f"Captions file not found: {csv_path!r}.")
-  with open(csv_path, newline="", encoding="utf-8") as f:
-    reader = csv.DictReader(f)
-    return list(reader), list(reader.fieldnames or [])
+  with open(csv_path, "rb") as f:
+    data = f.read()
+  try:
+    text = data.decode("utf-8-sig")
+  except UnicodeDecodeError as error:
+    line = data.count(b"\n", 0, error.start) + 1
+    raise ValueError(f"{csv_path}:{line}: not UTF-8 ({error.reason} at byte {error.start}); "
+                     "save the captions as UTF-8") from error
+  reader = csv.reader(io.StringIO(text, newline=""))
+  try:
+    fieldnames = next(reader, [])
+    rows = []
+    for fields in reader:
+      if not fields:  # Blank line.
+        continue
+      if len(fields) != len(fieldnames):
+        raise ValueError(f"{csv_path}:{reader.line_num}: {len(fields)} fields, the header has "
+                         f"{len(fieldnames)} (a caption with a comma needs double quotes)")
+      rows.append(dict(zip(fieldnames, fields)))
+  except csv.Error as error:
+    raise ValueError(f"{csv_path}:{reader.line_num}: {error}") from error
+  return rows, fieldnames
 
 
 def _clean_caption(text: str | None) -> str | None:
@@ -141,7 +168,10 @@ def list_webvid_csv(csv_path: str, video_dir: str) -> list[Entry]:
   for row in rows:
     key = row[file_column].strip()
     relative = key if file_column.strip().lower() == "path" else by_stem.get(key)
-    path = os.path.join(video_dir, relative) if relative else None
+    # Paths stay inside the folder: an absolute path or one through ".." is not read.
+    inside = relative and not os.path.isabs(relative) and ".." not in re.split(r"[\\/]",
+                                                                                relative)
+    path = os.path.join(video_dir, relative) if inside else None
     if path is not None and not os.path.isfile(path):
       path = None
     entries.append(Entry(key=key, path=path, caption=_clean_caption(row[caption_column]),

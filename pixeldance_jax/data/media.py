@@ -25,7 +25,7 @@ from pixeldance_jax.io import video_files
 
 # Why an input was skipped; the build reports a count for each.
 SKIP_REASONS = ("missing_file", "missing_caption", "duplicate", "unreadable", "truncated",
-                "too_short")
+                "too_short", "failed", "crashed")
 FRAME_FORMATS = {"jpeg": "JPEG", "png": "PNG"}
 _JPEG_QUALITY = 95
 

@@ -223,12 +223,18 @@ class UnreadableVideo(ValueError):
     return type(self), (self.reason, str(self))
 
 
+MAX_ASPECT = 8  # Longer side over shorter side, past which a picture is refused.
+
+
 def center_square(image: np.ndarray, size: int,
                   resample: Image.Resampling = Image.Resampling.BOX) -> np.ndarray:
   """uint8 `[H, W, 3]` -> `[size, size, 3]`: the central square, resized (`resample`; BOX
   averages when shrinking). The one crop-and-resize: video frames, images, evaluated videos."""
   height, width = image.shape[:2]
   side = min(height, width)
+  if max(height, width) > MAX_ASPECT * side:
+    raise ValueError(f"a {width}x{height} picture is more than {MAX_ASPECT}:1; its central "
+                     "square would be a sliver of it")
   top, left = (height - side) // 2, (width - side) // 2
   image = image[top:top + side, left:left + side]
   if side == size:

@@ -3,6 +3,8 @@
 import collections
 import dataclasses
 import multiprocessing
+from concurrent import futures
+from concurrent.futures import process
 from typing import Any, Callable, Iterable, Iterator
 
 from absl import logging
@@ -45,12 +47,15 @@ class BuildReport:
 
 
 def _run(task: tuple[Callable, tuple]) -> tuple[Any, tuple[str, str] | None]:
-  """(result, None) or (None, (skip reason, message)); picklable for worker processes."""
+  """(result, None) or (None, (skip reason, message)); picklable for worker processes. Any
+  error reading one input is that input's (reason "failed", its path and the error named)."""
   function, args = task
   try:
     return function(*args), None
   except media.SkippedInput as error:
     return None, (error.reason, str(error))
+  except Exception as error:  # pylint: disable=broad-except
+    return None, ("failed", f"{args[0]}: {type(error).__name__}: {error}")
 
 
 def map_inputs(function: Callable, arguments: Iterable[tuple], total: int, workers: int,
@@ -59,16 +64,57 @@ def map_inputs(function: Callable, arguments: Iterable[tuple], total: int, worke
 
   "spawn" workers: the building process may already run JAX threads, which fork would copy in
   an unknown state. Results come back in input order, so the written order is deterministic.
+  A worker that dies (killed, out of memory) costs only its own input (`_pool_map`).
   """
   tasks = ((function, args) for args in arguments)
   progress = tqdm.tqdm(total=total, desc=description, unit="file", dynamic_ncols=True)
   with progress:
     if workers <= 1:
-      results = map(_run, tasks)
-      yield from _with_progress(results, progress)
-      return
-    with multiprocessing.get_context("spawn").Pool(workers) as pool:
-      yield from _with_progress(pool.imap(_run, tasks, chunksize=4), progress)
+      yield from _with_progress(map(_run, tasks), progress)
+    else:
+      yield from _with_progress(_pool_map(tasks, workers), progress)
+
+
+def _executor(workers: int) -> futures.ProcessPoolExecutor:
+  return futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _pool_map(tasks: Iterator[tuple[Callable, tuple]], workers: int
+              ) -> Iterator[tuple[Any, tuple[str, str] | None]]:
+  """`_run` of each task on a pool of `workers` processes, in order, a few tasks ahead. When a
+  worker dies, the pool breaks and every task in flight fails with it: each is run again in a
+  process of its own, and the one that dies again is skipped ("crashed") and named; then a new
+  pool takes the rest."""
+  executor = _executor(workers)
+  in_flight: collections.deque = collections.deque()
+  try:
+    while True:
+      while len(in_flight) < 2 * workers and (task := next(tasks, None)) is not None:
+        in_flight.append((task, executor.submit(_run, task)))
+      if not in_flight:
+        return
+      task, future = in_flight.popleft()
+      try:
+        yield future.result()
+      except process.BrokenProcessPool:
+        executor.shutdown(wait=True, cancel_futures=True)
+        retried = [task] + [other for other, _ in in_flight]
+        in_flight.clear()
+        for other in retried:
+          yield _run_alone(other)
+        executor = _executor(workers)
+  finally:
+    executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_alone(task: tuple[Callable, tuple]) -> tuple[Any, tuple[str, str] | None]:
+  """`_run(task)` in a process of its own: a skip ("crashed") if that process dies too."""
+  with _executor(1) as executor:
+    try:
+      return executor.submit(_run, task).result()
+    except process.BrokenProcessPool:
+      return None, ("crashed", f"{task[1][0]}: the process reading it died (killed, or out "
+                               "of memory)")
 
 
 def _with_progress(results: Iterable, progress: tqdm.tqdm) -> Iterator:
