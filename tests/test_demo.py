@@ -24,9 +24,11 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 import browser
 import helpers
+from benchmarks import demo_load
 from configs import unit_test
 from pixeldance_jax.io import checkpoints
 from pixeldance_jax.demo import app, service
+from pixeldance_jax.demo import server as server_lib
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import generate as generate_lib
@@ -75,7 +77,8 @@ def _get(server, path):
 def _post(server, payload, raw=None):
   """(status, JSON body) of POST /api/generate."""
   data = raw if raw is not None else json.dumps(payload).encode()
-  request = urllib.request.Request(server.url + "api/generate", data=data, method="POST")
+  request = urllib.request.Request(server.url + "api/generate", data=data, method="POST",
+                                   headers={"Content-Type": "application/json"})
   try:
     with urllib.request.urlopen(request, timeout=120) as response:
       return response.status, json.loads(response.read())
@@ -232,6 +235,122 @@ def test_a_full_queue_answers_busy(demo, server):
     demo.max_waiting = limit
     release.set()
   waiting.join(60)
+
+
+def _request(server, path, method="GET", data=None, headers=None, url=None):
+  """(status, headers, body) of a request with the given headers."""
+  request = urllib.request.Request((url or server.url.split("?")[0]) + path.lstrip("/"),
+                                   data=data, method=method, headers=headers or {})
+  try:
+    with urllib.request.urlopen(request, timeout=60) as response:
+      return response.status, response.headers, response.read()
+  except urllib.error.HTTPError as error:
+    return error.code, error.headers, error.read()
+
+
+def test_other_sites_hosts_and_bodies_are_refused(server):
+  """A page elsewhere cannot post to the demo; a rebound DNS name cannot reach it; the API
+  takes JSON only."""
+  valid = json.dumps({"prompt": "x", "first_frame": {"heldout": 0}, "steps": 1}).encode()
+  for headers, status, message in (
+      ({"Content-Type": "text/plain"}, 415, "application/json"),
+      ({"Content-Type": "application/json", "Origin": "http://evil.example"}, 403,
+       "another site"),
+      ({"Content-Type": "application/json", "Host": "evil.example"}, 403, "loopback")):
+    code, _, body = _request(server, "/api/generate", "POST", valid, headers)
+    assert code == status and message in json.loads(body)["error"], (headers, body)
+  code, _, body = _request(server, "/api/info", headers={"Host": "rebound.example:80"})
+  assert code == 403
+  info = json.loads(_get(server, "/api/info")[1])
+  assert "workdir" not in info and os.sep not in info["run"]
+
+
+def test_uploads_past_the_limits_are_413_and_other_formats_400(demo, server):
+  before = _outputs(demo)
+  huge = np.zeros((4100, 4100, 3), np.uint8)  # 16.8 M pixels in a small PNG.
+  status, body = _post(server, {"prompt": "x", "first_frame": {"image": _png_data_url(huge)}})
+  assert status == 413 and "pixels" in body["error"], body
+  gif = io.BytesIO()
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(gif, format="GIF")
+  status, body = _post(server, {"prompt": "x", "first_frame": {
+      "image": base64.b64encode(gif.getvalue()).decode()}})
+  assert status == 400 and "not an image" in body["error"], body
+  status, body = _post(server, {"prompt": "x" * 3000, "first_frame": {"heldout": 0}})
+  assert status == 400 and "3000 characters" in body["error"]
+  assert _outputs(demo) == before
+
+
+def test_outputs_have_unguessable_names_and_the_oldest_go(demo, server):
+  limit, demo.max_outputs = demo.max_outputs, 2
+  try:
+    names = [_post(server, {"prompt": "x", "first_frame": {"heldout": 0}, "steps": 1,
+                            "seed": seed})[1]["name"] for seed in range(3)]
+  finally:
+    demo.max_outputs = limit
+  assert all(service.OUTPUT_NAME.match(name) for name in names), names
+  assert _outputs(demo) == sorted(names[1:])  # The oldest went.
+  code, _, _ = _request(server, f"/outputs/{names[0]}/record.json")
+  assert code == 404
+
+
+def test_a_failure_inside_sampling_is_a_500_and_leaves_nothing(demo, server, monkeypatch,
+                                                                caplog):
+  def broken(*args, **kwargs):
+    raise ValueError("the device fell over")
+    yield  # pylint: disable=unreachable
+  monkeypatch.setattr(service.requests_lib, "run_requests", broken)
+  before = _outputs(demo)
+  with caplog.at_level("ERROR"):
+    status, body = _post(server, {"prompt": "x", "first_frame": {"heldout": 0}})
+  assert status == 500 and "the device fell over" in body["error"], body
+  assert "Traceback" in caplog.text
+  assert _outputs(demo) == before and not any(
+      name.startswith(".request-") for name in os.listdir(demo.output_dir))
+
+
+def test_a_token_guards_every_route_and_a_cookie_keeps_it(demo):
+  guarded = app.start_server(demo, "127.0.0.1", 0, token="s3cret")
+  try:
+    base = guarded.url.split("?")[0]
+    assert guarded.url.endswith("?token=s3cret")
+    code, _, body = _request(guarded, "/api/info", url=base)
+    assert code == 401 and "token" in json.loads(body)["error"]
+    code, headers, _ = _request(guarded, "/?token=s3cret", url=base)
+    assert code == 200 and "HttpOnly" in headers["Set-Cookie"]
+    cookie = headers["Set-Cookie"].split(";")[0]
+    assert _request(guarded, "/api/info", url=base, headers={"Cookie": cookie})[0] == 200
+    assert _request(guarded, "/api/info", url=base,
+                    headers={"Cookie": cookie.replace("s3cret", "guess")})[0] == 401
+  finally:
+    guarded.shutdown()
+    guarded.server_close()
+
+
+def test_silent_clients_time_out_and_connections_are_capped(demo, monkeypatch):
+  monkeypatch.setattr(server_lib.Handler, "timeout", 0.5)
+  capped = server_lib.DemoServer(demo, "127.0.0.1", 0, max_connections=1)
+  threading.Thread(target=capped.serve_forever, daemon=True).start()
+  try:
+    host, port = capped.server_address[:2]
+    silent = socket.create_connection((host, port))  # Holds the one slot, sends nothing.
+    time.sleep(0.1)
+    code, _, body = _request(capped, "/api/info")
+    assert code == 503 and b"too many connections" in body
+    time.sleep(1.0)  # The silent one timed out, freeing its slot.
+    assert _request(capped, "/api/info")[0] == 200
+    silent.close()
+  finally:
+    capped.shutdown()
+    capped.server_close()
+
+
+def test_a_load_of_mixed_requests(demo, server):
+  """`benchmarks/demo_load.py`'s load, briefly: no 500 on valid input, every bad request a
+  4xx or 503 with a message, nothing half-written."""
+  summary = demo_load.run_load(server.url, demo.output_dir, clients=4, seconds=6.0)
+  assert summary["requests"] > 10 and summary["valid_failures"] == 0, summary
+  assert summary["bad_without_message"] == 0 and summary["server_errors"] == 0, summary
+  assert summary["half_written"] == 0, summary
 
 
 def test_the_page_in_chromium_generates_a_video_from_a_sketch(demo, server):

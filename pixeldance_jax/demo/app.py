@@ -39,11 +39,11 @@ def load_demo(workdir: str, *, checkpoint_step: int | None = None, use_ema: bool
   return service.Demo(pipeline, heldout, output_dir, **options)
 
 
-def start_server(demo: service.Demo, host: str = "127.0.0.1", port: int = 7860
-                 ) -> server_lib.DemoServer:
+def start_server(demo: service.Demo, host: str = "127.0.0.1", port: int = 7860,
+                 token: str = "") -> server_lib.DemoServer:
   """The server, listening (port 0: any free port) and serving on a daemon thread."""
   try:
-    server = server_lib.DemoServer(demo, host, port)
+    server = server_lib.DemoServer(demo, host, port, token=token)
   except OSError as error:
     raise ValueError(f"cannot listen on {host}:{port} ({error.strerror or error}); "
                      "pass another --port") from error
@@ -61,11 +61,15 @@ def _interrupt(signum, frame):  # pylint: disable=unused-argument
 
 
 def serve(demo: service.Demo, host: str = "127.0.0.1", port: int = 7860,
-          warm_up: bool = True) -> None:
+          warm_up: bool = True, token: str = "") -> None:
   """Serves the page until Ctrl-C or SIGTERM, then stops taking requests and finishes the
   one being sampled. Call it from the main thread."""
   signal.signal(signal.SIGTERM, _interrupt)
-  server = start_server(demo, host, port)
+  server = start_server(demo, host, port, token)
+  if not server.loopback and not token:
+    logging.warning("SERVING ON %s WITHOUT A TOKEN: anyone who can reach this address can "
+                    "generate videos and read every output. Pass --token=<secret> to ask "
+                    "for one.", host)
   logging.info("Serving the demo at %s (outputs in %s); Ctrl-C stops it.", server.url,
                demo.output_dir)
   if warm_up:

@@ -2,7 +2,7 @@
 
 `Demo.generate(payload)` checks a request (the JSON the page posts, see `parse_request`),
 queues it behind the requests already waiting, samples it on the single worker thread, and
-writes its files to OUTPUT_DIR/NNNN/. Requests never run in parallel: one device, one
+writes its files to OUTPUT_DIR/<name>/ (16 random hex digits; the newest `max_outputs` kept). Requests never run in parallel: one device, one
 program at a time, and the compiled program is reused across requests (tau, guidance, steps,
 seed, eta and the number of clips are traced inputs; only another sampler compiles again).
 """
@@ -14,6 +14,7 @@ import dataclasses
 import io
 import os
 import re
+import secrets
 import shutil
 import tempfile
 import threading
@@ -38,12 +39,26 @@ INPUTS = ("prompt", "first_frame", "last_frame", "last_frame_edges")
 # (last frame only; images are PNG / JPEG data URLs or plain base64).
 FRAME_KINDS = {"first_frame": ("heldout", "image"), "last_frame": ("heldout", "image", "sketch")}
 MAX_IMAGE_BYTES = 16 << 20
+# Uploads: pixels read from the header before anything is decoded; what is kept is at most
+# this side (the model reads far fewer).
+MAX_IMAGE_PIXELS = 4096 * 4096
+MAX_STORED_SIDE = 1024
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP")
+MAX_PROMPT_CHARS = 2000
 _DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,")
-_OUTPUT_NAME = re.compile(r"^\d{4,}$")
+OUTPUT_NAME = re.compile(r"^[0-9a-f]{16}$")  # Unguessable: one request cannot list another's.
 
 
 class Busy(RuntimeError):
   """Too many requests are already waiting."""
+
+
+class TooLarge(ValueError):
+  """An upload past the server's limits (answered 413)."""
+
+
+class GenerationFailed(RuntimeError):
+  """Sampling or writing a checked request failed: the server's fault (answered 500)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,19 +104,26 @@ def decode_image_data(data: Any, name: str) -> bytes:
   except (binascii.Error, ValueError) as error:
     raise ValueError(f"{name}: the image is not valid base64 ({error})") from error
   if len(encoded) > MAX_IMAGE_BYTES:
-    raise ValueError(f"{name}: the image is {len(encoded) >> 20} MiB, more than "
-                     f"{MAX_IMAGE_BYTES >> 20} MiB")
+    raise TooLarge(f"{name}: the image is {len(encoded) >> 20} MiB, more than "
+                   f"{MAX_IMAGE_BYTES >> 20} MiB")
   try:
-    with Image.open(io.BytesIO(encoded)) as image:
+    with Image.open(io.BytesIO(encoded), formats=IMAGE_FORMATS) as image:
+      width, height = image.size  # From the header: nothing is decoded yet.
+      if width * height > MAX_IMAGE_PIXELS:
+        raise TooLarge(f"{name}: the image is {width}x{height}, more than "
+                       f"{MAX_IMAGE_PIXELS} pixels")
       # Re-encoded as PNG: what is kept (and served) is pixels, not the upload's metadata.
       image = ImageOps.exif_transpose(image)
+      image.thumbnail((MAX_STORED_SIDE, MAX_STORED_SIDE), Image.Resampling.BICUBIC)
       png = io.BytesIO()
       image.save(png, format="PNG")
   except Image.DecompressionBombError as error:
-    raise ValueError(f"{name}: the image is too large ({error})") from error
+    raise TooLarge(f"{name}: the image is too large ({error})") from error
+  except TooLarge:
+    raise
   except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-    raise ValueError(f"{name}: the upload is not an image this server can read (PNG, JPEG, "
-                     "WebP, ...)") from error
+    raise ValueError(f"{name}: the upload is not an image this server reads (PNG, JPEG or "
+                     "WebP)") from error
   return png.getvalue()
 
 
@@ -109,6 +131,8 @@ def _prompt(value: Any, num_clips: int | None) -> str | tuple[str, ...]:
   """One prompt for every clip, or (several lines and several clips) one line per clip."""
   if not isinstance(value, str):
     raise ValueError(f"prompt must be a string; got {value!r:.80}")
+  if len(value) > MAX_PROMPT_CHARS:
+    raise ValueError(f"the prompt is {len(value)} characters, more than {MAX_PROMPT_CHARS}")
   lines = [line.strip() for line in value.strip().splitlines() if line.strip()]
   if len(lines) > 1 and (num_clips or 1) > 1:
     if len(lines) != num_clips:
@@ -146,11 +170,10 @@ def parse_request(payload: Any, num_heldout: int,
 
 
 def _claim_name(output_dir: str) -> str:
-  """The next free NNNN in `output_dir`, created empty (so that two demos sharing the folder
-  never take the same one)."""
+  """A new unguessable name in `output_dir`, created empty (two demos sharing the folder never
+  take the same one)."""
   while True:
-    numbers = [int(name) for name in os.listdir(output_dir) if _OUTPUT_NAME.match(name)]
-    name = f"{max(numbers, default=-1) + 1:04d}"
+    name = secrets.token_hex(8)
     try:
       os.mkdir(os.path.join(output_dir, name))
       return name
@@ -158,16 +181,30 @@ def _claim_name(output_dir: str) -> str:
       continue
 
 
+def prune_outputs(output_dir: str, keep: int) -> list[str]:
+  """Removes the oldest outputs (by modification time) beyond the newest `keep`; returns
+  their names."""
+  names = [name for name in os.listdir(output_dir) if OUTPUT_NAME.match(name)]
+  names.sort(key=lambda name: os.path.getmtime(os.path.join(output_dir, name)), reverse=True)
+  removed = names[keep:]
+  for name in removed:
+    shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+  return removed
+
+
 class Demo:
   """Samples the demo's requests one at a time on a worker thread, with one restored model."""
 
   def __init__(self, pipeline: Pipeline, heldout: Sequence[Mapping[str, Any]], output_dir: str,
-               *, max_clips: int = 8, max_waiting: int = 8, upscale: int = 4):
-    """`heldout`: clips with `video` uint8 [F, H, W, 3] and `caption` (may be empty)."""
+               *, max_clips: int = 8, max_waiting: int = 8, upscale: int = 4,
+               max_outputs: int = 1000):
+    """`heldout`: clips with `video` uint8 [F, H, W, 3] and `caption` (may be empty).
+    `max_outputs`: the newest outputs kept in `output_dir` (older ones are removed)."""
     self.pipeline = pipeline
     self.heldout = list(heldout)
     self.output_dir = os.path.abspath(output_dir)
     self.max_clips, self.max_waiting, self.upscale = max_clips, max_waiting, upscale
+    self.max_outputs = max_outputs
     os.makedirs(self.output_dir, exist_ok=True)
     self._executor = concurrent.futures.ThreadPoolExecutor(
         max_workers=1, thread_name_prefix="demo-sampler")
@@ -181,7 +218,8 @@ class Demo:
     conditioning = config.conditioning
     return {
         "checkpoint_step": self.pipeline.step, "weights": self.pipeline.weights,
-        "workdir": self.pipeline.workdir, "image_size": config.data.image_size,
+        "run": os.path.basename(os.path.normpath(self.pipeline.workdir)),
+        "image_size": config.data.image_size,
         "frames": config.data.frames, "fps": config.data.fps,
         "use_text": bool(conditioning.use_text),
         "use_first_frame": bool(conditioning.use_first_frame),
@@ -207,21 +245,22 @@ class Demo:
     """Checks `payload` (see `parse_request`), waits for its turn, samples and writes it.
 
     Returns the output's name, files (relative to the output dir), record, timings and
-    whether the program was compiled for it. Raises ValueError for bad input, Busy when
-    `max_waiting` requests are already waiting.
+    whether the program was compiled for it. Raises Busy when `max_waiting` requests are
+    already waiting (before reading the request), ValueError for bad input (TooLarge past the
+    upload limits), GenerationFailed when sampling the checked request fails.
     """
-    request = parse_request(payload, len(self.heldout),
-                            self.pipeline.config.diffusion.num_train_timesteps)
-    num_clips = request.settings.get("num_clips", 1)
-    if num_clips > self.max_clips:
-      raise ValueError(f"num_clips={num_clips} is more than this demo's --max_clips="
-                       f"{self.max_clips}")
     with self._lock:
       if self._waiting >= self.max_waiting:
         raise Busy(f"{self._waiting} requests are already waiting; try again later")
       self._waiting += 1
-    queued = time.perf_counter()
     try:
+      request = parse_request(payload, len(self.heldout),
+                              self.pipeline.config.diffusion.num_train_timesteps)
+      num_clips = request.settings.get("num_clips", 1)
+      if num_clips > self.max_clips:
+        raise ValueError(f"num_clips={num_clips} is more than this demo's --max_clips="
+                         f"{self.max_clips}")
+      queued = time.perf_counter()
       return self._executor.submit(self._run, request, queued).result()
     finally:
       with self._lock:
@@ -284,20 +323,27 @@ class Demo:
     folder, name = tempfile.mkdtemp(prefix=".request-", dir=self.output_dir), None
     try:
       os.chmod(folder, 0o755)  # mkdtemp's 0o700 would outlive the rename.
-      made = self._make_request(request, folder)
-      (_, result), = requests_lib.run_requests(self.pipeline, [made], batch_size=1, log=False)
-      name = _claim_name(self.output_dir)
-      record = {**made.record, "checkpoint_step": self.pipeline.step,
-                "weights": self.pipeline.weights, "workdir": self.pipeline.workdir,
-                "name": name}
-      written = outputs.write_folder(result.video[0], folder, self.pipeline.config.data.fps,
-                                     self.upscale, record)
-      os.rename(folder, os.path.join(self.output_dir, name))  # Replaces the empty claim.
+      made = self._make_request(request, folder)  # A ValueError here is the request's.
+      try:
+        (_, result), = requests_lib.run_requests(self.pipeline, [made], batch_size=1,
+                                                 log=False)
+        name = _claim_name(self.output_dir)
+        record = {**made.record, "checkpoint_step": self.pipeline.step,
+                  "weights": self.pipeline.weights,
+                  "run": os.path.basename(os.path.normpath(self.pipeline.workdir)), "name": name}
+        written = outputs.write_folder(result.video[0], folder, self.pipeline.config.data.fps,
+                                       self.upscale, record)
+        os.rename(folder, os.path.join(self.output_dir, name))  # Replaces the empty claim.
+      except Exception as error:  # pylint: disable=broad-except
+        raise GenerationFailed(f"generating the request failed: {type(error).__name__}: "
+                               f"{error}") from error
     except BaseException:
       shutil.rmtree(folder, ignore_errors=True)
-      if name is not None and not os.listdir(os.path.join(self.output_dir, name)):
+      if name is not None and os.path.isdir(os.path.join(self.output_dir, name)) and not (
+          os.listdir(os.path.join(self.output_dir, name))):
         os.rmdir(os.path.join(self.output_dir, name))  # The claim, still empty.
       raise
+    prune_outputs(self.output_dir, self.max_outputs)
     self.generated += 1
     seconds = time.perf_counter() - start
     compiled = sum(program.trace_counts.values()) > compiles
