@@ -543,3 +543,32 @@ def test_slivers_are_refused_not_cropped():
     video_files.center_square(np.zeros((4, 64, 3), np.uint8), 8)
   with pytest.raises(ValueError, match="more than 8:1"):
     video_files.center_square(np.zeros((0, 5, 3), np.uint8), 8)
+
+
+def test_a_changed_folder_is_another_dataset_and_a_gone_one_finds_its_build(tmp_path):
+  """The listing (names, sizes, times) and the captions are part of a dataset's identity."""
+  folder = tmp_path / "videos"
+  folder.mkdir()
+  _write_mp4(folder / "a.mp4", _index_video())
+  (folder / "a.txt").write_text("a clip")
+  config = _video_config(folder)
+  config.data.num_test_clips = 0
+  data_dir = str(tmp_path / "tfds")
+  built = loaders.build_dataset(config.data, data_dir).builder_config.name
+  assert "_files" in built
+  name = lambda: loaders.local_videos_builder(config.data, data_dir).builder_config.name
+  assert name() == built  # Unchanged: the same dataset, reused.
+  (folder / "a.txt").write_text("a clip, captioned again")
+  recaptioned = name()
+  _write_mp4(folder / "b.mp4", _index_video())
+  added = name()
+  assert len({built, recaptioned, added}) == 3
+  # The folder gone (sampling elsewhere, say): the one dataset built from it is found.
+  for path in folder.iterdir():
+    path.unlink()
+  folder.rmdir()
+  assert name() == built
+  other = pathlib.Path(data_dir) / "local_videos" / added
+  other.mkdir()
+  with pytest.raises(FileNotFoundError, match="2 datasets were built from it"):
+    name()

@@ -54,14 +54,14 @@ def moving_shapes_builder(data_config: ml_collections.ConfigDict,
 
 def local_videos_builder(data_config: ml_collections.ConfigDict,
                          data_dir: str) -> tfds.core.DatasetBuilder:
-  return LocalVideos(config=LocalVideosConfig.from_config(data_config), data_dir=data_dir,
-                     file_format="array_record")
+  return LocalVideos(config=LocalVideosConfig.from_config(data_config, data_dir),
+                     data_dir=data_dir, file_format="array_record")
 
 
 def local_images_builder(data_config: ml_collections.ConfigDict,
                          data_dir: str) -> tfds.core.DatasetBuilder:
-  return LocalImages(config=LocalImagesConfig.from_config(data_config), data_dir=data_dir,
-                     file_format="array_record")
+  return LocalImages(config=LocalImagesConfig.from_config(data_config, data_dir),
+                     data_dir=data_dir, file_format="array_record")
 
 
 DATASETS: dict[str, BuilderFactory] = {

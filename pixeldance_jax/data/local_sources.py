@@ -179,6 +179,51 @@ def list_webvid_csv(csv_path: str, video_dir: str) -> list[Entry]:
   return entries
 
 
+# What a collection's identity reads besides its media: side captions and caption CSVs.
+_CAPTION_EXTENSIONS = (".txt", ".csv")
+
+
+def listing_digest(folder: str, extensions: tuple[str, ...], *files: str) -> str | None:
+  """Short hash of what a collection holds: the name, size and modification time of every
+  media or caption file under `folder` (as listed: links to folders not followed) and of
+  `files` (a captions CSV elsewhere). None when `folder` is not there."""
+  if not os.path.isdir(folder):
+    return None
+  digest = hashlib.sha1()
+  wanted = tuple(extensions) + _CAPTION_EXTENSIONS
+  def stat_line(path: str, name: str) -> str:
+    stat = os.stat(path)
+    return f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n"
+  for root, dirs, names in os.walk(folder):
+    dirs.sort()
+    for name in sorted(names):
+      if name.lower().endswith(wanted) and not name.startswith("."):
+        path = os.path.join(root, name)
+        digest.update(stat_line(path, os.path.relpath(path, folder)).encode())
+  for path in files:
+    if path and os.path.isfile(path):
+      digest.update(stat_line(path, os.path.abspath(path)).encode())
+  return digest.hexdigest()[:10]
+
+
+def collection_name(base: str, folder: str, extensions: tuple[str, ...], captions: str,
+                    built_under: str | None) -> str:
+  """`base` + the listing's digest: a collection whose files or captions change is another
+  dataset. When `folder` is gone, the one dataset built from it under `built_under` (the
+  builder's folder in the data dir) is named; FileNotFoundError when there is none or several."""
+  digest = listing_digest(folder, extensions, captions)
+  if digest is not None:
+    return f"{base}_files{digest}"
+  built = sorted(name for name in (os.listdir(built_under) if built_under and os.path.isdir(
+      built_under) else []) if name.startswith(f"{base}_files"))
+  if len(built) != 1:
+    raise FileNotFoundError(
+        f"Folder not found: {folder!r}" + (f"; {len(built)} datasets were built from it under "
+                                           f"{built_under}, which one is meant is unknown"
+                                           if built else "") + ".")
+  return built[0]
+
+
 def path_digest(*paths: str) -> str:
   """Short hash of absolute paths, for dataset names: collections never share files."""
   joined = "|".join(os.path.abspath(path) if path else "" for path in paths)

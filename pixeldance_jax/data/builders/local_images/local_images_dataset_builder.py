@@ -27,7 +27,9 @@ class LocalImagesConfig(tfds.core.BuilderConfig):
   build_workers: int = 0  # Decoding processes; not part of the name.
 
   @classmethod
-  def from_config(cls, data_config: ml_collections.ConfigDict) -> "LocalImagesConfig":
+  def from_config(cls, data_config: ml_collections.ConfigDict,
+                  data_dir: str | None = None) -> "LocalImagesConfig":
+    """As `LocalVideosConfig.from_config`: the name holds the listing's digest."""
     if not data_config.image_dir:
       raise ValueError("The image_folder dataset needs config.data.image_dir (the folder of "
                        "images).")
@@ -39,7 +41,10 @@ class LocalImagesConfig(tfds.core.BuilderConfig):
         frame_format=data_config.frame_format,
     )
     digest = local_sources.path_digest(fields["image_dir"], fields["captions"])
-    name = f"image_folder_{digest}_s{fields['image_size']}_{fields['frame_format']}"
+    name = local_sources.collection_name(
+        f"image_folder_{digest}_s{fields['image_size']}_{fields['frame_format']}",
+        fields["image_dir"], local_sources.IMAGE_EXTENSIONS, fields["captions"],
+        os.path.join(data_dir, "local_images") if data_dir else None)
     return cls(name=name, build_workers=data_config.build_workers, **fields)
 
 

@@ -45,7 +45,10 @@ class LocalVideosConfig(tfds.core.BuilderConfig):
   build_workers: int = 0  # Decoding processes; not part of the name (the output is the same).
 
   @classmethod
-  def from_config(cls, data_config: ml_collections.ConfigDict) -> "LocalVideosConfig":
+  def from_config(cls, data_config: ml_collections.ConfigDict,
+                  data_dir: str | None = None) -> "LocalVideosConfig":
+    """The config of `data_config`'s collection; its name holds the listing's digest (see
+    `local_sources.collection_name`; `data_dir` finds a dataset whose folder is gone)."""
     if data_config.name not in SOURCES:
       raise ValueError(f"config.data.name={data_config.name!r} is not a local video source "
                        f"({SOURCES}).")
@@ -71,6 +74,9 @@ class LocalVideosConfig(tfds.core.BuilderConfig):
             f"_s{fields['image_size']}_fps{fields['fps']:g}_stride{fields['frame_stride']:g}"
             f"_f{fields['min_frames']}-{fields['max_frames']}_{fields['frame_format']}"
             f"_test{fields['num_test_clips']}")
+    name = local_sources.collection_name(
+        name, fields["video_dir"], local_sources.VIDEO_EXTENSIONS, fields["captions"],
+        os.path.join(data_dir, "local_videos") if data_dir else None)
     return cls(name=name, build_workers=data_config.build_workers, **fields)
 
   @property
