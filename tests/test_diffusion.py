@@ -29,7 +29,7 @@ def test_linear_schedule_matches_ddpm():
   np.testing.assert_allclose(alpha_bar, np.cumprod(1 - betas), rtol=1e-6)
 
 
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "sample_skip"])
 def test_split_prediction_inverts_targets(prediction_type):
   alpha_bar = jnp.asarray(schedules.alphas_cumprod(_diffusion_config()))
   clean = jax.random.normal(jax.random.key(0), (3, 5))
@@ -40,6 +40,25 @@ def test_split_prediction_inverts_targets(prediction_type):
   eps, x0 = schedules.split_prediction(target, noisy, alpha_bar[t][:, None], prediction_type)
   np.testing.assert_allclose(eps, noise, atol=1e-4)
   np.testing.assert_allclose(x0, clean, atol=2e-3)
+
+
+def test_the_skip_parameterisation_is_the_clean_latents_loss_with_z_t_passed_through():
+  """'sample_skip': z_0 = c_skip z_t / sqrt(alpha_bar) + c_out F; its weighted loss is the
+  squared error of that z_0, and at low noise z_0 is nearly z_t whatever F is."""
+  alpha_bar = jnp.asarray(schedules.alphas_cumprod(_diffusion_config()))
+  clean = jax.random.normal(jax.random.key(0), (3, 5))
+  noise = jax.random.normal(jax.random.key(1), (3, 5))
+  output = jax.random.normal(jax.random.key(2), (3, 5))  # Any model output.
+  t = jnp.array([0, 500, 999])
+  noisy = schedules.add_noise(alpha_bar, clean, noise, t)
+  target = losses.target("sample_skip", alpha_bar, clean, noise, t)
+  _, x0 = schedules.split_prediction(output, noisy, alpha_bar[t][:, None], "sample_skip")
+  np.testing.assert_allclose(
+      losses.per_example_mse(output, target) * losses.weight("sample_skip", alpha_bar, t),
+      losses.per_example_mse(x0, clean), rtol=1e-4)
+  c_skip, c_out = schedules.skip_scalings(alpha_bar[jnp.array([0, 999])])
+  assert c_skip[0] > 0.999 and c_out[0] < 0.02 and c_skip[1] < 0.01
+  np.testing.assert_array_equal(losses.weight("sample", alpha_bar, t), 1.0)
 
 
 @pytest.mark.parametrize("spacing,first,last", [("trailing", 999, 39), ("leading", 960, 0),
@@ -59,8 +78,10 @@ def _gaussian_denoiser(alpha_bar, mean, std, prediction_type="epsilon"):
     variance = a * std ** 2 + (1 - a)
     epsilon = jnp.sqrt(1 - a) * (noisy - jnp.sqrt(a) * mean) / variance
     clean = (noisy - jnp.sqrt(1 - a) * epsilon) / jnp.sqrt(a)
+    c_skip, c_out = schedules.skip_scalings(a)
     return {"epsilon": epsilon, "sample": clean,
-            "v_prediction": jnp.sqrt(a) * epsilon - jnp.sqrt(1 - a) * clean}[prediction_type]
+            "v_prediction": jnp.sqrt(a) * epsilon - jnp.sqrt(1 - a) * clean,
+            "sample_skip": (clean - c_skip * noisy / jnp.sqrt(a)) / c_out}[prediction_type]
   return denoise
 
 
@@ -87,7 +108,7 @@ CONVERGED_STEPS = {"ddim": 1000, "ddpm": 1000, "dpmpp_2m": 100}
 
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0),
                                          ("dpmpp_2m", 0.0)])
-@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "sample_skip"])
 def test_samplers_recover_gaussian_data(sampler, eta, prediction_type):
   alpha_bar = jnp.asarray(schedules.alphas_cumprod(_diffusion_config()))
   denoise = _gaussian_denoiser(alpha_bar, 0.5, 0.2, prediction_type)

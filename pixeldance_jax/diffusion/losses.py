@@ -7,20 +7,35 @@ from pixeldance_jax.diffusion import schedules
 
 Array = jax.Array
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "sample_skip")
 
 
 def target(prediction_type: str, alpha_bar: Array, clean: Array, noise: Array,
            timesteps: Array) -> Array:
-  """What the network regresses: the noise, the velocity, or the clean latent ('sample')."""
+  """What the network regresses: the noise, the velocity, the clean latent ('sample'), or
+  what the clean latent needs beyond the skip from z_t ('sample_skip',
+  `schedules.skip_scalings`)."""
   if prediction_type == "epsilon":
     return noise
   if prediction_type == "v_prediction":
     return schedules.velocity(alpha_bar, clean, noise, timesteps)
   if prediction_type == "sample":
     return clean
+  if prediction_type == "sample_skip":
+    a = schedules.broadcast(alpha_bar[timesteps], clean)
+    c_skip, c_out = schedules.skip_scalings(a)
+    noisy = schedules.add_noise(alpha_bar, clean, noise, timesteps)
+    return (clean - c_skip * noisy / jnp.sqrt(a)) / c_out
   raise ValueError(f"config.diffusion.prediction_type={prediction_type!r} is not one of "
                    f"{PREDICTION_TYPES}")
+
+
+def weight(prediction_type: str, alpha_bar: Array, timesteps: Array) -> Array:
+  """Per-example loss weight `[batch]`: c_out^2 for 'sample_skip', so that its loss is the
+  clean latent's squared error as for 'sample'; 1 for the others."""
+  if prediction_type != "sample_skip":
+    return jnp.ones(timesteps.shape, jnp.float32)
+  return schedules.skip_scalings(alpha_bar[timesteps])[1] ** 2
 
 
 def per_example_mse(prediction: Array, regression_target: Array) -> Array:

@@ -39,20 +39,35 @@ def alphas_cumprod(diffusion_config: ml_collections.ConfigDict) -> np.ndarray:
   return np.cumprod(1.0 - betas).astype(np.float32)
 
 
-def _broadcast(values: Array, like: Array) -> Array:
+def broadcast(values: Array, like: Array) -> Array:
+  """`[batch]` values shaped to multiply `[batch, ...]` arrays."""
   return values.reshape(values.shape + (1,) * (like.ndim - values.ndim))
 
 
 def add_noise(alpha_bar: Array, clean: Array, noise: Array, timesteps: Array) -> Array:
   """z_t = sqrt(alpha_bar_t) z_0 + sqrt(1 - alpha_bar_t) eps; timesteps `[batch]`."""
-  a = _broadcast(alpha_bar[timesteps], clean)
+  a = broadcast(alpha_bar[timesteps], clean)
   return jnp.sqrt(a) * clean + jnp.sqrt(1.0 - a) * noise
 
 
 def velocity(alpha_bar: Array, clean: Array, noise: Array, timesteps: Array) -> Array:
   """v = sqrt(alpha_bar_t) eps - sqrt(1 - alpha_bar_t) z_0 (Salimans & Ho)."""
-  a = _broadcast(alpha_bar[timesteps], clean)
+  a = broadcast(alpha_bar[timesteps], clean)
   return jnp.sqrt(a) * noise - jnp.sqrt(1.0 - a) * clean
+
+
+# "sample_skip": the data's standard deviation the skip is tuned for (pixels in [-1, 1]).
+SIGMA_DATA = 0.5
+
+
+def skip_scalings(alpha_bar_t: Array) -> tuple[Array, Array]:
+  """(c_skip, c_out) of Karras et al. (2022)'s preconditioning at the noise level of
+  alpha_bar_t, for z_t / sqrt(alpha_bar_t) = z_0 + sigma eps: z_0 is predicted as
+  c_skip z_t / sqrt(alpha_bar_t) + c_out F. Nearly z_t itself at low noise, nearly F at high."""
+  sigma_squared = (1.0 - alpha_bar_t) / alpha_bar_t
+  c_skip = SIGMA_DATA ** 2 / (sigma_squared + SIGMA_DATA ** 2)
+  c_out = jnp.sqrt(sigma_squared) * SIGMA_DATA / jnp.sqrt(sigma_squared + SIGMA_DATA ** 2)
+  return c_skip, c_out
 
 
 def split_prediction(prediction: Array, noisy: Array, alpha_bar_t: Array,
@@ -65,5 +80,9 @@ def split_prediction(prediction: Array, noisy: Array, alpha_bar_t: Array,
     return sqrt_a * prediction + sqrt_1ma * noisy, sqrt_a * noisy - sqrt_1ma * prediction
   if prediction_type == "sample":
     return (noisy - sqrt_a * prediction) / sqrt_1ma, prediction
-  raise ValueError(f"prediction_type={prediction_type!r} is not 'epsilon', 'v_prediction' or "
-                   f"'sample'")
+  if prediction_type == "sample_skip":
+    c_skip, c_out = skip_scalings(alpha_bar_t)
+    clean = c_skip * noisy / sqrt_a + c_out * prediction
+    return (noisy - sqrt_a * clean) / sqrt_1ma, clean
+  raise ValueError(f"prediction_type={prediction_type!r} is not 'epsilon', 'v_prediction', "
+                   "'sample' or 'sample_skip'")

@@ -65,7 +65,8 @@ def _reconstruct_fn(pipeline: sampling_pipeline.Pipeline):
     prediction = model.apply(variables, jnp.concatenate([noisy, image_condition], -1),
                              timesteps, context, method=pixeldance.PixelDance.denoise)
     loss = losses.per_example_mse(
-        prediction, losses.target(prediction_type, alpha_bar, clean, noise, timesteps))
+        prediction, losses.target(prediction_type, alpha_bar, clean, noise, timesteps)
+    ) * losses.weight(prediction_type, alpha_bar, timesteps)
     _, estimate = schedules.split_prediction(prediction, noisy, alpha_bar[timestep],
                                              prediction_type)
     if config.sample.clip_denoised:
