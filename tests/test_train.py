@@ -206,7 +206,7 @@ def test_config_checks_name_each_bad_choice_before_any_work(tmp_path):
       "'dots_with_no_batch_dims_saveable', 'everything_saveable', 'full', 'none', "
       "'nothing_saveable']; did you mean 'dots_saveable'?",
       "config.diffusion.prediction_type='eps' is not one of ['epsilon', 'sample', "
-      "'v_prediction']; did you mean 'epsilon'?",
+      "'sample_skip', 'v_prediction']; did you mean 'epsilon'?",
       "config.sample.sampler='ddmi' is not one of ['ddim', 'ddpm', 'dpmpp_2m']; did you mean "
       "'ddim'?"]
   assert not (tmp_path / "data").exists()  # Failed before building the dataset.
