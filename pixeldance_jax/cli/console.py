@@ -241,6 +241,20 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues = flags.FLAGS
     fail(f"{message}{_type_hint(configs, error)}. See --helpshort.")
 
 
+def flag_values(argv: Sequence[str], holders: Mapping[str, Any],
+                required: Sequence[str] = ()) -> dict[str, Any]:
+  """`{name: value}` of a command's flag holders; a usage error for positional arguments or a
+  required flag left empty."""
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {list(argv[1:])}")
+  values = {name: holder.value for name, holder in holders.items()}
+  missing = [f"--{holders[name].name}" for name in required if values[name] in (None, "")]
+  if missing:
+    raise app.UsageError(f"{' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                         "required")
+  return values
+
+
 def run(main: Callable[[list[str]], Any], reuse_freed_memory: bool = False) -> None:
   """`absl.app.run(main)` with the checked flags, the console set up from --log_level, and
   `ConfigError` or `app.UsageError` printed as one line per problem (exit code 2).

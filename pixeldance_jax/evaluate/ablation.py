@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable
 import jax
 import ml_collections
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
 from ml_collections import config_flags
 
 from pixeldance_jax.io import checkpoints, video_files
@@ -324,12 +324,8 @@ def _define_flags() -> dict[str, Any]:
 
 
 def main(argv: list[str], holders: dict[str, Any]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  values = {name: holder.value for name, holder in holders.items()}
+  values = console.flag_values(argv, holders, required=("config", "workdir"))
   base, workdir = values.pop("config"), values.pop("workdir")
-  if base is None or not workdir:
-    raise app.UsageError("--config and --workdir are required")
   values["cache_dir"] = values["cache_dir"] or None
   try:
     results = run(base, workdir, **values)

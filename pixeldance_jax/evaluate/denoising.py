@@ -157,11 +157,7 @@ def _define_flags() -> dict[str, Any]:
 
 
 def main(argv: list[str], holders: dict[str, Any]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  values = {name: holder.value for name, holder in holders.items()}
-  if not values["workdir"]:
-    raise app.UsageError("--workdir is required")
+  values = console.flag_values(argv, holders, required=("workdir",))
   try:
     timesteps = [int(t) for t in values["timesteps"]]
   except ValueError as error:

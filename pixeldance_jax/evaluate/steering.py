@@ -26,7 +26,7 @@ from typing import Any, Sequence
 
 import numpy as np
 import tqdm
-from absl import app, flags
+from absl import flags
 
 from pixeldance_jax.cli import console
 from pixeldance_jax.io import video_files
@@ -165,11 +165,7 @@ def _define_flags() -> dict[str, Any]:
 
 
 def main(argv: list[str], holders: dict[str, Any]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  values = {name: holder.value for name, holder in holders.items()}
-  if not values["workdir"]:
-    raise app.UsageError("--workdir is required")
+  values = console.flag_values(argv, holders, required=("workdir",))
   try:
     pipeline = sampling_pipeline.load_pipeline(values["workdir"], values["step"])
     data_dir = loaders.data_dir(pipeline.config, values["workdir"])
