@@ -281,6 +281,10 @@ def test_a_small_file_cannot_ask_for_a_large_array(tmp_path):
   for size, message in (((2**70,), "broadcast or overlapping"), ((-1,), "non-negative")):
     with pytest.raises(ValueError, match=message):
       torch_checkpoint.load(_crafted_tensor_file(tmp_path / "crafted.pt", size, (1,)))
+  # Nor by setting a checked tensor's fields afterwards (BUILD).
+  with pytest.raises(ValueError, match="refusing to set the state of a rebuilt object"):
+    torch_checkpoint.load(_crafted_tensor_file(tmp_path / "built.pt", (1,), (1,),
+                                               {"size": (2**40,), "stride": (0,)}))
   ok = torch_checkpoint.load(_crafted_tensor_file(tmp_path / "ok.pt", (1,), (1,)))
   np.testing.assert_array_equal(ok["t"], [1.0])  # The crafted file is a torch file.
 
@@ -291,12 +295,13 @@ _STORAGE = object()  # Pickled as the persistent id of a one-float storage "0".
 class _CraftedTensor:
   """Pickles as torch pickles a tensor, with any size and stride."""
 
-  def __init__(self, size, stride):
-    self.size, self.stride = size, stride
+  def __init__(self, size, stride, state=None):
+    self.size, self.stride, self.state = size, stride, state
 
   def __reduce__(self):
     return (torch._utils._rebuild_tensor_v2,  # pylint: disable=protected-access
-            (_STORAGE, 0, self.size, self.stride, False, collections.OrderedDict()))
+            (_STORAGE, 0, self.size, self.stride, False, collections.OrderedDict()),
+            self.state)  # A state: BUILD on the rebuilt tensor.
 
 
 class _TorchLikePickler(pickle.Pickler):
@@ -305,9 +310,9 @@ class _TorchLikePickler(pickle.Pickler):
     return ("storage", torch.FloatStorage, "0", "cpu", 1) if obj is _STORAGE else None
 
 
-def _crafted_tensor_file(path, size, stride):
+def _crafted_tensor_file(path, size, stride, state=None):
   buffer = io.BytesIO()
-  _TorchLikePickler(buffer, protocol=2).dump({"t": _CraftedTensor(size, stride)})
+  _TorchLikePickler(buffer, protocol=2).dump({"t": _CraftedTensor(size, stride, state)})
   return _zip_with_pickle(path, buffer.getvalue(), {"0": np.float32(1).tobytes()})
 
 

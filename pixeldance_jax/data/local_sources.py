@@ -10,11 +10,11 @@ Three layouts (the `source` of a local dataset):
   `PT00H00M12S`, optional `page_dir`) or the same with `path` / `caption` columns; videos are found
   under the folder as `<videoid>.<ext>` (at any depth) or at `path`, relative to the folder (an
   absolute path or one through `..` is not read: the row counts as a missing file).
+- `image_folder`: images with captions, exactly like `video_folder`.
 
 CSVs are UTF-8 (with or without a byte order mark); another encoding, or a row with another
 number of fields than the header, is an error naming the file and line. Folders are walked
 without following symbolic links to folders (a link to a file is read).
-- `image_folder`: images with captions, exactly like `video_folder`.
 
 Rows with no usable file or caption stay in the listing with `path` or `caption` None: the
 build counts and reports them instead of dropping them silently.
@@ -169,8 +169,8 @@ def list_webvid_csv(csv_path: str, video_dir: str) -> list[Entry]:
     key = row[file_column].strip()
     relative = key if file_column.strip().lower() == "path" else by_stem.get(key)
     # Paths stay inside the folder: an absolute path or one through ".." is not read.
-    inside = relative and not os.path.isabs(relative) and ".." not in re.split(r"[\\/]",
-                                                                                relative)
+    inside = relative and not os.path.isabs(relative) and (
+        ".." not in relative.replace("\\", "/").split("/"))
     path = os.path.join(video_dir, relative) if inside else None
     if path is not None and not os.path.isfile(path):
       path = None
@@ -189,20 +189,13 @@ def listing_digest(folder: str, extensions: tuple[str, ...], *files: str) -> str
   `files` (a captions CSV elsewhere). None when `folder` is not there."""
   if not os.path.isdir(folder):
     return None
+  listed = [(os.path.join(folder, relative), relative)
+            for relative in _files_under(folder, tuple(extensions) + _CAPTION_EXTENSIONS)]
+  listed += [(path, os.path.abspath(path)) for path in files if path and os.path.isfile(path)]
   digest = hashlib.sha1()
-  wanted = tuple(extensions) + _CAPTION_EXTENSIONS
-  def stat_line(path: str, name: str) -> str:
+  for path, name in listed:
     stat = os.stat(path)
-    return f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n"
-  for root, dirs, names in os.walk(folder):
-    dirs.sort()
-    for name in sorted(names):
-      if name.lower().endswith(wanted) and not name.startswith("."):
-        path = os.path.join(root, name)
-        digest.update(stat_line(path, os.path.relpath(path, folder)).encode())
-  for path in files:
-    if path and os.path.isfile(path):
-      digest.update(stat_line(path, os.path.abspath(path)).encode())
+    digest.update(f"{name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
   return digest.hexdigest()[:10]
 
 

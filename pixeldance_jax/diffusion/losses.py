@@ -42,3 +42,12 @@ def per_example_mse(prediction: Array, regression_target: Array) -> Array:
   """Mean squared error per example, `[batch, ...]` -> `[batch]`, in float32."""
   error = jnp.square(prediction.astype(jnp.float32) - regression_target.astype(jnp.float32))
   return error.reshape(error.shape[0], -1).mean(axis=1)
+
+
+def per_example_loss(prediction_type: str, prediction: Array, alpha_bar: Array, clean: Array,
+                     noise: Array, timesteps: Array) -> Array:
+  """The denoising objective per example `[batch]`: the prediction's squared error against
+  `target`, weighted by `weight`."""
+  regression_target = target(prediction_type, alpha_bar, clean, noise, timesteps)
+  return (per_example_mse(prediction, regression_target)
+          * weight(prediction_type, alpha_bar, timesteps))

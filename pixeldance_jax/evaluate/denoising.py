@@ -33,7 +33,7 @@ from pixeldance_jax.parallel import sharding
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
 
 DEFAULT_TIMESTEPS = (10, 50, 100, 250, 500, 750, 999)
-_FIELDS = ("loss", "psnr_db", "shape_iou", "colour_error", "first_frame_psnr_db")
+_FIELDS = ("loss",) + metrics.FIDELITY_FIELDS
 
 
 def _reconstruct_fn(pipeline: sampling_pipeline.Pipeline):
@@ -64,9 +64,8 @@ def _reconstruct_fn(pipeline: sampling_pipeline.Pipeline):
     context = model.apply(variables, token_ids, method=pixeldance.PixelDance.encode_text)
     prediction = model.apply(variables, jnp.concatenate([noisy, image_condition], -1),
                              timesteps, context, method=pixeldance.PixelDance.denoise)
-    loss = losses.per_example_mse(
-        prediction, losses.target(prediction_type, alpha_bar, clean, noise, timesteps)
-    ) * losses.weight(prediction_type, alpha_bar, timesteps)
+    loss = losses.per_example_loss(prediction_type, prediction, alpha_bar, clean, noise,
+                                   timesteps)
     _, estimate = schedules.split_prediction(prediction, noisy, alpha_bar[timestep],
                                              prediction_type)
     if config.sample.clip_denoised:

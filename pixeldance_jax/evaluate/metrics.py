@@ -115,6 +115,8 @@ def direction_cosine(moved: VectorLike, expected_velocity: VectorLike,
 
 # --- Fidelity: how well a generated clip draws the real one ----------------------------------
 
+# What `fidelity` returns, in its order.
+FIDELITY_FIELDS = ("psnr_db", "shape_iou", "colour_error", "first_frame_psnr_db")
 # PSNR of identical frames is infinite; this cap keeps means finite (no uint8 frame that
 # differs anywhere scores above 58 dB).
 MAX_PSNR_DB = 100.0

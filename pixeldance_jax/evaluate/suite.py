@@ -55,8 +55,7 @@ VARIANTS = {
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "pixeldance_jax",
                                  "eval_stats")
 _CONDITIONING_FIELDS = ("last_frame_centroid_px", "first_frame_centroid_px",
-                        "direction_cosine", "psnr_db", "shape_iou", "colour_error",
-                        "first_frame_psnr_db")
+                        "direction_cosine") + metrics.FIDELITY_FIELDS
 
 
 def names(value: str | Iterable[str]) -> list[str]:
@@ -160,7 +159,7 @@ class SetStatistics:
       values = (metrics.centroid_distance(video[-1], record["video"][-1], background),
                 metrics.centroid_distance(video[0], record["video"][0], background),
                 metrics.motion_direction_agreement(video, record["velocity"], background),
-                *(fidelity[field] for field in _CONDITIONING_FIELDS[3:]))
+                *(fidelity[field] for field in metrics.FIDELITY_FIELDS))
       for i, value in enumerate(values):
         if not math.isnan(value):
           self.conditioning[2 * i:2 * i + 2] += (value, 1)

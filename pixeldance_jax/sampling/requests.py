@@ -126,7 +126,7 @@ def check_name(name: Any) -> str:
   """A request's name, the folder its outputs go to under the output directory: one plain
   path component (no separator, not "." or "..")."""
   if (not isinstance(name, str) or not name or name in (".", "..") or "/" in name
-      or "\\" in name or "\0" in name or os.sep in name):
+      or "\\" in name or "\0" in name):
     raise ValueError(f"name {name!r} must be a plain folder name (no '/', '\\', '.' or "
                      "'..'): the request's outputs go to <output_dir>/<name>")
   return name

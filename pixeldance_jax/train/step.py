@@ -74,10 +74,8 @@ def denoising_loss(params, model, latents: Array, image_condition: Array, contex
   prediction = model.apply({"params": params}, jnp.concatenate([noisy, image_condition], -1),
                            timesteps, context, use_temporal, False,
                            method=pixeldance.PixelDance.denoise, rngs={"dropout": dropout_rng})
-  prediction_type = config.diffusion.prediction_type
-  target = losses.target(prediction_type, alpha_bar, latents, noise, timesteps)
-  per_example = (losses.per_example_mse(prediction, target)
-                 * losses.weight(prediction_type, alpha_bar, timesteps))
+  per_example = losses.per_example_loss(config.diffusion.prediction_type, prediction, alpha_bar,
+                                        latents, noise, timesteps)
   return per_example.mean(), {"loss": per_example.mean(),
                               **timestep_buckets(per_example, timesteps, config)}
 

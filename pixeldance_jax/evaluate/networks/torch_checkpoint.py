@@ -101,8 +101,16 @@ def _unwrap(value: Any, kind: type, what: str) -> Any:
   return value.value
 
 
+class _NoBuild:
+  """Objects the rebuilders return: a pickle's BUILD on them (which would set their fields past
+  the rebuilders' checks) is refused."""
+
+  def __setstate__(self, state: Any) -> None:
+    raise _Refused("refusing to set the state of a rebuilt object (BUILD)")
+
+
 @dataclasses.dataclass
-class _Storage:
+class _Storage(_NoBuild):
   """A flat buffer of `numel` elements of `dtype`; `data` (bytes) arrive once read."""
   dtype: np.dtype
   numel: int
@@ -121,7 +129,7 @@ class _Storage:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Tensor:
+class _Tensor(_NoBuild):
   """A tensor awaiting its storage's bytes: `size`/`stride`/`offset` in elements."""
   storage: _Storage
   dtype: np.dtype
@@ -243,8 +251,6 @@ def _materialize(obj: Any, byteorder: str, budget: _Budget) -> Any:
 def _tensor_array(tensor: _Tensor, swap_bytes: bool, budget: _Budget) -> np.ndarray:
   """The strided view of the storage that torch's `set_(storage, offset, size, stride)`
   makes, copied (contiguous, writeable, in the host's byte order)."""
-  if not isinstance(tensor.dtype, np.dtype):
-    raise ValueError(f"a tensor without a dtype ({type(tensor.dtype).__name__})")
   itemsize = tensor.dtype.itemsize
   budget.take(math.prod(tensor.size) * itemsize, tensor)
   flat = tensor.storage.buffer()
@@ -252,7 +258,7 @@ def _tensor_array(tensor: _Tensor, swap_bytes: bool, budget: _Budget) -> np.ndar
   if 0 in tensor.size:
     return np.zeros(tensor.size, tensor.dtype)
   last = tensor.offset + sum((n - 1) * s for n, s in zip(tensor.size, tensor.stride))
-  if tensor.offset < 0 or min(tensor.stride, default=0) < 0 or last >= len(flat):
+  if last >= len(flat):  # Offset, size and stride are non-negative (`_tensor`).
     raise ValueError(f"a tensor of size {tensor.size}, stride {tensor.stride} and offset "
                      f"{tensor.offset} reaches past its storage of {len(flat)} elements")
   view = np.lib.stride_tricks.as_strided(
