@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,6 +68,33 @@ def test_temporal_layers_mix_frames_once_trained(setup):
   # Without temporal layers frame 1 ignores frame 0; with trained ones it does not.
   np.testing.assert_allclose(out(params, sample)[:, 1], out(params, changed)[:, 1], atol=1e-5)
   assert np.abs(out(perturbed, sample)[:, 1] - out(perturbed, changed)[:, 1]).max() > 1e-3
+
+
+def test_input_skip_starts_at_zero_and_adds_each_input_times_its_gain(setup):
+  """`unet.input_skip`: one more layer, a gain per input channel from the time embedding, zero
+  at init; with the noisy latent's gains at one and c_image's at two, the output gains
+  z_t + 2 c_image."""
+  config, denoise, params = setup
+  config = config.copy_and_resolve_references()
+  config.unet.input_skip = True
+  model = pixeldance.make_model(config)
+  skip = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), *pixeldance.dummy_inputs(config)
+                                           )["params"]["unet"]["input_skip"])
+  channels = config.autoencoder.latent_channels
+  assert skip["kernel"].shape[-1] == 2 * channels
+  assert not np.any(skip["kernel"]) and not np.any(skip["bias"])
+  sample, timesteps, context = _inputs(config)
+  without = np.asarray(denoise(params, sample, timesteps, context, True))
+
+  @jax.jit
+  def apply(bias):
+    unet = dict(params["params"]["unet"], input_skip=dict(skip, bias=bias))
+    variables = {"params": dict(params["params"], unet=unet)}
+    return model.apply(variables, sample, timesteps, context, True, method=model.denoise)
+  np.testing.assert_allclose(apply(skip["bias"]), without, atol=1e-5)
+  gains = jnp.concatenate([jnp.ones(channels), 2 * jnp.ones(channels)])
+  np.testing.assert_allclose(
+      apply(gains), without + sample[..., :channels] + 2 * sample[..., channels:], atol=1e-5)
 
 
 def test_image_batches_create_no_temporal_parameters():

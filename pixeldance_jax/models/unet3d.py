@@ -61,6 +61,7 @@ class UNetSpec:
   norm_eps: float = 1e-5  # ResNet and output GroupNorms (diffusers' `norm_eps`).
   temporal_position_embedding: bool = False
   pooled_text_embedding: bool = False
+  input_skip: bool = False
   dropout: float = 0.0  # In the ResNets.
   temporal_conv_dropout: float = 0.1  # In the temporal convs (ModelScope: 0.1).
   remat_policy: str = "none"  # One of REMAT_POLICIES; applied to every layer module.
@@ -93,6 +94,7 @@ class UNetSpec:
                norm_eps=unet.norm_eps,
                temporal_position_embedding=unet.temporal_position_embedding,
                pooled_text_embedding=unet.pooled_text_embedding,
+               input_skip=unet.get("input_skip", False),  # Absent from older configs.
                dropout=unet.dropout, temporal_conv_dropout=unet.temporal_conv_dropout,
                remat_policy=unet.remat_policy, dtype=jnp.dtype(unet.dtype),
                attention_impl=_attention_impl(unet), kernels=kernels)
@@ -277,7 +279,24 @@ class UNet3D(nn.Module):
     h = layers.group_norm(spec.norm_num_groups, "conv_norm_out", spec.norm_eps, silu=True)(h)
     h = h.astype(spec.dtype)
     h = layers.conv(spec.out_channels, (3, 3), spec.dtype, "conv_out")(h)
-    return _to_video(h, frames).reshape(batch, frames, *h.shape[1:]).astype(jnp.float32)
+    out = _to_video(h, frames).reshape(batch, frames, *h.shape[1:]).astype(jnp.float32)
+    if spec.input_skip:
+      out = out + _input_skip(spec, sample, temb)
+    return out
+
+
+def _input_skip(spec: UNetSpec, sample: Array, temb: Array) -> Array:
+  """A per-channel gain of each input (the noisy latent, c_image) added to the output, set by
+  the time embedding and zero at init: the copy a deep stack of convolutions learns slowly (a
+  clip from little noise, the given first frame) is one multiply here."""
+  groups = sample.shape[-1] // spec.out_channels
+  if groups * spec.out_channels != sample.shape[-1]:
+    raise ValueError(f"unet.input_skip needs inputs in whole copies of the {spec.out_channels} "
+                     f"output channels, got {sample.shape[-1]}.")
+  gain = layers.dense(sample.shape[-1], ("embed", "channels"), jnp.float32, "input_skip",
+                      zero_init=True)(nn.silu(temb.astype(jnp.float32)))
+  skip = sample.astype(jnp.float32) * gain[:, None, None, None, :]
+  return skip.reshape(*skip.shape[:-1], groups, spec.out_channels).sum(axis=-2)
 
 
 def init_params(spec: UNetSpec, rng: Array, in_channels: int | None = None) -> Any:
