@@ -111,15 +111,16 @@ def _aot(tmp_path, name, *flags):
 @pytest.mark.slow
 @needs_libtpu
 def test_unit_test_programs_compile_for_a_tpu_slice(tmp_path):
-  """The train step (its gradients' and update's programs) and the sampler, compiled by libtpu
-  for a 4-chip v5p slice in one run: memory plans, FLOPs, collectives, splash attention as a
-  Mosaic kernel (not interpreted), and the sharding the rules ask for. Planned against 0.1 GiB
-  per chip, the update (~40 MB) and the sampler (~70 MB) fit and the gradients (~150 MB) do
-  not: the report says NO and the exit status is 1."""
+  """The train step's gradients program and the sampler, compiled by libtpu for a 4-chip v5p
+  slice in one run: memory plans, FLOPs, collectives, splash attention as a Mosaic kernel (not
+  interpreted), and the sharding the rules ask for. Planned against 0.1 GiB per chip, the
+  sampler (~70 MB) fits and the gradients (~150 MB) do not: the report says NO and the exit
+  status is 1. (The update's program, the donated state, adds a third compile of ~11 s; its
+  donation is checked on the CPU by tests/test_train.py.)"""
   # 12 x 12 latents: the mid block's spatial attention (144 positions) takes splash attention.
   result, report = _aot(tmp_path, "slice", "--topology=v5p-8", "--per_chip=1",
                         "--config.data.image_size=48", "--config.unet.attention_impl=splash",
-                        "--config.separate_update=True", "--programs=train_step,update,sample",
+                        "--config.separate_update=True", "--programs=train_step,sample",
                         "--hbm_gib=0.1", f"--hlo_dir={tmp_path / 'hlo'}")
   assert result.returncode == 1, result.stderr[-3000:]
   assert (tmp_path / "hlo" / "train_step.hlo.txt").read_text().startswith("HloModule")
@@ -130,8 +131,6 @@ def test_unit_test_programs_compile_for_a_tpu_slice(tmp_path):
   assert plan["flops"] > 0 and plan["bytes_accessed"] > 0 and plan["compile_seconds"] > 0
   assert plan["collectives"]["all-gather"]["count"] > 0  # fsdp gathers weights.
   assert plan["custom_calls"].get("tpu_custom_call", 0) > 0  # Splash as a Mosaic kernel.
-  update = report["programs"]["update"]  # The optimiser's program: the state, donated.
-  assert update["fits"] and update["alias_bytes"] > 0 and update["batch"] == 0
   sample = report["programs"]["sample"]
   assert sample["fits"] and 0 < sample["total_bytes"] < sample["capacity_bytes"]
   assert sample["flops"] > 0 and sample["custom_calls"].get("tpu_custom_call", 0) > 0

@@ -347,7 +347,7 @@ def test_silent_clients_time_out_and_connections_are_capped(demo, monkeypatch):
 def test_a_load_of_mixed_requests(demo, server):
   """`benchmarks/demo_load.py`'s load, briefly: no 500 on valid input, every bad request a
   4xx or 503 with a message, nothing half-written."""
-  summary = demo_load.run_load(server.url, demo.output_dir, clients=4, seconds=6.0)
+  summary = demo_load.run_load(server.url, demo.output_dir, clients=4, seconds=3.0)
   assert summary["requests"] > 10 and summary["valid_failures"] == 0, summary
   assert summary["bad_without_message"] == 0 and summary["server_errors"] == 0, summary
   assert summary["half_written"] == 0, summary

@@ -71,8 +71,8 @@ def test_a_non_finite_step_leaves_the_whole_state_unchanged(tmp_path):
 @pytest.mark.slow
 def test_the_separate_update_program_is_the_fused_step(tmp_path):
   """`config.separate_update` (gradients, then the update, as two programs) computes what one
-  program does, a skipped non-finite step included; the video and image steps share the
-  update program."""
+  program does, a skipped non-finite step included; both donate the state; the video and image
+  steps share the update program."""
   config = unit_test.get_config()
   config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
   mesh = mesh_lib.make_mesh(config.mesh)
@@ -91,7 +91,9 @@ def test_the_separate_update_program_is_the_fused_step(tmp_path):
         kept = np.asarray(leaves[0])
         state = state.replace(params=jax.tree.unflatten(
             treedef, [leaves[0].at[(0,) * leaves[0].ndim].set(np.nan)] + leaves[1:]))
+      moments = jax.tree.leaves(state.opt_state)
       state, metrics = train_step(state, batch, jax.random.key(1))
+      assert all(leaf.is_deleted() for leaf in moments), "the state is donated"
       history.append(jax.tree.map(np.asarray, metrics))
       if step == 1:
         leaves, treedef = jax.tree.flatten(state.params)
