@@ -86,7 +86,9 @@ def get_config() -> ml_collections.ConfigDict:
   unet.cross_attention_dim = 768  # Must equal text_encoder.hidden_size.
   unet.temporal_position_embedding = False  # Frame position embedding in temporal attention.
   unet.pooled_text_embedding = False  # Add the mean text embedding to the time embedding.
-  unet.input_skip = False  # Add each input times a gain set by the time embedding to the output.
+  # Add inputs times a gain set by the time embedding to the output: "none", "conditions"
+  # (c_image) or "all" (the noisy latent too).
+  unet.input_skip = "none"
   unet.dropout = 0.0  # In the ResNets.
   unet.temporal_conv_dropout = 0.1  # Before temporal convs 2-4 (ModelScope's value).
   # Activation recomputation per layer (ResNet, temporal conv, transformers): "none", "full" or a

@@ -21,8 +21,10 @@ pytestmark = pytest.mark.slow
 
 
 def _kl_config():
-  """unit_test with a small random KL autoencoder (2x down) and a frozen text encoder."""
+  """unit_test with a small random KL autoencoder (2x down) and a frozen text encoder; the
+  one-level U-Net, which compiles fastest (the cache does not depend on its depth)."""
   config = unit_test.get_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
   ae = config.autoencoder
   ae.kind, ae.block_out_channels, ae.layers_per_block, ae.norm_num_groups = "kl", (8, 16), 1, 4
   ae.patch_size, ae.latent_channels, ae.scaling_factor = 2, 4, 0.18215
@@ -78,7 +80,6 @@ def test_train_from_init_from_steps_the_unet_and_keeps_the_kl_frozen(tmp_path):
   """train_and_evaluate from a converted-style checkpoint (`init_from`) with a KL autoencoder:
   it starts from those weights, the step trains the U-Net and leaves the frozen VAE as it was."""
   config = _kl_config()
-  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)  # Faster to compile.
   config.num_train_steps, config.warmup_steps = 1, 0  # A step with a learning rate.
   params, frozen = _weights(config)
   pretrained = str(tmp_path / "pretrained")

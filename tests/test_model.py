@@ -1,10 +1,12 @@
 """U-Net and text encoder: shapes, image batches, zero-initialised temporal layers."""
 
+import dataclasses
 import functools
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -71,12 +73,12 @@ def test_temporal_layers_mix_frames_once_trained(setup):
 
 
 def test_input_skip_starts_at_zero_and_adds_each_input_times_its_gain(setup):
-  """`unet.input_skip`: one more layer, a gain per input channel from the time embedding, zero
-  at init; with the noisy latent's gains at one and c_image's at two, the output gains
+  """`unet.input_skip="all"`: one more layer, a gain per input channel from the time embedding,
+  zero at init; with the noisy latent's gains at one and c_image's at two, the output gains
   z_t + 2 c_image."""
   config, denoise, params = setup
   config = config.copy_and_resolve_references()
-  config.unet.input_skip = True
+  config.unet.input_skip = "all"
   model = pixeldance.make_model(config)
   skip = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), *pixeldance.dummy_inputs(config)
                                            )["params"]["unet"]["input_skip"])
@@ -95,6 +97,44 @@ def test_input_skip_starts_at_zero_and_adds_each_input_times_its_gain(setup):
   gains = jnp.concatenate([jnp.ones(channels), 2 * jnp.ones(channels)])
   np.testing.assert_allclose(
       apply(gains), without + sample[..., :channels] + 2 * sample[..., channels:], atol=1e-5)
+
+
+def test_conditions_skip_gains_c_image_alone():
+  """`unet.input_skip="conditions"` (the layer the test above places in the U-Net): gains for
+  c_image's channels only, so z_t's noise never reaches the output through it."""
+  spec = dataclasses.replace(unet3d.UNetSpec.from_config(unit_test.get_config()),
+                             input_skip="conditions")
+  channels = spec.out_channels
+
+  class Skip(nn.Module):
+    @nn.compact
+    def __call__(self, sample, temb):
+      return unet3d._input_skip(spec, sample, temb)  # pylint: disable=protected-access
+
+  rng = np.random.default_rng(0)
+  sample = jnp.asarray(rng.normal(size=(2, 3, 4, 4, 2 * channels)), jnp.float32)
+  temb = jnp.asarray(rng.normal(size=(2, 8)), jnp.float32)
+  params = nn.meta.unbox(Skip().init(jax.random.key(0), sample, temb)["params"])
+  assert params["input_skip"]["kernel"].shape == (8, channels)
+  assert not np.any(Skip().apply({"params": params}, sample, temb))
+  gains = {"input_skip": {"kernel": jnp.zeros((8, channels)), "bias": 2 * jnp.ones(channels)}}
+  np.testing.assert_allclose(Skip().apply({"params": gains}, sample, temb),
+                             2 * sample[..., channels:], atol=1e-6)
+
+
+@pytest.mark.parametrize("value, mode", [(False, "none"), (True, "all"), ("conditions",
+                                                                          "conditions")])
+def test_input_skip_of_older_configs_reads_as_a_mode(value, mode):
+  """Configs saved when the field was a bool (or before it) keep their model."""
+  def spec(**unet):
+    saved = unit_test.get_config().to_dict()
+    del saved["unet"]["input_skip"]
+    saved["unet"].update(unet)
+    return unet3d.UNetSpec.from_config(ml_collections.ConfigDict(saved))
+  assert spec(input_skip=value).input_skip == mode
+  assert spec().input_skip == "none"
+  with pytest.raises(ValueError, match="input_skip='copy'"):
+    spec(input_skip="copy")
 
 
 def test_image_batches_create_no_temporal_parameters():

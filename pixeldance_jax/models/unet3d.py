@@ -26,6 +26,8 @@ Array = jax.Array
 # nothing, recompute the whole layer): the policies of `jax.checkpoint_policies`.
 REMAT_POLICIES = ("none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "nothing_saveable", "everything_saveable")
+# Which inputs `config.unet.input_skip` adds to the output, each times a learned gain.
+INPUT_SKIPS = ("none", "conditions", "all")
 
 
 # jax.nn.dot_product_attention's implementations, and Pallas splash attention (TPU; see
@@ -61,7 +63,7 @@ class UNetSpec:
   norm_eps: float = 1e-5  # ResNet and output GroupNorms (diffusers' `norm_eps`).
   temporal_position_embedding: bool = False
   pooled_text_embedding: bool = False
-  input_skip: bool = False
+  input_skip: str = "none"  # One of INPUT_SKIPS: which inputs `_input_skip` adds to the output.
   dropout: float = 0.0  # In the ResNets.
   temporal_conv_dropout: float = 0.1  # In the temporal convs (ModelScope: 0.1).
   remat_policy: str = "none"  # One of REMAT_POLICIES; applied to every layer module.
@@ -94,7 +96,7 @@ class UNetSpec:
                norm_eps=unet.norm_eps,
                temporal_position_embedding=unet.temporal_position_embedding,
                pooled_text_embedding=unet.pooled_text_embedding,
-               input_skip=unet.get("input_skip", False),  # Absent from older configs.
+               input_skip=_input_skip_mode(unet),
                dropout=unet.dropout, temporal_conv_dropout=unet.temporal_conv_dropout,
                remat_policy=unet.remat_policy, dtype=jnp.dtype(unet.dtype),
                attention_impl=_attention_impl(unet), kernels=kernels)
@@ -280,23 +282,37 @@ class UNet3D(nn.Module):
     h = h.astype(spec.dtype)
     h = layers.conv(spec.out_channels, (3, 3), spec.dtype, "conv_out")(h)
     out = _to_video(h, frames).reshape(batch, frames, *h.shape[1:]).astype(jnp.float32)
-    if spec.input_skip:
+    if spec.input_skip != "none":
       out = out + _input_skip(spec, sample, temb)
     return out
 
 
+def _input_skip_mode(unet: ml_collections.ConfigDict) -> str:
+  """`unet.input_skip` as one of INPUT_SKIPS; configs saved before it was a string hold a bool
+  (True: "all") or nothing."""
+  mode = unet.get("input_skip", "none")
+  mode = {False: "none", True: "all"}.get(mode, mode) if isinstance(mode, bool) else mode
+  if mode not in INPUT_SKIPS:
+    raise ValueError(f"config.unet.input_skip={mode!r}; expected one of {INPUT_SKIPS}.")
+  return mode
+
+
 def _input_skip(spec: UNetSpec, sample: Array, temb: Array) -> Array:
-  """A per-channel gain of each input (the noisy latent, c_image) added to the output, set by
-  the time embedding and zero at init: the copy a deep stack of convolutions learns slowly (a
-  clip from little noise, the given first frame) is one multiply here."""
-  groups = sample.shape[-1] // spec.out_channels
-  if groups * spec.out_channels != sample.shape[-1]:
-    raise ValueError(f"unet.input_skip needs inputs in whole copies of the {spec.out_channels} "
-                     f"output channels, got {sample.shape[-1]}.")
+  """A per-channel gain of some inputs added to the output, set by the time embedding and zero
+  at init: the copy a deep stack of convolutions learns slowly (a clip from little noise, the
+  given first frame) is one multiply here. "all": the noisy latent and c_image; "conditions":
+  c_image alone, so the noisy latent's noise never reaches the output unfiltered."""
+  out = spec.out_channels
+  groups = sample.shape[-1] // out
+  if groups * out != sample.shape[-1] or groups < 2:
+    raise ValueError(f"unet.input_skip needs inputs in whole copies of the {out} output "
+                     f"channels (the noisy latent, then the conditions), got {sample.shape[-1]}.")
+  if spec.input_skip == "conditions":
+    sample, groups = sample[..., out:], groups - 1
   gain = layers.dense(sample.shape[-1], ("embed", "channels"), jnp.float32, "input_skip",
                       zero_init=True)(nn.silu(temb.astype(jnp.float32)))
   skip = sample.astype(jnp.float32) * gain[:, None, None, None, :]
-  return skip.reshape(*skip.shape[:-1], groups, spec.out_channels).sum(axis=-2)
+  return skip.reshape(*skip.shape[:-1], groups, out).sum(axis=-2)
 
 
 def init_params(spec: UNetSpec, rng: Array, in_channels: int | None = None) -> Any:
