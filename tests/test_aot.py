@@ -115,8 +115,8 @@ def test_unit_test_programs_compile_for_a_tpu_slice(tmp_path):
   slice in one run: memory plans, FLOPs, collectives, splash attention as a Mosaic kernel (not
   interpreted), and the sharding the rules ask for. Planned against 0.1 GiB per chip, the
   sampler (~70 MB) fits and the gradients (~150 MB) do not: the report says NO and the exit
-  status is 1. (The update's program, the donated state, adds a third compile of ~11 s; its
-  donation is checked on the CPU by tests/test_train.py.)"""
+  status is 1. (The update's program, which takes the state donated, would be a third compile;
+  the donation is checked on the CPU by tests/test_train.py.)"""
   # 12 x 12 latents: the mid block's spatial attention (144 positions) takes splash attention.
   result, report = _aot(tmp_path, "slice", "--topology=v5p-8", "--per_chip=1",
                         "--config.data.image_size=48", "--config.unet.attention_impl=splash",
