@@ -41,7 +41,9 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # Set once, by the first pyte
   _CACHE = tempfile.mkdtemp(prefix="pixeldance_xla_")
   os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE
   atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Only programs that take a second or more to compile: reading a small one back from the cache
+# costs more than compiling it again, and the suite compiles some two thousand of them.
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 # One thread for the torch references (OpenMP): the suite already runs a process per core, and
 # OpenMP threads that spin waiting for a busy core slow both.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
