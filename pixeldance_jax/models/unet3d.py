@@ -291,7 +291,8 @@ def _input_skip_mode(unet: ml_collections.ConfigDict) -> str:
   """`unet.input_skip` as one of INPUT_SKIPS; configs saved before it was a string hold a bool
   (True: "all") or nothing."""
   mode = unet.get("input_skip", "none")
-  mode = {False: "none", True: "all"}.get(mode, mode) if isinstance(mode, bool) else mode
+  if isinstance(mode, bool):
+    mode = "all" if mode else "none"
   if mode not in INPUT_SKIPS:
     raise ValueError(f"config.unet.input_skip={mode!r}; expected one of {INPUT_SKIPS}.")
   return mode
