@@ -16,6 +16,8 @@ import shutil
 import sys
 import tempfile
 
+import pytest
+
 _REPO_ROOT = str(pathlib.Path(__file__).resolve().parents[1])
 if _REPO_ROOT not in sys.path:
   sys.path.insert(0, _REPO_ROOT)
@@ -49,9 +51,36 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
+# `--dist loadfile` hands each worker whole files in collection order (pytest_configure turns
+# off xdist's reordering by test count): the longest first, by their time in a full run, so that
+# the last files to run are short and both workers finish together.
+LONGEST_FILES = ("test_train_at_scale.py", "test_parallel.py", "test_sample.py", "test_aot.py",
+                 "test_model.py", "test_convert.py", "test_train.py", "test_cli.py",
+                 "test_accelerator_benchmark.py", "test_unet_parity.py", "test_evaluate.py",
+                 "test_cache.py", "test_diffusion.py", "test_local_data.py", "test_ablation.py")
+
+
 def pytest_configure(config):
+  if hasattr(config.option, "loadscopereorder"):  # pytest-xdist's `--dist loadscope/loadfile`.
+    config.option.loadscopereorder = False
   config.addinivalue_line("markers", "slow: multi-process, many-device, end-to-end command or "
                           "browser tests; `-m 'not slow'` is the quick tier.")
+  config.addinivalue_line("markers", "quick_only: a cheap stand-in for slow tests that check the "
+                          "same end to end; left out of runs that include the slow tier.")
+
+
+@pytest.hookimpl(trylast=True)  # After `-m` has chosen the tier.
+def pytest_collection_modifyitems(config, items):
+  """The longest files first; where the slow tier runs, the `quick_only` tests deselected (each
+  repeats a part of a slow test, a command's start-up, at the cost of a process)."""
+  rank = {name: index for index, name in enumerate(LONGEST_FILES)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: in-file order kept.
+  if not any(item.get_closest_marker("slow") for item in items):
+    return
+  redundant = [item for item in items if item.get_closest_marker("quick_only")]
+  if redundant:
+    config.hook.pytest_deselected(items=redundant)
+    items[:] = [item for item in items if not item.get_closest_marker("quick_only")]
 
 
 def pytest_collection_finish(session):  # pylint: disable=unused-argument
@@ -63,12 +92,14 @@ def pytest_collection_finish(session):  # pylint: disable=unused-argument
   gc.set_threshold(50_000, 20, 100)
 
 
-def pytest_sessionstart(session):  # pylint: disable=unused-argument
-  """The first xdist worker compiles the suite's most used programs first: the one-level
-  unit-test train step and initialiser (`helpers.ONE_LEVEL_UNET`), which ~8 tests and
+@pytest.fixture(scope="session", autouse=True)
+def _warm_compilation_cache():
+  """The first xdist worker compiles the suite's most used programs before its first test: the
+  one-level unit-test train step and initialiser (`helpers.ONE_LEVEL_UNET`), which ~8 tests and
   subprocesses run. Written to the persistent cache early, they are loaded by those instead of
-  compiled again by each that would otherwise need them before anyone had written them."""
-  if os.environ.get("PYTEST_XDIST_WORKER") != "gw0":  # Not the controller, nor a serial run.
+  compiled again by each that would otherwise need them before anyone had written them. (In a
+  fixture, not at session start: the other worker runs its first file meanwhile.)"""
+  if os.environ.get("PYTEST_XDIST_WORKER") != "gw0":  # Nor a serial run.
     return
   import jax  # pylint: disable=import-outside-toplevel
   import helpers  # pylint: disable=import-outside-toplevel

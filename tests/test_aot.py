@@ -110,30 +110,28 @@ def _aot(tmp_path, name, *flags):
 
 @pytest.mark.slow
 @needs_libtpu
-def test_unit_test_programs_compile_for_a_tpu_slice(tmp_path):
-  """The train step's gradients program and the sampler, compiled by libtpu for a 4-chip v5p
-  slice in one run: memory plans, FLOPs, collectives, splash attention as a Mosaic kernel (not
-  interpreted), and the sharding the rules ask for. Planned against 0.1 GiB per chip, the
-  sampler (~70 MB) fits and the gradients (~150 MB) do not: the report says NO and the exit
-  status is 1. (The update's program, which takes the state donated, would be a third compile;
-  the donation is checked on the CPU by tests/test_train.py.)"""
+def test_unit_test_train_step_compiles_for_a_tpu_slice(tmp_path):
+  """The train step's gradients program, compiled by libtpu for a 4-chip v5p slice: memory
+  plan, FLOPs, collectives, splash attention as a Mosaic kernel (not interpreted), and the
+  sharding the rules ask for. Planned against 0.1 GiB per chip, the gradients (~150 MB) do not
+  fit: the report says NO and the exit status is 1. (Each program is half a minute of libtpu
+  compile on this CPU, so one: the sampler and the update, whose donation tests/test_train.py
+  checks on the CPU, go through the same `--programs` code.)"""
   # 12 x 12 latents: the mid block's spatial attention (144 positions) takes splash attention.
   result, report = _aot(tmp_path, "slice", "--topology=v5p-8", "--per_chip=1",
                         "--config.data.image_size=48", "--config.unet.attention_impl=splash",
-                        "--config.separate_update=True", "--programs=train_step,sample",
+                        "--config.separate_update=True", "--programs=train_step",
                         "--hbm_gib=0.1", f"--hlo_dir={tmp_path / 'hlo'}")
   assert result.returncode == 1, result.stderr[-3000:]
   assert (tmp_path / "hlo" / "train_step.hlo.txt").read_text().startswith("HloModule")
   assert (report["chips"], report["hosts"], report["mesh"]["fsdp"]) == (4, 1, 4)
   assert report["device_kind"].startswith("TPU v5")
+  assert set(report["programs"]) == {"train_step"}
   plan = report["programs"]["train_step"]
   assert not plan["fits"] and plan["total_bytes"] > plan["capacity_bytes"] == int(0.1 * 2**30)
   assert plan["flops"] > 0 and plan["bytes_accessed"] > 0 and plan["compile_seconds"] > 0
   assert plan["collectives"]["all-gather"]["count"] > 0  # fsdp gathers weights.
   assert plan["custom_calls"].get("tpu_custom_call", 0) > 0  # Splash as a Mosaic kernel.
-  sample = report["programs"]["sample"]
-  assert sample["fits"] and 0 < sample["total_bytes"] < sample["capacity_bytes"]
-  assert sample["flops"] > 0 and sample["custom_calls"].get("tpu_custom_call", 0) > 0
   assert "collectives in train_step" in result.stdout and "NO" in result.stdout
   sharding = report["sharding"]
   assert sharding["replicated"] == []
