@@ -12,7 +12,7 @@ import pytest
 
 import helpers
 from configs import unit_test
-from pixeldance_jax.models import autoencoder, pixeldance, text_encoder, unet3d
+from pixeldance_jax.models import autoencoder, layers, pixeldance, text_encoder, unet3d
 
 
 @pytest.fixture(scope="module")
@@ -224,37 +224,66 @@ def _primitives(jaxpr) -> set[str]:
   return names
 
 
-@pytest.mark.slow
+class _CpuKernelLayers(nn.Module):
+  """Every layer with an XLA:CPU formulation of its own, in a row: the temporal conv, GroupNorm
+  with SiLU, the 1x1 conv, Dense over `[n, length, features]`, GELU."""
+
+  @nn.compact
+  def __call__(self, video):
+    b, frames, height, width, channels = video.shape
+    x = layers.FrameConv(channels, jnp.float32, name="frame_conv")(video)
+    x = layers.group_norm(4, "norm", silu=True)(x.reshape(b * frames, height, width, channels))
+    x = layers.conv(channels, (1, 1), jnp.float32, "pointwise")(x)
+    x = layers.dense(2 * channels, ("embed", "mlp"), jnp.float32, "dense")(
+        x.reshape(b * frames, height * width, channels))
+    return layers.gelu(x)
+
+
 def test_portable_and_cpu_kernels_are_one_function():
   """config.unet.kernels: the portable formulations (what GPUs and TPUs compile) and XLA:CPU's
-  own (GroupNorm's gradient, temporal and 1x1 convolutions, Dense, GELU) share the parameters
-  and give the same U-Net, values and parameter gradients; only the CPU one has custom
-  gradients."""
-  config = unit_test.get_config()
-  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
-  sample, timesteps, context = _inputs(config)
-  cotangent = jnp.asarray(np.random.default_rng(1).normal(size=sample.shape[:-1] + (
-      config.autoencoder.latent_channels,)), jnp.float32)
-  results = {}
-  # Drawn in numpy (no initialiser to compile), nothing zero: every layer reaches the output.
-  params = {"params": helpers.random_params(config)}
-  for kernels in ("portable", "cpu"):
-    config.unet.kernels = kernels
-    model = pixeldance.make_model(config)
-    shapes = nn.meta.unbox(jax.eval_shape(model.init, jax.random.key(0),
-                                          *pixeldance.dummy_inputs(config)))
-    assert jax.tree.map(jnp.shape, shapes) == jax.tree.map(jnp.shape, params)
+  own share the parameters and give the same layers, values and gradients (inputs' and
+  parameters'); only the CPU ones have custom gradients."""
+  rng = np.random.default_rng(0)
+  video = jnp.asarray(rng.normal(size=(2, 3, 4, 4, 8)), jnp.float32)
+  cotangent = jnp.asarray(rng.normal(size=(6, 16, 16)), jnp.float32)
+  shapes = nn.meta.unbox(jax.eval_shape(_CpuKernelLayers().init, jax.random.key(0),
+                                        video)["params"])
+  params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) / 3, jnp.float32), shapes)
 
-    def loss(params, model=model):
-      out = model.apply(params, sample, timesteps, context, method=model.denoise)
-      return jnp.sum(out * cotangent), out
-    grad_fn = jax.value_and_grad(loss, has_aux=True)
-    forward = jax.make_jaxpr(lambda params: loss(params)[0])(params).jaxpr
-    assert ("custom_vjp_call" in _primitives(forward)) == (kernels == "cpu")
-    results[kernels] = jax.jit(grad_fn)(params)
+  def loss(params, video):
+    out = _CpuKernelLayers().apply({"params": params}, video)
+    return jnp.sum(out * cotangent), out
+
+  results = {}
+  for kernels in ("portable", "cpu"):
+    with layers.kernels(kernels):
+      forward = jax.make_jaxpr(lambda p, v: loss(p, v)[0])(params, video).jaxpr
+      assert ("custom_vjp_call" in _primitives(forward)) == (kernels == "cpu")
+      results[kernels] = jax.jit(jax.value_and_grad(loss, (0, 1), has_aux=True))(params, video)
   (_, portable_out), portable_grads = results["portable"]
   (_, cpu_out), cpu_grads = results["cpu"]
   np.testing.assert_allclose(cpu_out, portable_out, atol=2e-5)
+  assert jax.tree.structure(cpu_grads) == jax.tree.structure(portable_grads)
   for cpu_grad, portable_grad in zip(jax.tree.leaves(cpu_grads), jax.tree.leaves(portable_grads)):
     scale = float(jnp.abs(portable_grad).max()) + 1e-6
     np.testing.assert_allclose(cpu_grad, portable_grad, atol=2e-4 * scale)
+
+
+@pytest.mark.slow
+def test_the_unet_takes_the_kernels_its_config_names():
+  """`unet.kernels` reaches every layer of the U-Net (custom gradients only with "cpu"), and
+  the two give the same U-Net."""
+  config = unit_test.get_config()
+  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
+  sample, timesteps, context = _inputs(config)
+  params = {"params": helpers.random_params(config)}  # Nothing zero: every layer acts.
+  outputs = {}
+  for kernels in ("portable", "cpu"):
+    config.unet.kernels = kernels
+    model = pixeldance.make_model(config)
+    denoise = lambda params, model=model: model.apply(params, sample, timesteps, context,
+                                                      method=model.denoise)
+    jaxpr = jax.make_jaxpr(denoise)(params).jaxpr
+    assert ("custom_vjp_call" in _primitives(jaxpr)) == (kernels == "cpu")
+    outputs[kernels] = jax.jit(denoise)(params)
+  np.testing.assert_allclose(outputs["cpu"], outputs["portable"], atol=2e-5)

@@ -7,12 +7,12 @@ zero-initialised layers (temporal convs' last conv) cannot hide a wrong mapping.
 
 import dataclasses
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import helpers
 from configs import unit_test
 from pixeldance_jax.convert import layouts
 from pixeldance_jax.models import unet3d
@@ -160,56 +160,51 @@ def test_2d_checkpoint_with_temporal_tensors_is_rejected(torch_3d):
     layouts.unet_params_from_2d_torch_state_dict(torch_3d[0], SPEC_3D, jax.random.key(0))
 
 
-def _remat_config():
-  """Remat wraps each layer alike at every level: one level (three compiles) is enough."""
+_REMAT_FRAMES = 2
+
+
+class _OneLayer(nn.Module):
+  """One U-Net layer as the model builds it (`unet3d._layer`: ResNet, temporal conv, spatial and
+  temporal transformers, each wrapped by `_remat`), dropout on."""
+  spec: unet3d.UNetSpec
+
+  @nn.compact
+  def __call__(self, h, temb, context):
+    inputs = unet3d._Inputs(temb=temb, context=context, frames=_REMAT_FRAMES,  # pylint: disable=protected-access
+                            use_temporal=True, deterministic=False)
+    return unet3d._layer(self.spec, 0, h.shape[-1], True, h, inputs)  # pylint: disable=protected-access
+
+
+def test_remat_keeps_gradients():
+  """One policy, on one layer of every wrapped kind: the layers are wrapped alike for every
+  policy, which only tells `jax.checkpoint` what to save (each policy's activations:
+  tests/test_model_size.py), and the recomputation must replay the same dropout masks."""
   config = unit_test.get_config()
-  config.update_from_flattened_dict(helpers.ONE_LEVEL_UNET)
-  return config
-
-
-def _unit_test_loss(remat_policy: str):
-  """A video loss of the U-Net params on the unit-test config (one level), with dropout on."""
-  config = _remat_config()
-  config.unet.remat_policy = remat_policy
-  spec = unet3d.UNetSpec.from_config(config)
-  model = unet3d.UNet3D(spec)
+  spec = dataclasses.replace(unet3d.UNetSpec.from_config(config), dropout=0.3,
+                             temporal_conv_dropout=0.3)
   rng = np.random.default_rng(0)
-  size = config.data.image_size // config.autoencoder.patch_size
-  sample = jnp.asarray(rng.normal(size=(1, config.data.frames, size, size,
-                                        2 * spec.out_channels)), jnp.float32)
-  context = jnp.asarray(rng.normal(size=(1, 3, spec.cross_attention_dim)), jnp.float32)
+  channels, frames = 16, _REMAT_FRAMES
+  h = jnp.asarray(rng.normal(size=(2 * frames, 4, 4, channels)), jnp.float32)
+  temb = jnp.asarray(rng.normal(size=(2 * frames, 4 * spec.block_out_channels[0])), jnp.float32)
+  context = jnp.asarray(rng.normal(size=(2 * frames, 3, spec.cross_attention_dim)), jnp.float32)
+  shapes = nn.meta.unbox(jax.eval_shape(_OneLayer(spec).init, jax.random.key(0), h, temb,
+                                        context)["params"])
+  # Drawn in numpy (no initialiser to compile), nothing zero: every sublayer acts.
+  params = jax.tree.map(lambda x: jnp.asarray(0.2 * rng.normal(size=x.shape), jnp.float32),
+                        shapes)
 
-  def loss(p):
-    # Dropout on: the recomputation must replay the same masks.
-    out = model.apply({"params": p}, sample, jnp.asarray([600]), context, True, False,
-                      rngs={"dropout": jax.random.key(1)})
-    return jnp.mean(out ** 2)
-  return loss
+  def gradients(policy: str):
+    model = _OneLayer(dataclasses.replace(spec, remat_policy=policy))
+    loss = lambda p: jnp.mean(model.apply({"params": p}, h, temb, context,
+                                          rngs={"dropout": jax.random.key(1)}) ** 2)
+    return jax.make_jaxpr(loss)(params), jax.jit(jax.grad(loss))(params)
 
-
-@pytest.fixture(scope="module")
-def remat_params():
-  """Unit-test U-Net params (the same for every policy), drawn in numpy: nothing is zero (the
-  temporal outputs included), so every parameter gets a gradient."""
-  return helpers.random_params(_remat_config())["unet"]
-
-
-@pytest.fixture(scope="module")
-def gradients_without_remat(remat_params):
-  return jax.jit(jax.grad(_unit_test_loss("none")))(remat_params)
-
-
-@pytest.mark.slow
-def test_remat_keeps_gradients(remat_params, gradients_without_remat):
-  """One policy: the layers are wrapped alike for every policy, which only tells
-  `jax.checkpoint` what to save (each policy's activations: tests/test_model_size.py)."""
-  loss = _unit_test_loss("dots_saveable")
-  # The layers really are rematerialised.
-  assert "remat" in str(jax.make_jaxpr(loss)(remat_params))
-  gradients = jax.jit(jax.grad(loss))(remat_params)
-  assert jax.tree.structure(gradients) == jax.tree.structure(gradients_without_remat)
-  for expected, got in zip(jax.tree.leaves(gradients_without_remat), jax.tree.leaves(gradients)):
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+  plain_jaxpr, expected = gradients("none")
+  remat_jaxpr, found = gradients("dots_saveable")
+  assert "remat" in str(remat_jaxpr) and "remat" not in str(plain_jaxpr)
+  assert jax.tree.structure(found) == jax.tree.structure(expected)
+  for got, want in zip(jax.tree.leaves(found), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_remat_policy_is_an_error():
