@@ -65,22 +65,26 @@ def pytest_configure(config):
     config.option.loadscopereorder = False
   config.addinivalue_line("markers", "slow: multi-process, many-device, end-to-end command or "
                           "browser tests; `-m 'not slow'` is the quick tier.")
-  config.addinivalue_line("markers", "quick_only: a cheap stand-in for slow tests that check the "
-                          "same end to end; left out of runs that include the slow tier.")
+  config.addinivalue_line("markers", "quick_only(*files): a cheap stand-in for slow tests in "
+                          "`files` that check the same end to end; left out where those run.")
 
 
 @pytest.hookimpl(trylast=True)  # After `-m` has chosen the tier.
 def pytest_collection_modifyitems(config, items):
-  """The longest files first; where the slow tier runs, the `quick_only` tests deselected (each
-  repeats a part of a slow test, a command's start-up, at the cost of a process)."""
+  """The longest files first; a `quick_only(*files)` test deselected where slow tests of its
+  `files` run (it repeats a part of one, a command's start-up, at the cost of a process)."""
   rank = {name: index for index, name in enumerate(LONGEST_FILES)}
   items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # Stable: in-file order kept.
-  if not any(item.get_closest_marker("slow") for item in items):
-    return
-  redundant = [item for item in items if item.get_closest_marker("quick_only")]
-  if redundant:
-    config.hook.pytest_deselected(items=redundant)
-    items[:] = [item for item in items if not item.get_closest_marker("quick_only")]
+  slow_files = {item.path.name for item in items if item.get_closest_marker("slow")}
+
+  def redundant(item) -> bool:
+    marker = item.get_closest_marker("quick_only")
+    return marker is not None and bool(slow_files.intersection(marker.args))
+
+  deselected = [item for item in items if redundant(item)]
+  if deselected:
+    config.hook.pytest_deselected(items=deselected)
+    items[:] = [item for item in items if not redundant(item)]
 
 
 def pytest_collection_finish(session):  # pylint: disable=unused-argument

@@ -160,17 +160,17 @@ def test_sample_prompts_file_writes_a_folder_per_line(workdir, tmp_path, caplog)
   assert record["heldout_index"] == 1 and record["weights"] == "ema"
 
 
-# Commands the slow tier runs as subprocesses anyway (test_convert, test_demo, the evaluation
-# above, test_aot where libtpu is installed); the data build runs there in-process.
-_RUN_BY_SLOW_TESTS = pytest.mark.quick_only
+# Commands that slow tests run as subprocesses anyway (the AOT command's needs libtpu); the data
+# build runs in-process there.
 _HAS_LIBTPU = importlib.util.find_spec("libtpu") is not None
 
 
 @pytest.mark.parametrize("command", [
-    pytest.param("pixeldance_jax.aot", marks=[_RUN_BY_SLOW_TESTS] if _HAS_LIBTPU else []),
-    pytest.param("pixeldance_jax.convert", marks=_RUN_BY_SLOW_TESTS),
-    pytest.param("pixeldance_jax.demo", marks=_RUN_BY_SLOW_TESTS),
-    pytest.param("pixeldance_jax.evaluate", marks=_RUN_BY_SLOW_TESTS),
+    pytest.param("pixeldance_jax.aot",
+                 marks=[pytest.mark.quick_only("test_aot.py")] if _HAS_LIBTPU else []),
+    pytest.param("pixeldance_jax.convert", marks=pytest.mark.quick_only("test_convert.py")),
+    pytest.param("pixeldance_jax.demo", marks=pytest.mark.quick_only("test_demo.py")),
+    pytest.param("pixeldance_jax.evaluate", marks=pytest.mark.quick_only("test_cli.py")),
     "pixeldance_jax.data.build"])
 def test_every_command_answers_help(command):
   """Each command's module imports and defines its flags (in the quick tier, the one run of
