@@ -57,6 +57,15 @@ def random_params(config: ml_collections.ConfigDict, seed: int = 0) -> Any:
   return jax.tree_util.tree_map_with_path(init, shapes)
 
 
+def random_module_params(module: nn.Module, *inputs: Any, rng: np.random.Generator,
+                         scale: float) -> Any:
+  """Parameters of `module` on `inputs`, each entry `scale` x a standard normal from `rng`
+  (in tree order): nothing zero, so every sublayer acts; no initialiser to compile."""
+  shapes = nn.meta.unbox(jax.eval_shape(module.init, jax.random.key(0), *inputs)["params"])
+  return jax.tree.map(lambda x: jnp.asarray(scale * rng.normal(size=x.shape), jnp.float32),
+                      shapes)
+
+
 def random_pipeline(config: ml_collections.ConfigDict, seed: int = 0
                     ) -> sampling_pipeline.Pipeline:
   """A pipeline with `random_params` (a space-to-depth autoencoder: no frozen weights)."""

@@ -246,9 +246,7 @@ def test_portable_and_cpu_kernels_are_one_function():
   rng = np.random.default_rng(0)
   video = jnp.asarray(rng.normal(size=(2, 3, 4, 4, 8)), jnp.float32)
   cotangent = jnp.asarray(rng.normal(size=(6, 16, 16)), jnp.float32)
-  shapes = nn.meta.unbox(jax.eval_shape(_CpuKernelLayers().init, jax.random.key(0),
-                                        video)["params"])
-  params = jax.tree.map(lambda x: jnp.asarray(rng.normal(size=x.shape) / 3, jnp.float32), shapes)
+  params = helpers.random_module_params(_CpuKernelLayers(), video, rng=rng, scale=1 / 3)
 
   def loss(params, video):
     out = _CpuKernelLayers().apply({"params": params}, video)

@@ -39,7 +39,6 @@ def _train_command(workdir, *flags: str) -> list[str]:
           *flags]
 
 
-
 def _assert_trees_equal(a, b):
   jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
 

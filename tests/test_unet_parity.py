@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import helpers
 from configs import unit_test
 from pixeldance_jax.convert import layouts
 from pixeldance_jax.models import unet3d
@@ -187,11 +188,7 @@ def test_remat_keeps_gradients():
   h = jnp.asarray(rng.normal(size=(2 * frames, 4, 4, channels)), jnp.float32)
   temb = jnp.asarray(rng.normal(size=(2 * frames, 4 * spec.block_out_channels[0])), jnp.float32)
   context = jnp.asarray(rng.normal(size=(2 * frames, 3, spec.cross_attention_dim)), jnp.float32)
-  shapes = nn.meta.unbox(jax.eval_shape(_OneLayer(spec).init, jax.random.key(0), h, temb,
-                                        context)["params"])
-  # Drawn in numpy (no initialiser to compile), nothing zero: every sublayer acts.
-  params = jax.tree.map(lambda x: jnp.asarray(0.2 * rng.normal(size=x.shape), jnp.float32),
-                        shapes)
+  params = helpers.random_module_params(_OneLayer(spec), h, temb, context, rng=rng, scale=0.2)
 
   def gradients(policy: str):
     model = _OneLayer(dataclasses.replace(spec, remat_policy=policy))
