@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 import helpers
+import processes
 from configs import unit_test
 from pixeldance_jax.io import checkpoints, video_files
 from pixeldance_jax.data import moving_shapes
@@ -205,7 +206,8 @@ def test_batch_sharded_over_eight_devices_samples_the_same_videos():
   a data-only mesh). A wrong example order, padding or seed would change whole videos."""
   script = pathlib.Path(__file__).with_name("multi_device_sample_check.py")
   result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=""))
+                          timeout=600, env=dict(os.environ, JAX_PLATFORMS="cpu",
+                                                XLA_FLAGS=processes.FAST_COMPILE))
   if result.returncode != 0:
     raise AssertionError(f"multi_device_sample_check.py failed:\n{result.stderr[-5000:]}")
   findings = json.loads(result.stdout.strip().splitlines()[-1])
