@@ -76,10 +76,13 @@ def test_cached_batch_gives_the_live_loss(kl_cache):
   assert abs(other - float(live_loss)) > 1e-4 * float(live_loss)  # 10x the tolerance above.
 
 
-def test_train_from_init_from_steps_the_unet_and_keeps_the_kl_frozen(tmp_path):
-  """train_and_evaluate from a converted-style checkpoint (`init_from`) with a KL autoencoder:
-  it starts from those weights, the step trains the U-Net and leaves the frozen VAE as it was."""
+def test_train_from_init_from_and_the_cache_steps_the_unet_and_keeps_the_kl_frozen(tmp_path):
+  """train_and_evaluate from a converted-style checkpoint (`init_from`) with a KL autoencoder
+  and `data.cache_latents`: it starts from those weights, caches the clips' latents with that
+  VAE, trains the U-Net on them and leaves the frozen VAE as it was. (The live loss, which
+  encodes in the step, is the cached one: test_cached_batch_gives_the_live_loss.)"""
   config = _kl_config()
+  config.data.cache_latents = True
   config.num_train_steps, config.warmup_steps = 1, 0  # A step with a learning rate.
   params, frozen = _weights(config)
   pretrained = str(tmp_path / "pretrained")

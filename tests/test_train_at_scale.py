@@ -11,6 +11,7 @@ import struct
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from tensorboardX.proto import event_pb2
@@ -273,30 +274,41 @@ def test_joint_image_training_interleaves_image_steps_and_resumes(tmp_path):
   assert os.path.getsize(tmp_path / "samples" / "step_4.gif") > 0
 
 
+def _toy_loss(params, frozen, batch, rng, config, use_temporal=True, condition_rates=None):
+  """`step_lib.loss_fn`'s signature and metrics on a quadratic in `params["w"]` whose noise
+  comes from `rng`: the accumulation's microbatches, folds and means, at no compile cost."""
+  del frozen, use_temporal, condition_rates
+  video = batch["video"].astype(jnp.float32) / 255
+  noise = jax.random.normal(rng, video.shape)
+  per_example = jnp.mean((video * params["w"] + noise) ** 2, axis=(1, 2, 3, 4))
+  timesteps = batch["tokens"][:, 0] % config.diffusion.num_train_timesteps
+  return per_example.mean(), {"loss": per_example.mean(),
+                              **step_lib.timestep_buckets(per_example, timesteps, config)}
+
+
 def test_gradient_accumulation_averages_the_microbatch_gradients():
-  """Two microbatches: the mean of their gradients, each with its own fold of the step rng."""
+  """Two microbatches: the mean of their gradients, each with its own fold of the step rng
+  (examples i, i + 2, ... in microbatch i); the model's loss takes the same path (traced)."""
   config = unit_test.get_config()
   config.update_from_flattened_dict(ONE_LEVEL_UNET)
   config.batch_size = 4
-  params = helpers.random_params(config)  # Drawn in numpy: no initialiser to compile.
   rng = np.random.default_rng(0)
   batch = {"video": rng.integers(0, 256, (4, config.data.frames, 16, 16, 3), dtype=np.uint8),
-           "tokens": rng.integers(0, 100, (4, config.text_encoder.max_length), dtype=np.int32)}
+           "tokens": rng.integers(0, 1000, (4, config.text_encoder.max_length), dtype=np.int32)}
+  params = {"w": jnp.asarray(rng.normal(size=3), jnp.float32)}
   step_rng = jax.random.key(3)
 
-  def loss_and_grads(accum_steps: int):
+  def loss_and_grads(accum_steps: int, loss=_toy_loss):
     changed = config.copy_and_resolve_references()
     changed.grad_accum_steps = accum_steps
-    return jax.jit(lambda params, frozen, b, r: step_lib.loss_and_grads(params, frozen, b, r,
-                                                                         changed))
+    return lambda params, b, r: step_lib.loss_and_grads(params, {}, b, r, changed, loss=loss)
 
-  metrics, grads = loss_and_grads(2)(params, {}, batch, step_rng)
-  one_microbatch = loss_and_grads(1)
+  metrics, grads = jax.jit(loss_and_grads(2))(params, batch, step_rng)
   expected_grads, expected_losses = [], []
   for index in range(2):
     microbatch = {key: value[index::2] for key, value in batch.items()}
-    micro_metrics, micro_grads = one_microbatch(params, {}, microbatch,
-                                                jax.random.fold_in(step_rng, index))
+    micro_metrics, micro_grads = loss_and_grads(1)(params, microbatch,
+                                                   jax.random.fold_in(step_rng, index))
     expected_grads.append(micro_grads)
     expected_losses.append(float(micro_metrics["loss"]))
   expected = jax.tree.map(lambda a, b: (a + b) / 2, *expected_grads)
@@ -304,6 +316,11 @@ def test_gradient_accumulation_averages_the_microbatch_gradients():
                expected)
   np.testing.assert_allclose(float(metrics["loss"]), np.mean(expected_losses), rtol=1e-6)
   assert float(metrics["bucket_count"].sum()) == 4
+  model_params = helpers.random_params(config)  # Drawn in numpy; only traced below.
+  traced_metrics, traced_grads = jax.eval_shape(
+      loss_and_grads(2, step_lib.loss_fn), model_params, batch, step_rng)
+  assert jax.tree.structure(traced_grads) == jax.tree.structure(model_params)
+  assert traced_metrics["loss"].shape == ()
 
 
 def test_keep_period_keeps_multiples_beyond_max_to_keep(tmp_path):
