@@ -5,19 +5,26 @@ One video (basic mode: text + first frame; magic: + --last_frame; sketch: + --la
   python sample.py --workdir=/tmp/run --prompt="a red square moves quickly to the right" \\
       --first_frame=first.png [--last_frame=last.png] --tau=25 --output=out/video.mp4
 
-A long video of N clips, each starting from the previous clip's last frame (one --prompt for
-all clips, or one --prompt per clip):
+Keyframes in the middle of the clip too (a model trained with keyframes follows them):
+
+  python sample.py --workdir=/tmp/run --prompt="..." --first_frame=first.png \
+      --keyframe=3:middle.png --last_frame=last.png
+
+A long video of N clips, each starting from the previous clip's last frame, or its last k
+frames with --overlap_frames=k (one --prompt for all clips, or one --prompt per clip):
 
   python sample.py --workdir=/tmp/run --first_frame=first.png --num_clips=4 --prompt="..."
 
 A batch job, one JSON object a line (keys: prompt, first_frame, last_frame, last_frame_edges,
-heldout_index, name, tau, seed, guidance_scale, guidance_rescale, steps, eta, sampler,
-timestep_spacing, num_clips; flags give the defaults), one folder per line in --output_dir:
+keyframes ({"3": "middle.png"}), heldout_index, name, tau, seed, guidance_scale,
+guidance_rescale, steps, eta, sampler, timestep_spacing, num_clips, overlap_frames; flags give
+the defaults), one folder per line in --output_dir:
 
   python sample.py --workdir=/tmp/run --prompts_file=jobs.jsonl --output_dir=out/
 
 Without --first_frame, the first frame (and, unless given, the prompt) of a held-out
-generated clip is used; --last_frame=heldout takes that clip's last frame.
+generated clip is used; --last_frame=heldout takes that clip's last frame, and
+--keyframe=INDEX:heldout that clip's frame INDEX.
 """
 
 import sys
@@ -43,6 +50,10 @@ _LAST = flags.DEFINE_string("last_frame", None, "Last frame image, or 'heldout' 
                             "clip's last frame. Default: none (basic mode, text + first frame).")
 _EDGES = flags.DEFINE_bool("last_frame_edges", False, "Turn --last_frame into an edge map (black "
                            "lines on white) first: the sketch mode.")
+_KEYFRAME = flags.DEFINE_multi_string("keyframe", None, "INDEX:IMAGE: a keyframe at frame "
+                                      "INDEX (1 to frames - 2) of the clip (the final clip of a "
+                                      "long video); IMAGE 'heldout' takes the held-out clip's "
+                                      "frame. Repeatable. Seen for the first --tau steps.")
 _HELDOUT = flags.DEFINE_integer("heldout_index", 0, "Held-out clip used for missing inputs.")
 _RESIZE = flags.DEFINE_bool("resize", True, "Centre-crop and resize images of the wrong size "
                             "(else refuse them).")
@@ -67,6 +78,10 @@ _SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (a prompts file's line k 
 _NUM_CLIPS = flags.DEFINE_integer("num_clips", None, "Clips of a long video, each starting from "
                                   "the previous clip's last frame; --last_frame guides the "
                                   "final one. Default: the number of --prompt flags (1).")
+_OVERLAP = flags.DEFINE_integer("overlap_frames", None, "A long video's next clip is "
+                                "conditioned on the previous clip's last k frames (seen at "
+                                "every step), so its motion carries on. Default: 1 (the last "
+                                "frame alone).")
 
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL batch job, one video a line "
                                     "(see the module help). Default: none (one video).")
@@ -84,7 +99,7 @@ def _settings() -> dict:
   return {"sampler": _SAMPLER.value, "steps": _STEPS.value, "timestep_spacing": _SPACING.value,
           "tau": _TAU.value, "guidance_scale": _GUIDANCE.value,
           "guidance_rescale": _RESCALE.value, "eta": _ETA.value, "seed": _SEED.value,
-          "num_clips": _NUM_CLIPS.value}
+          "num_clips": _NUM_CLIPS.value, "overlap_frames": _OVERLAP.value}
 
 
 def _run() -> list[str]:
@@ -92,7 +107,8 @@ def _run() -> list[str]:
                 "upscale": _UPSCALE.value}
   if _PROMPTS_FILE.value:
     single = [name for name, flag in (("prompt", _PROMPT), ("first_frame", _FIRST),
-                                      ("last_frame", _LAST)) if flag.value]
+                                      ("last_frame", _LAST), ("keyframe", _KEYFRAME))
+              if flag.value]
     if single:
       raise ValueError(f"--prompts_file gives every video's inputs; drop --{', --'.join(single)}")
     return jobs.sample_prompts_file(
@@ -103,7 +119,7 @@ def _run() -> list[str]:
       _WORKDIR.value, output=_OUTPUT.value, **checkpoint,
       prompt=prompts if len(prompts) > 1 else (prompts[0] if prompts else None),
       first_frame=_FIRST.value, last_frame=_LAST.value, last_frame_edges=_EDGES.value,
-      heldout_index=_HELDOUT.value, resize=_RESIZE.value, **_settings())
+      keyframes=_KEYFRAME.value, heldout_index=_HELDOUT.value, resize=_RESIZE.value, **_settings())
 
 
 def main(argv):

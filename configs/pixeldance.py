@@ -26,6 +26,9 @@ def get_config() -> ml_collections.ConfigDict:
   data.generator_seed = 0
   data.second_object_prob = 0.25  # Moving shapes: probability of a static distractor.
   data.background_color_prob = 0.25  # Moving shapes: probability of a non-black background.
+  # Moving shapes: probability of a detour or a pause between the straight path's ends (what a
+  # middle keyframe decides; moving_shapes.PATHS).
+  data.path_change_prob = 0.0
   data.worker_count = 2  # grain worker processes; 0 = in the main process.
   data.shuffle_seed = 0
   # Local videos (name "video_folder" or "webvid_csv"; README "Training on your own videos").
@@ -122,6 +125,12 @@ def get_config() -> ml_collections.ConfigDict:
   cond.last_frame_warmup_steps = 0
   cond.text_drop_prob = 0.1  # For classifier-free guidance.
   cond.use_text = True  # False: the "without text" ablation (the empty prompt always).
+  # Keyframes besides the first and last (not in the paper; 0 keeps its conditioning exactly):
+  cond.keyframe_prob = 0.0  # An example gets 1..keyframe_max_count frames at random middle
+  cond.keyframe_max_count = 1  # positions with this probability.
+  cond.leading_frames_prob = 0.0  # An example gets its first 2..max_leading_frames frames
+  cond.max_leading_frames = 2  # (how a long video's next clip continues the one before).
+  cond.keyframe_mask = False  # c_image gains a channel, 1 where a frame is given.
 
   # --- Optimisation ------------------------------------------------------
   config.batch_size = 192  # Global batch.

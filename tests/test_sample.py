@@ -119,6 +119,44 @@ def test_negative_tau_is_refused(pipeline):
 
 
 @pytest.mark.slow
+def test_keyframes_are_seen_for_tau_steps_and_held_frames_at_every_step(pipeline):
+  """A middle keyframe steers the sample for the first tau steps (tau = 0: ignored, bitwise);
+  one within `held_frames` (a continuation's carried frame) at every step."""
+  prompts, first, last = _frames(pipeline.config, 2)
+  steps = pipeline.config.sample.num_steps
+  keyframe = lambda image: [{1: image[0]}, {2: image[1]}]
+  run = lambda image, tau, held=1: generate_lib.generate(
+      pipeline, prompts, first, last, keyframes=keyframe(image), held_frames=held, tau=tau,
+      seed=3)
+  other = 255 - last
+  np.testing.assert_array_equal(run(last, 0), run(other, 0))
+  assert _differ(run(last, steps), run(other, steps))
+  held = run(last, 0, held=[2, 3])  # Frame 1 of example 0, frame 2 of example 1: held.
+  assert _differ(held[0], run(other, 0, held=[2, 3])[0])
+  with pytest.raises(ValueError, match="keyframe index 3 is outside the middle frames 1..2"):
+    generate_lib.generate(pipeline, prompts, first, last, keyframes=[{3: last[0]}, {}])
+
+
+@pytest.mark.slow
+def test_a_long_video_with_overlap_carries_the_last_frames_into_the_next_clip(pipeline):
+  prompts, first, _ = _frames(pipeline.config, 2)
+  frames = pipeline.config.data.frames
+  clip_prompts = [[p, p] for p in prompts]
+  result = generate_lib.generate_long(pipeline, clip_prompts, first, overlap_frames=2, seed=4)
+  assert result.video.shape[1] == 2 + 2 * (frames - 2)
+  np.testing.assert_array_equal(result.first_frames[:, 1], result.clips[:, 0, -2])
+  np.testing.assert_array_equal(result.video[:, :frames], result.clips[:, 0])
+  np.testing.assert_array_equal(result.video[:, frames:], result.clips[:, 1, 2:])
+  # Clip 2 is clip 1's last two frames, held, continued.
+  tail = result.clips[:, 0, -2:]
+  np.testing.assert_array_equal(result.clips[:, 1], generate_lib.generate(
+      pipeline, prompts, tail[:, 0], keyframes=[{1: frame} for frame in tail[:, 1]],
+      held_frames=2, tau=0, seed=4, clip_index=1))
+  with pytest.raises(ValueError, match="overlap_frames=3 must be in 1..2"):
+    generate_lib.generate_long(pipeline, clip_prompts, first, overlap_frames=3)
+
+
+@pytest.mark.slow
 def test_long_video_continues_from_each_clips_last_frame(pipeline):
   prompts, first, last = _frames(pipeline.config, 1)
   clip_prompts = [["a red square moves up", "a red square moves down", prompts[0]]]
@@ -215,11 +253,13 @@ def test_batch_sharded_over_eight_devices_samples_the_same_videos():
   assert findings["max_abs_difference"] <= 1 and findings["fraction_differing"] < 1e-3, findings
 
 
-def test_configs_older_than_the_sampler_fields_get_the_old_behaviour():
+def test_configs_older_than_the_sampler_and_keyframe_fields_get_the_old_behaviour():
   config = unit_test.get_config()
   del config.sample["sampler"], config.sample["guidance_rescale"]
-  filled = pipeline_lib._with_sample_defaults(config)
+  del config.conditioning["keyframe_mask"]
+  filled = pipeline_lib._with_defaults(config)
   assert filled.sample.sampler == "ddim" and filled.sample.guidance_rescale == 0.0
+  assert filled.conditioning.keyframe_mask is False
 
 
 # --- Settings and destinations: refused in one line, before any weights are read -------------

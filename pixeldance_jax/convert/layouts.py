@@ -473,20 +473,21 @@ def unet_is_temporal(path: PathTuple) -> bool:
 
 def unet_zero_extend_conv_in(converted: dict[PathTuple, np.ndarray],
                              expected: Mapping[PathTuple, Any], latent_channels: int) -> None:
-  """Pads a `latent_channels`-input conv_in kernel with zeros up to the expected inputs.
+  """Pads a conv_in kernel of `latent_channels` inputs (text-to-video) or twice that (PixelDance
+  without the keyframe mask) with zeros up to the expected inputs.
 
-  The model reads `concat([noisy, c_image], -1)`: the checkpoint's kernel keeps the noisy
-  latent's slots and c_image's new slots start at zero, so the network computes exactly what the
-  checkpoint did, whatever c_image holds, until training moves them. Any other mismatch is left
-  for `check_and_build` to report.
+  The model reads `concat([noisy, c_image, mask], -1)`: the checkpoint's kernel keeps its slots
+  and the new ones start at zero, so the network computes exactly what the checkpoint did,
+  whatever they hold, until training moves them. Any other mismatch is left for
+  `check_and_build` to report.
   """
   path = ("conv_in", "kernel")
   kernel, want = converted.get(path), tuple(expected[path].shape)
-  if kernel is None or kernel.shape[2] != latent_channels or want[2] <= latent_channels:
+  if kernel is None or kernel.shape[2] not in (latent_channels, 2 * latent_channels):
     return
-  if kernel.shape[:2] + kernel.shape[3:] != want[:2] + want[3:]:
+  if want[2] <= kernel.shape[2] or kernel.shape[:2] + kernel.shape[3:] != want[:2] + want[3:]:
     return
-  padding = ((0, 0), (0, 0), (0, want[2] - latent_channels), (0, 0))
+  padding = ((0, 0), (0, 0), (0, want[2] - kernel.shape[2]), (0, 0))
   converted[path] = np.pad(kernel, padding)
 
 
@@ -504,7 +505,8 @@ def unet_params_from_torch_state_dict(state_dict: Mapping[str, np.ndarray],
     state_dict: torch tensor name -> array (e.g. `load_safetensors_folder(".../unet")`).
     spec: the architecture; the expected names and shapes come from it. Head counts do not show
       in shapes: `spec` must split heads as the checkpoint's model did.
-    in_channels: the model's input channels; None: 2 * spec.out_channels (noisy latent ++ c_image).
+    in_channels: the model's input channels; None: the noisy latent, c_image and the keyframe
+      mask's channels (`spec.mask_channels`).
     dtype: cast every tensor to this (None keeps the checkpoint's dtype).
 
   Returns:

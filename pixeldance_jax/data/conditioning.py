@@ -10,7 +10,14 @@ prompt with probability text_drop_prob (the paper gives no value; 0.1). On the h
 (`pipeline.SampleClip`) only the clip window is picked.
 
 c_image = [first, 0, ..., 0, last] along frames, concatenated with z_t on channels.
+
+Keyframes (off in the paper's configs; docs/design.md, "Keyframes"): `Keyframes` can also place
+a clip's own frames at random middle positions, or its first few frames (to continue a clip),
+into the same c_image, with the same condition noise; and a mask channel, 1 where a frame is
+given, so the model can tell "no frame here" from a frame.
 """
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +37,77 @@ def image_condition(first: Array, last: Array, frames: int) -> Array:
   """
   video = jnp.zeros((first.shape[0], frames) + first.shape[1:], first.dtype)
   return video.at[:, 0].set(first).at[:, -1].set(last)
+
+
+@dataclasses.dataclass(frozen=True)
+class Keyframes:
+  """config.conditioning's keyframe fields. At their defaults training draws exactly what the
+  paper's conditioning does (the same keys, the same c_image)."""
+  prob: float = 0.0  # An example gets 1..max_count middle keyframes with this probability,
+  max_count: int = 1  # at distinct random positions 1..F-2.
+  leading_prob: float = 0.0  # An example gets its frames 1..k-1 too (k in 2..max_leading),
+  max_leading: int = 2  # as a continuation of the clip before it is conditioned.
+  mask: bool = False  # c_image gains a channel, 1 where a frame is given.
+
+  @classmethod
+  def from_config(cls, config: ml_collections.ConfigDict) -> "Keyframes":
+    cond = config.conditioning
+    found = cls(prob=cond.get("keyframe_prob", 0.0), max_count=cond.get("keyframe_max_count", 1),
+                leading_prob=cond.get("leading_frames_prob", 0.0),
+                max_leading=cond.get("max_leading_frames", 2),
+                mask=cond.get("keyframe_mask", False))
+    for key, value in (("keyframe_prob", found.prob), ("leading_frames_prob", found.leading_prob)):
+      if not 0.0 <= value <= 1.0:
+        raise ValueError(f"config.conditioning.{key}={value!r} is a probability: give a value "
+                         "in [0, 1]")
+    frames = config.data.frames
+    if found.prob and not 1 <= found.max_count <= frames - 2:
+      raise ValueError(f"config.conditioning.keyframe_max_count={found.max_count!r}: a clip of "
+                       f"{frames} frames has 1 to {frames - 2} middle positions")
+    if found.leading_prob and not 2 <= found.max_leading <= frames - 1:
+      raise ValueError(f"config.conditioning.max_leading_frames={found.max_leading!r}: give 2 "
+                       f"to {frames - 1} for clips of {frames} frames")
+    return found
+
+  @property
+  def drawn(self) -> bool:
+    """Whether training draws frames beyond the first and last."""
+    return self.prob > 0.0 or self.leading_prob > 0.0
+
+
+def mask_channels(config: ml_collections.ConfigDict) -> int:
+  return 1 if config.conditioning.get("keyframe_mask", False) else 0
+
+
+def with_mask(image_condition: Array, given: Array) -> Array:
+  """c_image `[b, f, h, w, c]` ++ the mask channel: 1 where `given` `[b, f]` (bool)."""
+  mask = jnp.broadcast_to(given[:, :, None, None, None].astype(image_condition.dtype),
+                          image_condition.shape[:-1] + (1,))
+  return jnp.concatenate([image_condition, mask], axis=-1)
+
+
+def keyframe_condition(latents: Array, given: Array) -> Array:
+  """`[b, f, h, w, c]` frame latents -> c_image holding those `given` `[b, f]`, zeros elsewhere."""
+  return jnp.where(given[:, :, None, None, None], latents, jnp.zeros_like(latents))
+
+
+def draw_keyframes(rng: Array, batch: int, frames: int, keyframes: Keyframes) -> Array:
+  """`[b, f]` bool: the middle keyframes and leading frames an example gets (never frame 0 or
+  F-1, which the first and last frame hold)."""
+  count_rng, place_rng, use_rng, lead_rng, lead_use_rng = jax.random.split(rng, 5)
+  middle = frames - 2
+  count = jax.random.randint(count_rng, (batch,), 1, keyframes.max_count + 1)
+  count = jnp.where(_bernoulli(use_rng, keyframes.prob, batch), count, 0)
+  # A random order of the middle positions per example: the first `count` are given.
+  order = jax.vmap(lambda key: jax.random.permutation(key, middle))(
+      jax.random.split(place_rng, batch))
+  rank = jnp.argsort(order, axis=1)
+  given_middle = rank < count[:, None]
+  leading = jax.random.randint(lead_rng, (batch,), 2, keyframes.max_leading + 1)
+  leading = jnp.where(_bernoulli(lead_use_rng, keyframes.leading_prob, batch), leading, 1)
+  given_middle |= jnp.arange(1, frames - 1)[None, :] < leading[:, None]
+  no = jnp.zeros((batch, 1), bool)
+  return jnp.concatenate([no, given_middle, no], axis=1)
 
 
 def _bernoulli(rng: Array, prob: float | Array, batch: int) -> Array:
@@ -103,6 +181,8 @@ def training_conditions(rng: Array, latents: Array, text: Array, null_text: Arra
 
   A single frame (the image batches of joint training) has no other frame to condition on:
   its c_image is zeros, so image steps train text-to-image, with text dropout as for videos.
+  With `Keyframes` (config.conditioning's keyframe fields) some middle or leading frames are
+  given too, and the mask channel marks every given frame.
   """
   cond = config.conditioning
   condition_rates = rates(config) if condition_rates is None else condition_rates
@@ -111,7 +191,10 @@ def training_conditions(rng: Array, latents: Array, text: Array, null_text: Arra
   keep_text = ~_bernoulli(text_rng, condition_rates["text_drop_prob"], batch)
   text = _where_batch(keep_text, text, jnp.broadcast_to(null_text, text.shape))
   if frames == 1:
-    return jnp.zeros_like(latents), text
+    condition = jnp.zeros_like(latents)
+    if mask_channels(config):
+      condition = with_mask(condition, jnp.zeros((batch, 1), bool))
+    return condition, text
   candidates = min(cond.last_frame_candidates, frames - 1)
   last_index = frames - 1 - jax.random.randint(last_rng, (batch,), 0, candidates)
   last = jnp.take_along_axis(latents, last_index[:, None, None, None, None], axis=1)[:, 0]
@@ -123,5 +206,23 @@ def training_conditions(rng: Array, latents: Array, text: Array, null_text: Arra
 
   keep_last = ~_bernoulli(drop_rng, condition_rates["last_frame_drop_prob"], batch)
   last = _where_batch(keep_last, last, jnp.zeros_like(last))
-  first = first * jnp.asarray(condition_rates["first_frame_weight"], first.dtype)
-  return image_condition(first, last, frames), text
+  first_weight = jnp.asarray(condition_rates["first_frame_weight"], first.dtype)
+  first = first * first_weight
+  condition = image_condition(first, last, frames)
+  keyframes = Keyframes.from_config(config)
+  if not (keyframes.drawn or keyframes.mask):
+    return condition, text
+  # Their own stream (folded, not split): the paper's draws above stay as they are.
+  keyframe_rng = jax.random.fold_in(rng, 1)
+  given = jnp.zeros((batch, frames), bool)
+  if keyframes.drawn:
+    place_rng, noise_rng = jax.random.split(keyframe_rng)
+    given = draw_keyframes(place_rng, batch, frames, keyframes)
+    flat = latents.reshape((batch * frames,) + latents.shape[2:])
+    noised = noise_condition(jax.random.split(noise_rng, batch * frames), flat, alpha_bar,
+                             cond.noise_timestep).reshape(latents.shape)
+    condition = jnp.where(given[:, :, None, None, None], noised, condition)
+  if keyframes.mask:
+    given = given.at[:, 0].set(first_weight > 0).at[:, -1].set(keep_last)
+    condition = with_mask(condition, given)
+  return condition, text

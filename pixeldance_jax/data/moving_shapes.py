@@ -4,6 +4,11 @@ One coloured shape moves in a straight line at a constant velocity. The caption 
 direction and speed, which the first frame alone does not reveal, so a model must read the text
 (or the last frame) to animate the clip correctly. Clips are a pure function of
 (seed, split, index): the TFDS builder, the tests and the evaluator all regenerate the same clip.
+
+With `path_change_prob`, a clip instead takes a path that its first and last frame and its
+caption do not determine (PATHS): a detour through a random point, or a pause at a random time.
+Its start, end and caption are those of the straight clip, so only a keyframe between them
+tells the frames in the middle.
 """
 
 import dataclasses
@@ -44,6 +49,8 @@ DIRECTION_PHRASES: dict[str, str] = {
 SPLIT_IDS: dict[str, int] = {"train": 0, "test": 1}
 OBJECT_FRACTION = 0.25  # Object side as a fraction of image_size (8 px at 32x32).
 BACKGROUND_CHANNEL_RANGE = (20, 80)  # Dark, non-black backgrounds; objects have a 255 channel.
+# Paths other than the straight line (MovingShapesSpec.path_change_prob), between the same ends.
+PATHS = ("detour", "pause")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +61,7 @@ class MovingShapesSpec:
   second_object_prob: float = 0.0
   background_color_prob: float = 0.0
   seed: int = 0
+  path_change_prob: float = 0.0  # Probability of a path from PATHS instead of a straight line.
 
   @classmethod
   def from_config(cls, data_config: ml_collections.ConfigDict) -> "MovingShapesSpec":
@@ -63,6 +71,7 @@ class MovingShapesSpec:
         second_object_prob=data_config.second_object_prob,
         background_color_prob=data_config.background_color_prob,
         seed=data_config.generator_seed,
+        path_change_prob=data_config.get("path_change_prob", 0.0),
     )
 
 
@@ -94,6 +103,48 @@ def trajectory_offsets(spec: MovingShapesSpec, vel: np.ndarray) -> np.ndarray:
   """`[frames, 2]` integer (dy, dx) displacement of the object's box from frame 0."""
   times = np.arange(spec.frames, dtype=np.float32)[:, None]
   return np.round(times * vel[None, :]).astype(np.int64)
+
+
+def detour_offsets(rng: np.random.Generator, spec: MovingShapesSpec, offsets: np.ndarray,
+                   size: int) -> np.ndarray:
+  """Straight `offsets` bent through a waypoint: at a random middle frame the box is up to one
+  object size off the line, on a random side; the path is straight before and after it."""
+  frames = spec.frames
+  turn = int(rng.integers(2, frames - 2)) if frames > 4 else frames // 2
+  line = offsets[-1].astype(np.float64)
+  across = np.array([line[1], -line[0]]) / max(np.linalg.norm(line), 1e-9)
+  shift = across * rng.choice([-1.0, 1.0]) * rng.uniform(0.5, 1.0) * size
+  waypoint = offsets[turn] + shift
+  times = np.arange(frames, dtype=np.float64)[:, None]
+  before = waypoint * times / turn
+  after = waypoint + (line - waypoint) * (times - turn) / (frames - 1 - turn)
+  return np.round(np.where(times <= turn, before, after)).astype(np.int64)
+
+
+def pause_offsets(rng: np.random.Generator, spec: MovingShapesSpec,
+                  offsets: np.ndarray) -> np.ndarray:
+  """Straight `offsets` with a pause: the shape stands still for half of the clip, from a
+  random frame, and moves twice as fast the rest of the time to end where the line does."""
+  steps = spec.frames - 1
+  still = max(1, round(steps / 2))
+  start = int(rng.integers(1, steps - still)) if steps - still > 1 else 0
+  moving = np.ones(steps)
+  moving[start:start + still] = 0.0
+  progress = np.concatenate([[0.0], np.cumsum(moving)]) / moving.sum()
+  return np.round(progress[:, None] * offsets[-1][None, :]).astype(np.int64)
+
+
+def changed_path(rng: np.random.Generator, spec: MovingShapesSpec, offsets: np.ndarray,
+                 size: int, start: np.ndarray) -> tuple[str, np.ndarray]:
+  """(path name, `[frames, 2]` offsets): with probability `spec.path_change_prob` a path of
+  PATHS between the straight line's ends, kept inside the frame; else the straight line."""
+  if spec.path_change_prob <= 0.0 or rng.random() >= spec.path_change_prob:
+    return "straight", offsets
+  path = str(rng.choice(PATHS))
+  changed = (detour_offsets(rng, spec, offsets, size) if path == "detour"
+             else pause_offsets(rng, spec, offsets))
+  changed = np.clip(start + changed, 0, spec.image_size - size) - start
+  return path, changed
 
 
 def sample_start(rng: np.random.Generator, spec: MovingShapesSpec, size: int,
@@ -182,7 +233,8 @@ def generate_clip(spec: MovingShapesSpec, split: str, index: int) -> dict[str, A
     centroids: float32 `[frames, 2]` (y, x) centroid of the main object's pixels.
     background, color: uint8 `[3]` RGB.
     direction, speed: keys of DIRECTIONS and SPEEDS.
-    velocity: float32 `[2]` (dy, dx) pixels per frame.
+    velocity: float32 `[2]` (dy, dx) pixels per frame (of the straight path).
+    path: "straight" or one of PATHS.
   """
   rng = clip_rng(spec, split, index)
   color, shape = str(rng.choice(list(COLORS))), str(rng.choice(SHAPES))
@@ -195,6 +247,8 @@ def generate_clip(spec: MovingShapesSpec, split: str, index: int) -> dict[str, A
   distractor = None
   if rng.random() < spec.second_object_prob:
     distractor = sample_distractor(rng, spec, size, start, color, shape)
+  # Drawn last: with path_change_prob 0 the stream, and so every clip, is the straight one's.
+  path, offsets = changed_path(rng, spec, offsets, size, start)
 
   mask = shape_mask(shape, size)
   rgb = np.asarray(COLORS[color], np.uint8)
@@ -208,4 +262,5 @@ def generate_clip(spec: MovingShapesSpec, split: str, index: int) -> dict[str, A
       "direction": direction,
       "speed": speed,
       "velocity": vel,
+      "path": path,
   }

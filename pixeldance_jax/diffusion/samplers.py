@@ -197,23 +197,28 @@ def sample(denoise_fn: DenoiseFn, rngs: Array, *, image_condition: Array,
            schedule: Schedule, tau: Array, guidance_scale: Array,
            guidance_rescale: Array | float = 0.0, eta: Array | float = 0.0,
            sampler: str = "ddim", prediction_type: str = "epsilon",
-           clip_denoised: bool = False) -> Array:
+           clip_denoised: bool = False, latent_channels: int | None = None) -> Array:
   """Samples latents `[b, f, h, w, c]` from pure noise.
 
   Args:
     rngs: one key per example `[b]`; example i's sample depends only on `rngs[i]` and its own
       inputs, not on the batch it is in.
     image_condition: c_image `[b, f, h, w, c]` with the first and last frame latents.
-    image_condition_without_last: the same with the last-frame slot zeroed.
+    image_condition_without_last: the same with the last-frame slot zeroed (and any other
+      frame that only the first `tau` steps see).
     schedule: see `make_schedule`.
     tau: `[b]` or scalar: the first `tau` sampler steps (counted from pure noise) see the last
       frame; the rest see `image_condition_without_last`. 0 never uses it, >= steps always does.
     guidance_scale, guidance_rescale: `[b]` or scalars (see `guided_prediction`).
     eta: `[b]` or scalar: DDIM's noise scale (0: deterministic); the other samplers ignore it.
     sampler, prediction_type, clip_denoised: static; clip_denoised clips z_0 to [-1, 1].
+    latent_channels: static, the sampled latents' channels where c_image has more (a mask);
+      default c_image's.
   """
   update = _check_sampler(sampler)
   batch, latent_shape = image_condition.shape[0], image_condition.shape[1:]
+  if latent_channels is not None:
+    latent_shape = latent_shape[:-1] + (latent_channels,)
   tau = jnp.broadcast_to(jnp.asarray(tau, jnp.int32), (batch,))
   eta = _per_example(jnp.broadcast_to(jnp.asarray(eta, jnp.float32), (batch,)), image_condition)
   init_rngs, step_rngs = jnp.moveaxis(jax.vmap(jax.random.split)(rngs), 1, 0)

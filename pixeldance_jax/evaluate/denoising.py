@@ -58,6 +58,9 @@ def _reconstruct_fn(pipeline: sampling_pipeline.Pipeline):
         alpha_bar, noise_timestep) for key, frame in ((first_rng, video[:, 0]),
                                                       (last_rng, video[:, -1])))
     image_condition = conditioning.image_condition(first, last, config.data.frames)
+    if conditioning.mask_channels(config):
+      ends = jnp.zeros(image_condition.shape[:2], bool).at[:, 0].set(True).at[:, -1].set(True)
+      image_condition = conditioning.with_mask(image_condition, ends)
     timesteps = jnp.full((batch,), timestep, jnp.int32)
     noise = jax.random.normal(noise_rng, clean.shape, clean.dtype)
     noisy = schedules.add_noise(alpha_bar, clean, noise, timesteps)

@@ -37,7 +37,8 @@ class PixelDance(nn.Module):
 
   def denoise(self, model_input: Array, timesteps: Array, context: Array,
               use_temporal: bool = True, deterministic: bool = True) -> Array:
-    """`[b, f, h, w, 2c]` (noisy latent ++ c_image) -> prediction `[b, f, h, w, c]`."""
+    """`[b, f, h, w, 2c]` (noisy latent ++ c_image, ++ the keyframe mask where configured)
+    -> prediction `[b, f, h, w, c]`."""
     return self.unet(model_input, timesteps, context, use_temporal, deterministic)
 
   def __call__(self, model_input: Array, timesteps: Array, token_ids: Array) -> Array:
@@ -52,7 +53,8 @@ def make_model(config: ml_collections.ConfigDict) -> PixelDance:
 def dummy_inputs(config: ml_collections.ConfigDict, batch: int = 1) -> tuple[Array, Array, Array]:
   """Zero inputs of the configured shapes, for `init` and `eval_shape`."""
   size = config.data.image_size // config.autoencoder.patch_size
-  channels = 2 * config.autoencoder.latent_channels
+  channels = 2 * config.autoencoder.latent_channels + unet3d.UNetSpec.from_config(
+      config).mask_channels
   model_input = jnp.zeros((batch, config.data.frames, size, size, channels), jnp.float32)
   return (model_input, jnp.zeros((batch,), jnp.int32),
           jnp.zeros((batch, config.text_encoder.max_length), jnp.int32))

@@ -64,6 +64,8 @@ class UNetSpec:
   temporal_position_embedding: bool = False
   pooled_text_embedding: bool = False
   input_skip: str = "none"  # One of INPUT_SKIPS: which inputs `_input_skip` adds to the output.
+  # Inputs after the noisy latent and c_image: the keyframe mask (conditioning.keyframe_mask).
+  mask_channels: int = 0
   dropout: float = 0.0  # In the ResNets.
   temporal_conv_dropout: float = 0.1  # In the temporal convs (ModelScope: 0.1).
   remat_policy: str = "none"  # One of REMAT_POLICIES; applied to every layer module.
@@ -97,6 +99,7 @@ class UNetSpec:
                temporal_position_embedding=unet.temporal_position_embedding,
                pooled_text_embedding=unet.pooled_text_embedding,
                input_skip=_input_skip_mode(unet),
+               mask_channels=1 if config.conditioning.get("keyframe_mask", False) else 0,
                dropout=unet.dropout, temporal_conv_dropout=unet.temporal_conv_dropout,
                remat_policy=unet.remat_policy, dtype=jnp.dtype(unet.dtype),
                attention_impl=_attention_impl(unet), kernels=kernels)
@@ -302,8 +305,11 @@ def _input_skip(spec: UNetSpec, sample: Array, temb: Array) -> Array:
   """A per-channel gain of some inputs added to the output, set by the time embedding and zero
   at init: the copy a deep stack of convolutions learns slowly (a clip from little noise, the
   given first frame) is one multiply here. "all": the noisy latent and c_image; "conditions":
-  c_image alone, so the noisy latent's noise never reaches the output unfiltered."""
+  c_image alone, so the noisy latent's noise never reaches the output unfiltered. (Not the
+  keyframe mask: it has no output channel to add to.)"""
   out = spec.out_channels
+  if spec.mask_channels:
+    sample = sample[..., :-spec.mask_channels]
   groups = sample.shape[-1] // out
   if groups * out != sample.shape[-1] or groups < 2:
     raise ValueError(f"unet.input_skip needs inputs in whole copies of the {out} output "
@@ -317,12 +323,13 @@ def _input_skip(spec: UNetSpec, sample: Array, temb: Array) -> Array:
 
 
 def init_params(spec: UNetSpec, rng: Array, in_channels: int | None = None) -> Any:
-  """Fresh parameters (logically boxed) for `in_channels` inputs (None: 2 * out_channels).
+  """Fresh parameters (logically boxed) for `in_channels` inputs (None: the noisy latent,
+  c_image and the mask channels).
 
   Traced on a one-frame video of the smallest size every level can halve, so the cost is that of
   the weights alone.
   """
-  in_channels = in_channels or 2 * spec.out_channels
+  in_channels = in_channels or 2 * spec.out_channels + spec.mask_channels
   size = 2 ** (len(spec.block_out_channels) - 1)
   sample = jnp.zeros((1, 1, size, size, in_channels), jnp.float32)
   context = jnp.zeros((1, 1, spec.cross_attention_dim), jnp.float32)

@@ -42,7 +42,9 @@ def sample(workdir: str, *, output: str, checkpoint_step: int | None = None,
   _check_counts(upscale=upscale)
   outputs.check_writable(output)
   step, config = pipeline_lib.read_config(workdir, checkpoint_step)
-  requests_lib.resolve_settings(config, request_args.get("prompt"), settings)  # steps <= T.
+  settings = requests_lib.resolve_settings(config, request_args.get("prompt"), settings)
+  requests_lib.check_keyframe_positions(  # With steps <= T, before any weights are read.
+      config, requests_lib.parse_keyframes(request_args.get("keyframes")), settings)
   pipeline = pipeline_lib.load_pipeline(workdir, step, use_ema)
   request = requests_lib.make_request(pipeline, **request_args)
   logging.info("Sampling in %s mode.", request.record["mode"])

@@ -15,8 +15,9 @@ from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import program
 
-# Sampling fields newer than some checkpoints' saved configs, with the behaviour they had then.
-SAMPLE_DEFAULTS = {"sampler": "ddim", "guidance_rescale": 0.0}
+# Fields newer than some checkpoints' saved configs, with the behaviour they had then.
+CONFIG_DEFAULTS = {"sample.sampler": "ddim", "sample.guidance_rescale": 0.0,
+                   "conditioning.keyframe_mask": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,13 +44,16 @@ def make_pipeline(config: ml_collections.ConfigDict, params: Any, frozen: Any,
                   generate_fn=generate_fn, mesh=mesh, weights=weights, workdir=workdir)
 
 
-def _with_sample_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  missing = {key: value for key, value in SAMPLE_DEFAULTS.items() if key not in config.sample}
+def _with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  missing = {key: value for key, value in CONFIG_DEFAULTS.items()
+             if key.split(".")[1] not in config[key.split(".")[0]]}
   if missing:
-    logging.info("The checkpoint's config predates config.sample fields %s; using %s.",
-                 sorted(missing), missing)
+    logging.info("The checkpoint's config predates the fields %s; using %s.", sorted(missing),
+                 missing)
     config = config.copy_and_resolve_references()
-    config.sample.update(missing)
+    for key, value in missing.items():
+      part, name = key.split(".")
+      config[part][name] = value
   return config
 
 
@@ -57,7 +61,7 @@ def read_config(workdir: str, step: int | None = None) -> tuple[int, ml_collecti
   """(step, config) of the latest (or the given) checkpoint of `workdir`, without its weights:
   what the inputs can be checked against before anything large is read."""
   step, config = checkpoints.find_config(workdir, step)
-  return step, _with_sample_defaults(config)
+  return step, _with_defaults(config)
 
 
 def _abstract_weights(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, step: int,

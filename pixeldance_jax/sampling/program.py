@@ -32,8 +32,8 @@ trace_counts: collections.Counter = collections.Counter()
 # What the sampling program may read of the config (anything else fails loudly when traced):
 # pipelines whose configs agree here (an ablation's variants, say) share one program.
 PROGRAM_FIELDS = ("autoencoder", "diffusion", "text_encoder", "unet", "logical_axis_rules",
-                  "data.frames", "conditioning.noise_timestep", "sample.condition_noise",
-                  "sample.clip_denoised")
+                  "data.frames", "conditioning.noise_timestep", "conditioning.keyframe_mask",
+                  "sample.condition_noise", "sample.clip_denoised")
 _PROGRAMS = programs.ProgramCache()
 
 
@@ -56,6 +56,7 @@ def _build_generate_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
   frames = config.data.frames
   noise_timestep = config.conditioning.noise_timestep if config.sample.condition_noise else 0
   rules = sharding.logical_rules(config)
+  mask_channels = conditioning.mask_channels(config)
 
   def image_conditions(autoencoder, rngs, first_frame, last_frame, use_first_frame):
     """uint8 `[b, H, W, 3]` x 2 -> c_image `[b, F, h, w, c]` with and without the last frame.
@@ -70,16 +71,37 @@ def _build_generate_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
     return (conditioning.image_condition(first, last, frames),
             conditioning.image_condition(first, jnp.zeros_like(last), frames))
 
-  def generate_batch(params, frozen, seeds, clip_index, first_frame, last_frame,
-                     use_first_frame, token_ids, null_token_ids, schedule, tau, guidance_scale,
-                     guidance_rescale, eta, *, sampler):
-    """uint8 first/last `[b, H, W, 3]`, ids `[b, length]`, seeds `[b]` -> `[b, F, H, W, 3]`."""
+  def keyframe_conditions(autoencoder, rngs, keyframes, given, held):
+    """uint8 frames `[b, F, H, W, 3]`, bool `given`, `held` `[b, F]` -> c_image with every
+    given frame (the first `tau` steps) and with the held ones alone (the rest), each with
+    the mask channel where the model has one. Frame 0 and F-1 are the first and last frame."""
+    batch = keyframes.shape[0]
+    pixels = autoencoder_lib.to_pixels(keyframes.reshape((-1,) + keyframes.shape[2:]))
+    latents = autoencoder.encode(pixels)
+    keys = jax.vmap(lambda rng: jax.random.split(jax.random.fold_in(rng, 1), frames))(rngs)
+    latents = conditioning.noise_condition(keys.reshape(-1), latents, alpha_bar, noise_timestep)
+    latents = latents.reshape((batch, frames) + latents.shape[1:])
+    conditions = []
+    for shown in (given, given & held):
+      condition = conditioning.keyframe_condition(latents, shown)
+      if mask_channels:
+        condition = conditioning.with_mask(condition, shown)
+      conditions.append(condition)
+    return tuple(conditions)
+
+  def generate_batch(params, frozen, seeds, clip_index, token_ids, null_token_ids, schedule,
+                     tau, guidance_scale, guidance_rescale, eta, *, sampler, **frames_in):
+    """ids `[b, length]`, seeds `[b]` and the frames -> `[b, F, H, W, 3]`. The frames: uint8
+    first/last `[b, H, W, 3]` with `use_first_frame` (the paper's modes), or uint8 `keyframes`
+    `[b, F, H, W, 3]` with bool `given` and `held` `[b, F]` (see `keyframe_conditions`)."""
     variables = {"params": params}
     autoencoder = autoencoder_lib.make_autoencoder(config, frozen.get("autoencoder"))
     rngs = jax.vmap(lambda seed: jax.random.fold_in(jax.random.key(seed), clip_index))(seeds)
     noise_rngs, condition_rngs = jnp.moveaxis(jax.vmap(jax.random.split)(rngs), 1, 0)
-    with_last, without_last = image_conditions(autoencoder, condition_rngs, first_frame,
-                                               last_frame, use_first_frame)
+    if "keyframes" in frames_in:
+      with_last, without_last = keyframe_conditions(autoencoder, condition_rngs, **frames_in)
+    else:
+      with_last, without_last = image_conditions(autoencoder, condition_rngs, **frames_in)
     encode = functools.partial(model.apply, variables, method=pixeldance.PixelDance.encode_text)
     denoise = functools.partial(model.apply, variables, method=pixeldance.PixelDance.denoise)
     latents = samplers.sample(
@@ -87,7 +109,8 @@ def _build_generate_fn(config: ml_collections.ConfigDict, mesh: jax.sharding.Mes
         context=encode(token_ids), null_context=encode(null_token_ids), schedule=schedule,
         tau=tau, guidance_scale=guidance_scale, guidance_rescale=guidance_rescale, eta=eta,
         sampler=sampler, prediction_type=config.diffusion.prediction_type,
-        clip_denoised=config.sample.clip_denoised)
+        clip_denoised=config.sample.clip_denoised,
+        latent_channels=config.autoencoder.latent_channels)
     return autoencoder_lib.to_uint8(autoencoder.decode(latents))
 
   # On CPU, each device samples its examples one at a time: XLA:CPU's kernels (YNNPACK's and

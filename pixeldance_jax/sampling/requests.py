@@ -23,7 +23,8 @@ from pixeldance_jax.sampling import settings as settings_lib
 from pixeldance_jax.sampling.pipeline import Pipeline
 
 # What a line of a prompts file may hold besides the settings (settings.SETTINGS).
-INPUTS = ("prompt", "first_frame", "last_frame", "last_frame_edges", "heldout_index", "name")
+INPUTS = ("prompt", "first_frame", "last_frame", "last_frame_edges", "keyframes",
+          "heldout_index", "name")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,11 +36,14 @@ class Request:
   settings: dict[str, Any]  # Every key of settings.SETTINGS, resolved.
   record: dict[str, Any]  # Inputs as given, mode, and the settings: the JSON written beside it.
   name: str = ""
+  keyframes: dict[int, np.ndarray] = dataclasses.field(default_factory=dict)  # uint8 [H, W, 3]
 
   def batch_key(self) -> tuple[Any, ...]:
-    """Requests batch together when they share the schedule, the sampler and the clip count."""
+    """Requests batch together when they share the schedule, the sampler, the clip count and
+    how their frames reach the program (so a video does not depend on its batch)."""
     s = self.settings
-    return s["steps"], s["sampler"], s["timestep_spacing"], s["num_clips"]
+    return (s["steps"], s["sampler"], s["timestep_spacing"], s["num_clips"],
+            s["overlap_frames"], self.last_frame is None, bool(self.keyframes))
 
 
 def resolve_settings(config: ml_collections.ConfigDict, prompt: str | Sequence[str] | None,
@@ -60,12 +64,15 @@ def _heldout_clip(config: ml_collections.ConfigDict, workdir: str, index: int) -
 
 
 def _resolve_inputs(pipeline: Pipeline, prompt: str | Sequence[str] | None,
-                    first_frame: str | None, last_frame: str | None, heldout_index: int,
-                    read: Any, record: dict[str, Any]
-                    ) -> tuple[str | Sequence[str], np.ndarray, np.ndarray | None]:
-  """(prompt, first frame, last frame or None) from `read(path)` or a held-out clip."""
+                    first_frame: str | None, last_frame: str | None,
+                    keyframes: Mapping[int, str], heldout_index: int, read: Any,
+                    record: dict[str, Any]
+                    ) -> tuple[str | Sequence[str], np.ndarray, np.ndarray | None,
+                               dict[int, np.ndarray]]:
+  """(prompt, first frame, last frame or None, keyframes) from `read(path)` or a held-out
+  clip."""
   clip = None
-  if first_frame is None or last_frame == "heldout":
+  if first_frame is None or last_frame == "heldout" or "heldout" in keyframes.values():
     clip = _heldout_clip(pipeline.config, pipeline.workdir, heldout_index)
     record.update(heldout_index=heldout_index, heldout_caption=clip["caption"])
   if first_frame is None:
@@ -79,47 +86,107 @@ def _resolve_inputs(pipeline: Pipeline, prompt: str | Sequence[str] | None,
     raise ValueError(f"a prompt is required with first_frame={first_frame!r}.")
   else:
     first = read(first_frame)
+  frames = {index: clip["video"][index] if path == "heldout" else read(path)
+            for index, path in keyframes.items()}
   if last_frame == "heldout":
-    return prompt, first, clip["video"][-1]
-  return prompt, first, None if last_frame is None else read(last_frame)
+    return prompt, first, clip["video"][-1], frames
+  return prompt, first, None if last_frame is None else read(last_frame), frames
 
 
-def _mode(last_frame: Any, edges: bool, num_clips: int) -> str:
+def parse_keyframes(keyframes: Any) -> dict[int, str]:
+  """{frame index: image path or "heldout"} from a mapping (JSON: {"3": "mid.png"}) or a
+  list of "INDEX:IMAGE" strings (the --keyframe flags)."""
+  if not keyframes:
+    return {}
+  if isinstance(keyframes, Mapping):
+    items = list(keyframes.items())
+  elif isinstance(keyframes, (list, tuple)) and all(isinstance(k, str) for k in keyframes):
+    items = [tuple(k.split(":", 1)) if ":" in k else (k, "") for k in keyframes]
+  else:
+    raise ValueError(f"keyframes={keyframes!r:.80} must map frame indices to images "
+                     '({"3": "mid.png"}) or list "INDEX:IMAGE" strings')
+  parsed = {}
+  for index, image in items:
+    try:
+      position = int(index)
+    except (TypeError, ValueError):
+      position = None
+    if position is None or str(index).strip() != str(position) or not isinstance(
+        image, str) or not image:
+      raise ValueError(f"keyframe {index!r}: {image!r:.60} is not INDEX:IMAGE (a frame number "
+                       "and an image path, or 'heldout')")
+    if position in parsed:
+      raise ValueError(f"keyframe {position} is given twice")
+    parsed[position] = image
+  return dict(sorted(parsed.items()))
+
+
+def _mode(last_frame: Any, edges: bool, keyframes: Mapping[int, Any], settings: Mapping[str, Any]
+          ) -> str:
   mode = "basic" if last_frame is None else ("sketch" if edges else "magic")
-  return mode if num_clips == 1 else f"long video ({num_clips} clips, {mode} ending)"
+  if keyframes:
+    mode += f" + keyframes at {', '.join(map(str, keyframes))}"
+  if settings["num_clips"] == 1:
+    return mode
+  return (f"long video ({settings['num_clips']} clips, overlap {settings['overlap_frames']}, "
+          f"{mode} ending)")
+
+
+def check_keyframe_positions(config: ml_collections.ConfigDict, keyframes: Mapping[int, Any],
+                             settings: Mapping[str, Any]) -> None:
+  """Keyframes at middle positions of a clip, past a long video's carried frames; an overlap
+  that leaves a clip new frames."""
+  frames, overlap = config.data.frames, settings["overlap_frames"]
+  if overlap > frames - 2:
+    raise ValueError(f"overlap_frames={overlap} must be at most {frames - 2} for this model's "
+                     f"{frames}-frame clips")
+  low = overlap if settings["num_clips"] > 1 else 1
+  for index in keyframes:
+    if not low <= index <= frames - 2:
+      raise ValueError(f"keyframe {index} is outside {low}..{frames - 2}: frame 0 is the first "
+                       f"frame, {frames - 1} the last"
+                       + (f", and 0..{overlap - 1} carry the previous clip" if low > 1 else ""))
 
 
 def make_request(pipeline: Pipeline, *, prompt: str | Sequence[str] | None = None,
                  first_frame: str | None = None, last_frame: str | None = None,
-                 last_frame_edges: bool = False, heldout_index: int = 0, resize: bool = True,
-                 name: str = "", base_dir: str = "", **settings: Any) -> Request:
+                 last_frame_edges: bool = False, keyframes: Any = None, heldout_index: int = 0,
+                 resize: bool = True, name: str = "", base_dir: str = "",
+                 **settings: Any) -> Request:
   """A request from image paths (relative ones under `base_dir`) or a held-out clip.
 
   Without `first_frame` the first frame (and, without a prompt, the caption) of held-out clip
   `heldout_index` is used; `last_frame="heldout"` takes that clip's last frame.
-  `last_frame_edges` turns the last frame into an edge map (the sketch mode). A list of
-  prompts gives one per clip; one prompt serves every clip. `settings`: see settings.SETTINGS.
+  `last_frame_edges` turns the last frame into an edge map (the sketch mode). `keyframes`:
+  {frame index: image} or ["INDEX:IMAGE", ...] (`parse_keyframes`; "heldout" takes that frame
+  of the held-out clip). A list of prompts gives one per clip; one prompt serves every clip.
+  `settings`: see settings.SETTINGS.
   """
   if name:
     check_name(name)
   settings = resolve_settings(pipeline.config, prompt, settings)
+  keyframe_paths = parse_keyframes(keyframes)
+  check_keyframe_positions(pipeline.config, keyframe_paths, settings)
   size = pipeline.config.data.image_size
   read = lambda path: media.read_image(
       path if os.path.isabs(path) else os.path.join(base_dir, path), size, resize=resize)
   record = {"prompt": prompt, "first_frame": first_frame, "last_frame": last_frame}
-  prompt, first, last = _resolve_inputs(pipeline, prompt, first_frame, last_frame,
-                                        heldout_index, read, record)
+  prompt, first, last, frames = _resolve_inputs(pipeline, prompt, first_frame, last_frame,
+                                                keyframe_paths, heldout_index, read, record)
   if last is not None and last_frame_edges:
     last = video_files.edge_map(last)
   prompts = (prompt,) * settings["num_clips"] if isinstance(prompt, str) else tuple(prompt)
   if len(prompts) != settings["num_clips"]:
     raise ValueError(f"{len(prompts)} prompts for num_clips={settings['num_clips']}")
   record.update(prompt=prompt, last_frame_edges=last_frame_edges,
-                mode=_mode(last, last_frame_edges, settings["num_clips"]), **settings)
-  # The tau that acts: none without a last frame; tau >= steps is "every step".
-  record["tau"] = 0 if last is None else min(settings["tau"], settings["steps"])
+                mode=_mode(last, last_frame_edges, keyframe_paths, settings), **settings)
+  if keyframe_paths:
+    record["keyframes"] = {str(index): path for index, path in keyframe_paths.items()}
+  # The tau that acts: none without a last frame or keyframes; tau >= steps is "every step".
+  record["tau"] = (0 if last is None and not frames
+                   else min(settings["tau"], settings["steps"]))
   return Request(prompts=prompts, first_frame=first, last_frame=last, settings=settings,
-                 record=record, name=name)
+                 record=record, name=name, keyframes=frames)
 
 
 def check_name(name: Any) -> str:
@@ -182,7 +249,8 @@ def check_prompts_file(config: ml_collections.ConfigDict, path: str, **defaults:
   for number, arguments in _prompt_lines(path, defaults):
     settings = {key: value for key, value in arguments.items() if key not in INPUTS}
     try:
-      resolve_settings(config, arguments.get("prompt"), settings)
+      settings = resolve_settings(config, arguments.get("prompt"), settings)
+      check_keyframe_positions(config, parse_keyframes(arguments.get("keyframes")), settings)
     except ValueError as error:
       raise ValueError(f"{path}:{number}: {error}") from error
     names.append(arguments["name"])
@@ -233,7 +301,9 @@ def run_requests(pipeline: Pipeline, requests: Sequence[Request], batch_size: in
         pipeline, [r.prompts for r in batch], np.stack([r.first_frame for r in batch]),
         None if all(last is None for last in lasts) else
         np.stack([np.zeros(size, np.uint8) if last is None else last for last in lasts]),
-        tau=[0 if r.last_frame is None else r.settings["tau"] for r in batch],
+        tau=[0 if r.last_frame is None and not r.keyframes else r.settings["tau"]
+             for r in batch],
+        keyframes=[r.keyframes for r in batch], overlap_frames=settings["overlap_frames"],
         **{key: [r.settings[key] for r in batch]
            for key in ("seed", "guidance_scale", "guidance_rescale", "eta")},
         steps=settings["steps"], sampler=settings["sampler"],
@@ -243,5 +313,6 @@ def run_requests(pipeline: Pipeline, requests: Sequence[Request], batch_size: in
                    len(batches), len(batch), settings["sampler"], settings["steps"],
                    settings["num_clips"], time.perf_counter() - start)
     for index, request in enumerate(batch):
-      yield request, generate_lib.LongVideo(*(x[index:index + 1]
-                                              for x in dataclasses.astuple(result)))
+      yield request, dataclasses.replace(
+          result, video=result.video[index:index + 1], clips=result.clips[index:index + 1],
+          first_frames=result.first_frames[index:index + 1])

@@ -22,6 +22,7 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
   second_object_prob: float = 0.0
   background_color_prob: float = 0.0
   generator_seed: int = 0
+  path_change_prob: float = 0.0
   num_train_clips: int = 8000
   num_test_clips: int = 64
 
@@ -33,6 +34,7 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
         second_object_prob=float(data_config.second_object_prob),
         background_color_prob=float(data_config.background_color_prob),
         generator_seed=data_config.generator_seed,
+        path_change_prob=float(data_config.get("path_change_prob", 0.0)),
         num_train_clips=data_config.num_train_clips,
         num_test_clips=data_config.num_test_clips,
     )
@@ -46,19 +48,22 @@ class MovingShapesConfig(tfds.core.BuilderConfig):
         second_object_prob=self.second_object_prob,
         background_color_prob=self.background_color_prob,
         seed=self.generator_seed,
+        path_change_prob=self.path_change_prob,
     )
 
 
 def config_name(*, frames: int, image_size: int, second_object_prob: float,
                 background_color_prob: float, generator_seed: int, num_train_clips: int,
-                num_test_clips: int) -> str:
-  """A directory name unique per setting, so settings never share files in one data_dir."""
+                num_test_clips: int, path_change_prob: float = 0.0) -> str:
+  """A directory name unique per setting, so settings never share files in one data_dir (the
+  path changes only where there are any: the straight-path data keeps its name)."""
+  paths = f"_paths{path_change_prob:g}" if path_change_prob else ""
   return (f"f{frames}_s{image_size}_obj{second_object_prob:g}_bg{background_color_prob:g}"
-          f"_seed{generator_seed}_train{num_train_clips}_test{num_test_clips}")
+          f"{paths}_seed{generator_seed}_train{num_train_clips}_test{num_test_clips}")
 
 
 class MovingShapes(tfds.core.GeneratorBasedBuilder):
-  """Captioned clips of one shape moving in a straight line (see `moving_shapes.py`).
+  """Captioned clips of one moving shape (see `moving_shapes.py`).
 
   No predefined BUILDER_CONFIGS: pass `config=MovingShapesConfig.from_config(config.data)`.
   """
@@ -98,4 +103,6 @@ class MovingShapes(tfds.core.GeneratorBasedBuilder):
   def _generate_examples(self, split: str, count: int) -> Iterator[tuple[int, dict]]:
     spec = self.builder_config.spec
     for index in range(count):
-      yield index, {"index": index, **moving_shapes.generate_clip(spec, split, index)}
+      clip = moving_shapes.generate_clip(spec, split, index)
+      del clip["path"]  # Not stored: the centroids hold the path, and `generate_clip` its name.
+      yield index, {"index": index, **clip}
