@@ -53,7 +53,8 @@ _EDGES = flags.DEFINE_bool("last_frame_edges", False, "Turn --last_frame into an
 _KEYFRAME = flags.DEFINE_multi_string("keyframe", None, "INDEX:IMAGE: a keyframe at frame "
                                       "INDEX (1 to frames - 2) of the clip (the final clip of a "
                                       "long video); IMAGE 'heldout' takes the held-out clip's "
-                                      "frame. Repeatable. Seen for the first --tau steps.")
+                                      "frame. Repeatable. Seen for the first --tau steps. "
+                                      "Default: none.")
 _HELDOUT = flags.DEFINE_integer("heldout_index", 0, "Held-out clip used for missing inputs.")
 _RESIZE = flags.DEFINE_bool("resize", True, "Centre-crop and resize images of the wrong size "
                             "(else refuse them).")

@@ -150,6 +150,26 @@ def test_every_variant_is_sampled_and_compared_with_the_real_clips(evaluated):
 
 
 @pytest.mark.slow
+def test_keyframe_and_continuation_variants_measure_their_own_fields(tmp_path):
+  """The middle keyframe variant measures the distance to the given keyframe (and, on clips
+  whose middle their ends do not decide, the middle frame); a long video only its seam."""
+  config = unit_test.get_config()
+  config.data.frames = 6  # Room for 3 carried frames and new ones.
+  config.data.path_change_prob = 1.0
+  pipeline = helpers.random_pipeline(config, seed=1)
+  results = suite.evaluate_pipeline(
+      pipeline, loaders.data_dir(config, str(tmp_path)), metric_names=("conditioning",),
+      num_videos=2, variants=("keyframe", "continued_overlap"), global_batch=2, steps=2,
+      networks=suite.Networks({}, None, True, []), floor=False, cache_dir=None)
+  keyframe, continued = (results["variants"][name] for name in ("keyframe",
+                                                                "continued_overlap"))
+  assert keyframe["videos"] == continued["videos"] == 2
+  assert keyframe["keyframe_centroid_px"] is not None or keyframe["failed_fraction"] > 0
+  assert "velocity_seam_px" in continued and continued["psnr_db"] is None
+  assert keyframe["velocity_seam_px"] is None
+
+
+@pytest.mark.slow
 def test_real_statistics_are_cached_and_reused(evaluated):
   _, again, calls_first, calls_again, root = evaluated
   # First run: real and floor sets (1 batch each) + 4 variants; then only the variant.

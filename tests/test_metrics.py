@@ -145,3 +145,35 @@ def test_fidelity_of_a_video_against_the_real_one():
   assert found["psnr_db"] < metrics.MAX_PSNR_DB
   with pytest.raises(ValueError, match="one shape"):
     metrics.fidelity(real, real[:3], _BACKGROUND)
+
+
+# --- Keyframes and continuation ---------------------------------------------------------------
+
+
+def test_keyframe_distance_is_the_mean_over_the_given_frames():
+  video = _moving_square_video((2, 0), num_frames=5)  # Rows 20, 22, ..., 28.
+  given = {1: _frame_with_square(22, 20), 3: _frame_with_square(20, 20)}  # 0 and 6 px off.
+  assert metrics.keyframe_distance(video, given, _BACKGROUND) == pytest.approx(3.0)
+  assert math.isnan(metrics.keyframe_distance(video, {}, _BACKGROUND))
+
+
+def test_middle_off_line_measures_a_detour_and_a_pause():
+  line = np.array([[0, 0], [2, 2], [4, 4], [6, 6], [8, 8]], float)
+  assert metrics.middle_off_line(line, 2) == 0.0
+  detour = line.copy()
+  detour[2] = (7, 1)  # 3 px down and 3 px left of (4, 4).
+  assert metrics.middle_off_line(detour, 2) == pytest.approx(math.hypot(3, 3))
+  paused = np.array([[0, 0], [0, 0], [0, 0], [4, 4], [8, 8]], float)
+  assert metrics.middle_off_line(paused, 2) == pytest.approx(math.hypot(4, 4))
+
+
+def test_velocity_seam_is_the_jump_of_the_velocity_at_the_boundary():
+  steady = _moving_square_video((0, 3), num_frames=6)
+  assert metrics.velocity_seam(steady, 3, _BACKGROUND) == pytest.approx(0.0)
+  # From frame 3 on the square moves down 2 px a frame instead of right 3.
+  frames = [_frame_with_square(20, 20 + 3 * i) for i in range(3)]
+  frames += [_frame_with_square(20 + 2 * i, 26) for i in range(1, 4)]
+  turned = np.stack(frames)
+  assert metrics.velocity_seam(turned, 3, _BACKGROUND) == pytest.approx(math.hypot(2, 3))
+  with pytest.raises(ValueError, match="boundary 1 needs two frames before it"):
+    metrics.velocity_seam(turned, 1, _BACKGROUND)

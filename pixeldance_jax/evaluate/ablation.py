@@ -3,6 +3,9 @@
   python -m pixeldance_jax.evaluate.ablation --config=configs/tiny.py --workdir=DIR \\
       [--variants=full,no_text,no_last_frame,t2v] [--steps=N] [--num_videos=N]
 
+(`--variants=full,keyframes --config.data.path_change_prob=0.5`: the paper's training against
+ours with keyframes, on data whose middles only a keyframe decides.)
+
 Each variant trains in DIR/<variant> from the same config and seed with only its own overrides
 (`VARIANTS`; `--config.<key>=...` changes the base of all of them alike, and all read one
 dataset, DIR/data unless the config names one). Each is then sampled on the same held-out clips
@@ -46,7 +49,7 @@ class AblationVariant:
   description: str
   overrides: dict[str, Any]
   modes: tuple[str, ...]
-  paper: tuple[float, float]
+  paper: tuple[float, float] | tuple[str, str]
 
 
 VARIANTS = {
@@ -60,17 +63,30 @@ VARIANTS = {
                            {"conditioning.use_first_frame": False,
                             "conditioning.use_last_frame": False}, ("text_only",),
                            (59.35, 450.58)),
+    # Ours: middle keyframes and leading frames in training (docs/design.md, "Keyframes"), as
+    # configs/tiny_keyframes.py trains them; compare with "full" on data.path_change_prob data.
+    "keyframes": AblationVariant(
+        "with keyframes and leading frames in training",
+        {"conditioning.keyframe_prob": 0.5, "conditioning.keyframe_max_count": 2,
+         "conditioning.leading_frames_prob": 0.25, "conditioning.max_leading_frames": 3,
+         "conditioning.keyframe_mask": True},
+        ("magic", "keyframe", "continued", "continued_overlap"), ("", "")),
 }
+# The paper's ablation: what runs unless --variants says otherwise.
+PAPER_VARIANTS = ("full", "no_text", "no_last_frame", "t2v")
 # The same inputs as each mode with the empty prompt: how much of the motion is the text's.
 EMPTY_PROMPT = {"basic": "no_text", "magic": "magic_no_text", "text_only": "unconditional",
                 "no_text": "no_text", "magic_no_text": "magic_no_text",
-                "unconditional": "unconditional"}
+                "unconditional": "unconditional", "keyframe": None, "continued": None,
+                "continued_overlap": None}
 METRICS = ("fvd", "conditioning")
 # Columns of the table and the bar charts: (result key, heading).
 COLUMNS = (("fvd", "FVD"), ("first_frame_centroid_px", "first-frame px"),
            ("last_frame_centroid_px", "last-frame px"), ("direction_cosine", "direction cos"),
            ("empty_prompt_cosine", "empty-prompt cos"), ("psnr_db", "PSNR dB"),
-           ("shape_iou", "shape IoU"), ("colour_error", "colour error"))
+           ("shape_iou", "shape IoU"), ("colour_error", "colour error"),
+           ("keyframe_centroid_px", "keyframe px"), ("middle_centroid_px", "middle px"),
+           ("velocity_seam_px", "seam px/frame"))
 
 
 def variant_config(base: ml_collections.ConfigDict, name: str, data_dir: str,
@@ -176,7 +192,7 @@ def evaluate_variant(name: str, workdir: str, step: int, settings: Settings,
                                      networks=networks, examples=examples, **common)
   # A model trained without text samples every prompt as the empty one: no twins to sample.
   use_text = pipeline.config.conditioning.use_text
-  twins = sorted({EMPTY_PROMPT[mode] for mode in modes} - set(modes)) if use_text else []
+  twins = sorted({EMPTY_PROMPT[mode] for mode in modes} - set(modes) - {None}) if use_text else []
   empty = suite.evaluate_pipeline(
       pipeline, data_dir, metric_names=("conditioning",), variants=twins, floor=False,
       networks=dataclasses.replace(networks, extractors={}), **common) if twins else None
@@ -184,8 +200,9 @@ def evaluate_variant(name: str, workdir: str, step: int, settings: Settings,
   for mode in modes:
     row = dict(measured["variants"][mode])
     twin = EMPTY_PROMPT[mode] if use_text else mode
-    source = measured["variants"] if twin in modes else empty["variants"]
-    row["empty_prompt_cosine"] = source[twin].get("direction_cosine")
+    if twin is not None:
+      source = measured["variants"] if twin in modes else empty["variants"]
+      row["empty_prompt_cosine"] = source[twin].get("direction_cosine")
     rows[mode] = row
   result = {"variant": name, "overrides": VARIANTS[name].overrides, "step": pipeline.step,
             "settings": dataclasses.asdict(settings), "rows": rows,
@@ -245,7 +262,7 @@ def figure(results: dict[str, Any], examples: dict[str, dict[str, np.ndarray]],
 
 
 def run(base: ml_collections.ConfigDict, workdir: str, *,
-        variants: Iterable[str] = tuple(VARIANTS), steps: int | None = None,
+        variants: Iterable[str] = PAPER_VARIANTS, steps: int | None = None,
         num_videos: int | None = None, global_batch: int | None = None,
         sampler_steps: int | None = None,
         seed: int = 0, cache_dir: str | None = suite.DEFAULT_CACHE_DIR,
@@ -308,7 +325,8 @@ def _define_flags() -> dict[str, Any]:
           "variant alike.", lock_config=True),
       "workdir": flags.DEFINE_string("workdir", None, "One subdirectory per variant, and the "
                                      "table, JSON and figure."),
-      "variants": flags.DEFINE_list("variants", list(VARIANTS), f"Of {', '.join(VARIANTS)}."),
+      "variants": flags.DEFINE_list("variants", list(PAPER_VARIANTS),
+                                    f"Of {', '.join(VARIANTS)}."),
       "steps": flags.DEFINE_integer("steps", None, "Training steps per variant. Default: "
                                     "config.num_train_steps."),
       "num_videos": flags.DEFINE_integer("num_videos", None, "Held-out clips sampled per "

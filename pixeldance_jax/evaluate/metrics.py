@@ -176,3 +176,41 @@ def fidelity(video: np.ndarray, reference: np.ndarray, background: VectorLike,
                                       for v, r in zip(video, reference)])),
           "colour_error": float(np.mean(colours)) if colours else float("nan"),
           "first_frame_psnr_db": psnr(video[0], reference[0])}
+
+
+# --- Keyframes and continuation ---------------------------------------------------------------
+
+# A real clip's middle counts as decided by a middle keyframe when it is this far (px) from
+# where constant motion between its ends would put it.
+OFF_LINE_PX = 2.0
+
+
+def middle_off_line(centroids: np.ndarray, index: int) -> float:
+  """Distance (px) of frame `index`'s centroid from constant motion between the first and last
+  (`centroids` `[frames, 2]`): how much a keyframe there tells that its ends do not."""
+  centroids = np.asarray(centroids, np.float64)
+  frames = len(centroids)
+  expected = centroids[0] + (centroids[-1] - centroids[0]) * index / (frames - 1)
+  return float(np.linalg.norm(centroids[index] - expected))
+
+
+def keyframe_distance(video: np.ndarray, keyframes: dict[int, np.ndarray],
+                      background: VectorLike, threshold: float = 60.0) -> float:
+  """Mean distance (px) between the shape in frame i of `video` and in the keyframe given for
+  frame i, over the keyframes; NaN without keyframes or where a shape is missing."""
+  if not keyframes:
+    return float("nan")
+  return float(np.mean([centroid_distance(video[index], frame, background, threshold)
+                        for index, frame in keyframes.items()]))
+
+
+def velocity_seam(video: np.ndarray, boundary: int, background: VectorLike,
+                  threshold: float = 60.0) -> float:
+  """How much the shape's velocity jumps where a long video's next clip starts: frame
+  `boundary` is the next clip's first new frame; |(c[b] - c[b-1]) - (c[b-1] - c[b-2])| in
+  px per frame (NaN where the shape is missing)."""
+  if not 2 <= boundary < len(video):
+    raise ValueError(f"boundary {boundary} needs two frames before it in a video of "
+                     f"{len(video)}")
+  c = [centroid(video[boundary + offset], background, threshold) for offset in (-2, -1, 0)]
+  return float(np.linalg.norm((c[2] - c[1]) - (c[1] - c[0])))

@@ -37,11 +37,16 @@ METRICS = ("fvd", "fid", "clipsim", "conditioning")
 @dataclasses.dataclass(frozen=True)
 class Variant:
   """Which conditions a sampled variant gives the model (the held-out clip's caption, its first
-  frame, its last frame for every sampler step)."""
+  frame, its last frame and its middle frame (`middle_index`) for every sampler step), and
+  whether it is a long video of two clips continued with `overlap` frames (measured by the
+  velocity seam alone: the real clips are one clip long)."""
   description: str
   text: bool
   first_frame: bool
   last_frame: bool
+  middle_keyframe: bool = False
+  clips: int = 1
+  overlap: int = 1
 
 
 VARIANTS = {
@@ -51,11 +56,23 @@ VARIANTS = {
     "text_only": Variant("text only: no first or last frame", True, False, False),
     "magic_no_text": Variant("first + last frame, empty prompt (tau = steps)", False, True, True),
     "unconditional": Variant("empty prompt, no first or last frame", False, False, False),
+    "keyframe": Variant("text + first + middle + last frame (tau = steps)", True, True, True,
+                        middle_keyframe=True),
+    "continued": Variant("2 clips, the second from the first's last frame (text + first)",
+                         True, True, False, clips=2, overlap=1),
+    "continued_overlap": Variant("2 clips, the second from the first's last 3 frames "
+                                 "(text + first)", True, True, False, clips=2, overlap=3),
 }
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "pixeldance_jax",
                                  "eval_stats")
 _CONDITIONING_FIELDS = ("last_frame_centroid_px", "first_frame_centroid_px",
-                        "direction_cosine") + metrics.FIDELITY_FIELDS
+                        "direction_cosine") + metrics.FIDELITY_FIELDS + (
+                            "keyframe_centroid_px", "middle_centroid_px", "velocity_seam_px")
+
+
+def middle_index(frames: int) -> int:
+  """The frame a variant's middle keyframe is given at, and the middle metric measures."""
+  return frames // 2
 
 
 def names(value: str | Iterable[str]) -> list[str]:
@@ -154,16 +171,13 @@ class SetStatistics:
 
   def _add_conditioning(self, batch: np.ndarray, records: list[dict[str, Any]]) -> None:
     for video, record in zip(batch, records):
-      background = record["background"]
-      fidelity = metrics.fidelity(video, record["video"], background)
-      values = (metrics.centroid_distance(video[-1], record["video"][-1], background),
-                metrics.centroid_distance(video[0], record["video"][0], background),
-                metrics.motion_direction_agreement(video, record["velocity"], background),
-                *(fidelity[field] for field in metrics.FIDELITY_FIELDS))
+      values = _conditioning_values(video, record)
       for i, value in enumerate(values):
         if not math.isnan(value):
           self.conditioning[2 * i:2 * i + 2] += (value, 1)
-      self.conditioning[-2:] += (math.isnan(values[0]) or math.isnan(values[2]), 1)
+      failed = (math.isnan(values[-1]) if "continued_from" in record
+                else math.isnan(values[0]) or math.isnan(values[2]))
+      self.conditioning[-2:] += (failed, 1)
 
   def reduce(self) -> "SetStatistics":
     """Sums everything over the processes (call on every process)."""
@@ -186,6 +200,29 @@ class SetStatistics:
         result[field] = float(total / count) if count else None  # JSON has no NaN.
       result["failed_fraction"] = float(self.conditioning[-2] / self.conditioning[-1])
     return result
+
+
+def _conditioning_values(video: np.ndarray, record: dict[str, Any]) -> list[float]:
+  """`_CONDITIONING_FIELDS` of one generated video against the real clip it was conditioned
+  on (NaN: not measured). A long video (`record["continued_from"]`: the frame its second clip
+  starts at) has only its velocity seam."""
+  nan = float("nan")
+  background, real = record["background"], record["video"]
+  if "continued_from" in record:
+    return [nan] * (len(_CONDITIONING_FIELDS) - 1) + [
+        metrics.velocity_seam(video, record["continued_from"], background)]
+  fidelity = metrics.fidelity(video, real, background)
+  middle = middle_index(len(real))
+  decided = ("centroids" in record and
+             metrics.middle_off_line(record["centroids"], middle) > metrics.OFF_LINE_PX)
+  return [metrics.centroid_distance(video[-1], real[-1], background),
+          metrics.centroid_distance(video[0], real[0], background),
+          metrics.motion_direction_agreement(video, record["velocity"], background),
+          *(fidelity[field] for field in metrics.FIDELITY_FIELDS),
+          metrics.keyframe_distance(video, record.get("keyframes", {}), background),
+          metrics.centroid_distance(video[middle], real[middle], background) if decided
+          else nan,
+          nan]
 
 
 def _cache_path(cache_dir: str, metric: str, set_description: str,
@@ -263,9 +300,22 @@ def _generated_batches(pipeline: sampling_pipeline.Pipeline, clips: videos.HeldO
     prompts = [r["caption"] if spec.text else "" for r in records]
     first = np.stack([r["video"][0] for r in records]) if spec.first_frame else None
     last = np.stack([r["video"][-1] for r in records]) if spec.last_frame else None
-    generated = generate_lib.generate(pipeline, prompts, first, last,
-                                      tau=steps if spec.last_frame else 0, steps=steps,
-                                      seed=seed + start)[:valid]
+    keyframes = None
+    if spec.middle_keyframe:
+      middle = middle_index(len(records[0]["video"]))
+      keyframes = [{middle: r["video"][middle]} for r in records]
+      records = [dict(r, keyframes=k) for r, k in zip(records, keyframes)]
+    tau = steps if spec.last_frame or spec.middle_keyframe else 0
+    if spec.clips == 1:
+      generated = generate_lib.generate(pipeline, prompts, first, last, keyframes=keyframes,
+                                        tau=tau, steps=steps, seed=seed + start)
+    else:
+      generated = generate_lib.generate_long(
+          pipeline, [[p] * spec.clips for p in prompts], first, last, keyframes=keyframes,
+          tau=tau, overlap_frames=spec.overlap, steps=steps, seed=seed + start).video
+      frames = len(records[0]["video"])
+      records = [dict(r, continued_from=frames) for r in records]
+    generated = generated[:valid]
     mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     yield generated[mine], [r["caption"] for r in records[:valid]][mine], records[:valid][mine]
 
@@ -318,7 +368,12 @@ def evaluate_pipeline(pipeline: sampling_pipeline.Pipeline, data_dir: str, *,
     if VARIANTS[variant].last_frame and not config.conditioning.use_last_frame:
       notes.append(f"{variant} skipped: the model was trained without last frames.")
       continue
-    stats = SetStatistics(networks, feature_metrics)
+    # Long videos are not comparable with one-clip real sets: the velocity seam alone.
+    long_video = VARIANTS[variant].clips > 1
+    if long_video and not conditioning:
+      notes.append(f"{variant} skipped: long videos are measured by the conditioning metrics.")
+      continue
+    stats = SetStatistics(networks, [] if long_video else feature_metrics)
     with _progress(num_videos, f"sampling {variant}", progress) as bar:
       for batch, captions, records in _generated_batches(
           pipeline, real, variant, global_batch, steps, seed):

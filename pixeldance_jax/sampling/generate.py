@@ -115,7 +115,8 @@ def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarra
   Args:
     first_frames: uint8 `[b, H, W, 3]`, or None for text only (the first-frame condition
       zeroed, as the text-to-video baseline is trained; also without last frames).
-    last_frames: uint8 `[b, H, W, 3]`, or None for the basic mode (text + first frame).
+    last_frames: uint8 `[b, H, W, 3]` (or a list with None for the examples without one), or
+      None for the basic mode (text + first frame).
     keyframes: per example, {frame index in 1..F-2: uint8 `[H, W, 3]`}: frames given at those
       positions of c_image, as the first and last are (a model trained with keyframes,
       config.conditioning.keyframe_prob, follows them).
@@ -135,6 +136,12 @@ def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarra
   batch, frames = len(prompts), config.data.frames
   if not config.conditioning.use_text:
     prompts = [""] * batch  # Trained on the empty prompt only ("without text").
+  has_last_frame = np.full(batch, last_frames is not None)
+  if isinstance(last_frames, (list, tuple)):
+    has_last_frame = np.array([frame is not None for frame in last_frames])
+    shapes = [np.shape(frame) for frame in last_frames if frame is not None]
+    last_frames = np.stack([np.zeros(shapes[0], np.uint8) if frame is None else frame
+                            for frame in last_frames]) if shapes else None
   _check_frame_shapes(config, batch, first_frames=first_frames, last_frames=last_frames)
   keyframes = [dict(example) for example in keyframes] if keyframes else [{}] * batch
   _check_keyframes(keyframes, batch, frames, config.data.image_size)
@@ -150,7 +157,7 @@ def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarra
   if first_frames is None:
     size = config.data.image_size
     first_frames, last_frames = np.zeros((batch, size, size, 3), np.uint8), None
-  use_last_frame = np.full(batch, last_frames is not None and config.conditioning.use_last_frame)
+  use_last_frame = has_last_frame & (last_frames is not None) & config.conditioning.use_last_frame
   if last_frames is not None and not config.conditioning.use_last_frame:
     logging.warning("This model was trained without last frames; ignoring them (tau = 0).")
   if last_frames is None or not config.conditioning.use_last_frame:

@@ -43,7 +43,7 @@ class Request:
     how their frames reach the program (so a video does not depend on its batch)."""
     s = self.settings
     return (s["steps"], s["sampler"], s["timestep_spacing"], s["num_clips"],
-            s["overlap_frames"], self.last_frame is None, bool(self.keyframes))
+            s["overlap_frames"], bool(self.keyframes))
 
 
 def resolve_settings(config: ml_collections.ConfigDict, prompt: str | Sequence[str] | None,
@@ -128,8 +128,9 @@ def _mode(last_frame: Any, edges: bool, keyframes: Mapping[int, Any], settings: 
     mode += f" + keyframes at {', '.join(map(str, keyframes))}"
   if settings["num_clips"] == 1:
     return mode
-  return (f"long video ({settings['num_clips']} clips, overlap {settings['overlap_frames']}, "
-          f"{mode} ending)")
+  overlap = settings["overlap_frames"]
+  carried = f", {overlap} frames carried" if overlap > 1 else ""
+  return f"long video ({settings['num_clips']} clips{carried}, {mode} ending)"
 
 
 def check_keyframe_positions(config: ml_collections.ConfigDict, keyframes: Mapping[int, Any],
@@ -296,11 +297,9 @@ def run_requests(pipeline: Pipeline, requests: Sequence[Request], batch_size: in
     start = time.perf_counter()
     settings = batch[0].settings
     lasts = [r.last_frame for r in batch]
-    size = batch[0].first_frame.shape
     result = generate_lib.generate_long(
         pipeline, [r.prompts for r in batch], np.stack([r.first_frame for r in batch]),
-        None if all(last is None for last in lasts) else
-        np.stack([np.zeros(size, np.uint8) if last is None else last for last in lasts]),
+        None if all(last is None for last in lasts) else lasts,
         tau=[0 if r.last_frame is None and not r.keyframes else r.settings["tau"]
              for r in batch],
         keyframes=[r.keyframes for r in batch], overlap_frames=settings["overlap_frames"],
