@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 # The page's controls (element ids) that the issue asks for.
 CONTROLS = ("prompt", "first-heldout", "first-upload", "last-source", "last-heldout",
             "last-upload", "last-edges", "sketch", "tau", "guidance_scale", "steps", "sampler",
-            "seed", "num_clips", "generate")
+            "seed", "num_clips", "overlap_frames", "add-keyframe", "generate")
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +184,14 @@ def test_uploaded_frames_and_sketches(demo, server):
     ({"prompt": "a\nb\nc", "first_frame": {"heldout": 0}, "num_clips": 2},
      "3 prompt lines for num_clips=2"),
     ({"prompt": "x", "first_frame": {"heldout": 0}, "seed": 2**32}, "seed=4294967296 must be"),
+    ({"prompt": "x", "first_frame": {"heldout": 0}, "keyframes": {"3": {"heldout": 0}}},
+     "keyframe 3 is outside 1..2"),
+    ({"prompt": "x", "first_frame": {"heldout": 0}, "keyframes": {"x": {"heldout": 0}}},
+     "keyframe index 'x' is not a frame number"),
+    ({"prompt": "x", "first_frame": {"heldout": 0}, "keyframes": {"1": {"video": 0}}},
+     "keyframe 1 must be an object with one key of"),
+    ({"prompt": "x", "first_frame": {"heldout": 0}, "overlap_frames": 3, "num_clips": 2},
+     "overlap_frames=3 must be at most 2"),
 ])
 def test_bad_input_is_an_error_and_the_server_keeps_serving(demo, server, payload, message):
   before = _outputs(demo)
@@ -353,7 +361,7 @@ def test_a_load_of_mixed_requests(demo, server):
   assert summary["half_written"] == 0, summary
 
 
-def test_the_page_in_chromium_generates_a_video_from_a_sketch(demo, server):
+def test_the_page_in_chromium_generates_a_video_from_a_sketch_and_a_keyframe(demo, server):
   with browser.chromium() as driver:
     driver.get(server.url)
     WebDriverWait(driver, 30).until(lambda d: d.find_element(By.ID, "generate").is_enabled())
@@ -386,6 +394,28 @@ def test_the_page_in_chromium_generates_a_video_from_a_sketch(demo, server):
                                                 "last_frame.png")).convert("L"))
     assert (sketch < 128).any() and (sketch > 128).any()  # The stroke arrived.
     assert driver.find_element(By.ID, "download-mp4").get_attribute("href").endswith(".mp4")
+    # A long video continued over 2 frames, a held-out keyframe in its final clip.
+    Select(driver.find_element(By.ID, "last-source")).select_by_value("none")
+    for control, value in (("num_clips", "2"), ("overlap_frames", "2")):
+      field = driver.find_element(By.ID, control)
+      field.clear()
+      field.send_keys(value)
+    driver.find_element(By.ID, "add-keyframe").click()
+    slot = driver.find_element(By.ID, "keyframe-0")
+    position = slot.find_element(By.CLASS_NAME, "keyframe-index")
+    position.clear()
+    position.send_keys("2")
+    previous = record["name"]
+    driver.find_element(By.ID, "generate").click()
+    WebDriverWait(driver, 120).until(lambda d: previous not in d.find_element(
+        By.ID, "result-settings").text and d.find_element(By.ID, "result-settings").text.startswith("{"))
+    assert driver.find_element(By.ID, "error").text == ""
+    record = json.loads(driver.find_element(By.ID, "result-settings").text)
+    assert record["mode"] == "long video (2 clips, 2 frames carried, basic + keyframes at 2 ending)"
+    assert record["keyframes"] == {"2": "held-out clip 0"} and record["overlap_frames"] == 2
+    keyframe = np.asarray(Image.open(os.path.join(demo.output_dir, record["name"], "inputs",
+                                                  "keyframe_2.png")))
+    np.testing.assert_array_equal(keyframe, demo.heldout[0]["video"][2])
 
 
 def test_the_command_names_a_missing_checkpoint(tmp_path):

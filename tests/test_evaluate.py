@@ -153,8 +153,7 @@ def test_every_variant_is_sampled_and_compared_with_the_real_clips(evaluated):
 def test_keyframe_and_continuation_variants_measure_their_own_fields(tmp_path):
   """The middle keyframe variant measures the distance to the given keyframe (and, on clips
   whose middle their ends do not decide, the middle frame); a long video only its seam."""
-  config = unit_test.get_config()
-  config.data.frames = 6  # Room for 3 carried frames and new ones.
+  config = unit_test.get_config()  # The sampling programs of tests/test_sample.py.
   config.data.path_change_prob = 1.0
   pipeline = helpers.random_pipeline(config, seed=1)
   results = suite.evaluate_pipeline(

@@ -3,7 +3,7 @@ only: `http.server` with a thread per connection; generation itself is queued by
 
   GET  /                                   the page
   GET  /api/info                           the model, defaults, held-out clips, queue length
-  GET  /api/heldout/<index>/<first|last>.png  a held-out clip's first or last frame
+  GET  /api/heldout/<index>/<first|last|k>.png  a held-out clip's first, last or k-th frame
   POST /api/generate                       JSON request (service.parse_request) -> the result:
                                            {"name", "urls": {"mp4", "gif", "contact_sheet",
                                            "record", ...}, "record", "compiled", "seconds", ...}
@@ -44,7 +44,7 @@ TIMEOUT_SECONDS = 30.0  # A client that sends or reads nothing this long is drop
 MAX_CONNECTIONS = 32
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
 _TOKEN_COOKIE = "pixeldance_demo_token"
-_HELDOUT = re.compile(r"^/api/heldout/(\d+)/(first|last)\.png$")
+_HELDOUT = re.compile(r"^/api/heldout/(\d+)/(first|last|\d+)\.png$")
 _OUTPUT = re.compile(r"^/outputs/([0-9a-f]{16})/([\w./-]+)$")
 
 
@@ -143,7 +143,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
       return http.HTTPStatus.OK, "application/json", _json(self.demo.info())
     if match := _HELDOUT.match(path):
       try:
-        frame = self.demo.heldout_frame(int(match[1]), match[2])
+        which = int(match[2]) if match[2].isdigit() else match[2]
+        frame = self.demo.heldout_frame(int(match[1]), which)
       except KeyError as error:
         raise HttpError(http.HTTPStatus.NOT_FOUND, str(error.args[0])) from error
       return http.HTTPStatus.OK, "image/png", _png(frame)

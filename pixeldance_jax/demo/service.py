@@ -27,6 +27,7 @@ from absl import logging
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pixeldance_jax.io import video_files
+from pixeldance_jax.data import conditioning as conditioning_lib
 from pixeldance_jax.diffusion import samplers
 from pixeldance_jax.sampling import outputs, program
 from pixeldance_jax.sampling import requests as requests_lib
@@ -34,10 +35,12 @@ from pixeldance_jax.sampling import settings as settings_lib
 from pixeldance_jax.sampling.pipeline import Pipeline
 
 # What a generate request may hold besides the sampling settings (settings.SETTINGS).
-INPUTS = ("prompt", "first_frame", "last_frame", "last_frame_edges")
+INPUTS = ("prompt", "first_frame", "last_frame", "last_frame_edges", "keyframes")
 # How a frame is given: a held-out clip's (its index), an uploaded image, or a drawn sketch
-# (last frame only; images are PNG / JPEG data URLs or plain base64).
-FRAME_KINDS = {"first_frame": ("heldout", "image"), "last_frame": ("heldout", "image", "sketch")}
+# (last frame and keyframes only; images are PNG / JPEG data URLs or plain base64).
+FRAME_KINDS = {"first_frame": ("heldout", "image"), "last_frame": ("heldout", "image", "sketch"),
+               "keyframe": ("heldout", "image", "sketch")}
+MAX_KEYFRAMES = 64
 MAX_IMAGE_BYTES = 16 << 20
 # Uploads: pixels read from the header before anything is decoded; what is kept is at most
 # this side (the model reads far fewer).
@@ -76,12 +79,13 @@ class DemoRequest:
   last_frame: FrameInput | None
   last_frame_edges: bool
   settings: dict[str, Any]
+  keyframes: dict[int, FrameInput] = dataclasses.field(default_factory=dict)
 
 
-def _frame_input(name: str, value: Any, num_heldout: int) -> FrameInput | None:
+def _frame_input(name: str, value: Any, num_heldout: int, kind_of: str = "") -> FrameInput | None:
   if value is None and name == "last_frame":
     return None
-  kinds = FRAME_KINDS[name]
+  kinds = FRAME_KINDS[kind_of or name]
   if not isinstance(value, dict) or len(value) != 1 or next(iter(value)) not in kinds:
     raise ValueError(f"{name} must be an object with one key of {list(kinds)}"
                      f"{' (or null)' if name == 'last_frame' else ''}; got {value!r:.80}")
@@ -93,6 +97,22 @@ def _frame_input(name: str, value: Any, num_heldout: int) -> FrameInput | None:
                           "; this demo has no held-out clips: upload an image"))
     return FrameInput(kind, heldout=item)
   return FrameInput(kind, image=decode_image_data(item, name))
+
+
+def _keyframes(value: Any, num_heldout: int) -> dict[int, FrameInput]:
+  """{"3": {"heldout": i} | {"image": ...} | {"sketch": ...}, ...} -> {3: FrameInput}; which
+  positions a clip has is checked with the model's config (requests.check_keyframe_positions)."""
+  if value is None:
+    return {}
+  if not isinstance(value, dict) or len(value) > MAX_KEYFRAMES:
+    raise ValueError(f"keyframes must be an object of at most {MAX_KEYFRAMES} frame indices, "
+                     f'each with a frame ({{"3": {{"heldout": 0}}}}); got {value!r:.80}')
+  parsed = {}
+  for index, frame in value.items():
+    if not str(index).isdigit():
+      raise ValueError(f"keyframe index {index!r:.20} is not a frame number")
+    parsed[int(index)] = _frame_input(f"keyframe {index}", frame, num_heldout, "keyframe")
+  return dict(sorted(parsed.items()))
 
 
 def decode_image_data(data: Any, name: str) -> bytes:
@@ -148,8 +168,9 @@ def parse_request(payload: Any, num_heldout: int,
 
   `payload`: {"prompt": str, "first_frame": {"heldout": i} | {"image": data URL},
   "last_frame": null | {"heldout": i} | {"image": data URL} | {"sketch": data URL},
-  "last_frame_edges": bool (turn a held-out or uploaded last frame into an edge map), and
-  any of settings.SETTINGS (tau, guidance_scale, steps, sampler, seed, num_clips, ...)}.
+  "last_frame_edges": bool (turn a held-out or uploaded last frame into an edge map),
+  "keyframes": {"<frame index>": a frame as the last frame's}, and any of settings.SETTINGS
+  (tau, guidance_scale, steps, sampler, seed, num_clips, overlap_frames, ...)}.
   """
   if not isinstance(payload, dict):
     raise ValueError("the request must be a JSON object")
@@ -166,7 +187,8 @@ def parse_request(payload: Any, num_heldout: int,
       prompt=_prompt(payload.get("prompt", ""), settings.get("num_clips")),
       first_frame=_frame_input("first_frame", payload.get("first_frame"), num_heldout),
       last_frame=_frame_input("last_frame", payload.get("last_frame"), num_heldout),
-      last_frame_edges=edges, settings=settings)
+      last_frame_edges=edges, settings=settings,
+      keyframes=_keyframes(payload.get("keyframes"), num_heldout))
 
 
 def _claim_name(output_dir: str) -> str:
@@ -224,6 +246,7 @@ class Demo:
         "use_text": bool(conditioning.use_text),
         "use_first_frame": bool(conditioning.use_first_frame),
         "use_last_frame": bool(conditioning.use_last_frame),
+        "keyframes": conditioning_lib.Keyframes.from_config(config).drawn,
         "defaults": settings_lib.default_settings(config),
         "samplers": sorted(samplers.SAMPLERS),
         "timestep_spacings": list(samplers.TIMESTEP_SPACINGS),
@@ -234,12 +257,15 @@ class Demo:
         "compiles": sum(program.trace_counts.values()),
     }
 
-  def heldout_frame(self, index: int, which: str) -> np.ndarray:
-    """uint8 [H, W, 3]: the first or last frame of held-out clip `index`."""
-    if which not in ("first", "last") or not 0 <= index < len(self.heldout):
-      raise KeyError(f"no {which} frame of held-out clip {index}")
+  def heldout_frame(self, index: int, which: str | int) -> np.ndarray:
+    """uint8 [H, W, 3]: the first, last or `which`-th frame of held-out clip `index`."""
+    if not 0 <= index < len(self.heldout):
+      raise KeyError(f"no held-out clip {index}")
     video = self.heldout[index]["video"]
-    return video[0] if which == "first" else video[-1]
+    position = {"first": 0, "last": len(video) - 1}.get(which, which)
+    if not isinstance(position, int) or not 0 <= position < len(video):
+      raise KeyError(f"no frame {which!r} in held-out clip {index}")
+    return video[position]
 
   def generate(self, payload: Any) -> dict[str, Any]:
     """Checks `payload` (see `parse_request`), waits for its turn, samples and writes it.
@@ -286,9 +312,11 @@ class Demo:
     logging.info("The sampling program is compiled (%.1f s): ready.", seconds)
     return seconds
 
-  def _frame_path(self, frame: FrameInput, which: str, folder: str) -> str:
-    """The "first" or "last" frame as FOLDER/inputs/WHICH_frame.png."""
-    path = os.path.join(folder, "inputs", f"{which}_frame.png")
+  def _frame_path(self, frame: FrameInput, which: str | int, folder: str) -> str:
+    """The "first" or "last" frame as FOLDER/inputs/WHICH_frame.png, keyframe k as
+    FOLDER/inputs/keyframe_k.png."""
+    name = f"keyframe_{which}.png" if isinstance(which, int) else f"{which}_frame.png"
+    path = os.path.join(folder, "inputs", name)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     if frame.kind == "heldout":
       video_files.save_image(self.heldout_frame(frame.heldout, which), path)
@@ -303,15 +331,24 @@ class Demo:
             self._frame_path(request.last_frame, "last", folder))
     edges = request.last_frame_edges and request.last_frame is not None and (
         request.last_frame.kind != "sketch")
+    requests_lib.check_keyframe_positions(  # Before any keyframe is written.
+        self.pipeline.config, request.keyframes,
+        requests_lib.resolve_settings(self.pipeline.config, request.prompt, request.settings))
+    keyframes = {index: self._frame_path(frame, index, folder)
+                 for index, frame in request.keyframes.items()}
     made = requests_lib.make_request(self.pipeline, prompt=request.prompt, first_frame=first,
                                      last_frame=last, last_frame_edges=edges,
-                                     **request.settings)
+                                     keyframes=keyframes, **request.settings)
     record = made.record
+    describe = lambda frame, path: (f"held-out clip {frame.heldout}" if frame.kind == "heldout"
+                                    else f"{'drawn sketch' if frame.kind == 'sketch' else 'upload'}"
+                                    f": {path}")
     for name, frame in (("first_frame", request.first_frame), ("last_frame", request.last_frame)):
       if frame is not None:
-        record[name] = (f"held-out clip {frame.heldout}" if frame.kind == "heldout" else
-                        f"{'drawn sketch' if frame.kind == 'sketch' else 'upload'}: "
-                        f"inputs/{name}.png")
+        record[name] = describe(frame, f"inputs/{name}.png")
+    if request.keyframes:
+      record["keyframes"] = {str(index): describe(frame, f"inputs/keyframe_{index}.png")
+                             for index, frame in request.keyframes.items()}
     if request.last_frame is not None and request.last_frame.kind == "sketch":
       record["mode"] = record["mode"].replace("magic", "sketch")
     return made
@@ -354,5 +391,7 @@ class Demo:
     files["first_frame"] = "inputs/first_frame.png"
     if request.last_frame is not None:
       files["last_frame"] = "inputs/last_frame.png"
+    for index in request.keyframes:
+      files[f"keyframe_{index}"] = f"inputs/keyframe_{index}.png"
     return {"name": name, "files": files, "record": record, "compiled": compiled,
             "seconds": round(seconds, 3), "queued_seconds": round(start - queued, 3)}

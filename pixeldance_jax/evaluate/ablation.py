@@ -200,6 +200,7 @@ def evaluate_variant(name: str, workdir: str, step: int, settings: Settings,
   for mode in modes:
     row = dict(measured["variants"][mode])
     twin = EMPTY_PROMPT[mode] if use_text else mode
+    row["empty_prompt_cosine"] = None
     if twin is not None:
       source = measured["variants"] if twin in modes else empty["variants"]
       row["empty_prompt_cosine"] = source[twin].get("direction_cosine")

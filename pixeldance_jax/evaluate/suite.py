@@ -61,7 +61,8 @@ VARIANTS = {
     "continued": Variant("2 clips, the second from the first's last frame (text + first)",
                          True, True, False, clips=2, overlap=1),
     "continued_overlap": Variant("2 clips, the second from the first's last 3 frames "
-                                 "(text + first)", True, True, False, clips=2, overlap=3),
+                                 "(at most frames - 2; text + first)", True, True, False,
+                                 clips=2, overlap=3),
 }
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "pixeldance_jax",
                                  "eval_stats")
@@ -312,7 +313,8 @@ def _generated_batches(pipeline: sampling_pipeline.Pipeline, clips: videos.HeldO
     else:
       generated = generate_lib.generate_long(
           pipeline, [[p] * spec.clips for p in prompts], first, last, keyframes=keyframes,
-          tau=tau, overlap_frames=spec.overlap, steps=steps, seed=seed + start).video
+          tau=tau, overlap_frames=min(spec.overlap, len(records[0]["video"]) - 2),
+          steps=steps, seed=seed + start).video
       frames = len(records[0]["video"])
       records = [dict(r, continued_from=frames) for r in records]
     generated = generated[:valid]
