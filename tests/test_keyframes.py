@@ -15,9 +15,13 @@ from configs import pixeldance as pixeldance_config
 from configs import unit_test
 from pixeldance_jax.data import conditioning, moving_shapes
 from pixeldance_jax.diffusion import schedules
+from pixeldance_jax.evaluate import figures, suite
 from pixeldance_jax.models import pixeldance
+from pixeldance_jax.runtime import programs
 from pixeldance_jax.sampling import requests as requests_lib
 from pixeldance_jax.sampling import settings as settings_lib
+from pixeldance_jax.train import state as state_lib
+from pixeldance_jax.train import step as step_lib
 
 # What the code before the keyframe fields drew for `_paper_conditions`'s inputs (commit
 # 6b2380a, this suite's XLA flags): c_image's first and last slot at one position (channels 0
@@ -175,3 +179,30 @@ def test_keyframe_inputs_parse_and_are_refused_outside_the_middle():
       ({}, {"overlap_frames": 7}, "overlap_frames=7 must be at most 6")):
     with pytest.raises(ValueError, match=message):
       requests_lib.check_keyframe_positions(config, positions, {**settings, **changes})
+
+
+def test_the_frames_each_variant_gives_are_outlined_in_its_row():
+  assert suite.VARIANTS["magic"].given_frames(8) == [0, 7]
+  assert suite.VARIANTS["keyframe"].given_frames(8) == [0, 4, 7]
+  assert suite.VARIANTS["continued_overlap"].given_frames(8) == [0, 5, 6, 7]
+  assert suite.VARIANTS["continued_overlap"].given_frames(4) == [0, 2, 3]
+  video = np.full((3, 8, 8, 3), 255, np.uint8)
+  plain = figures.frame_rows([("a", video)], upscale=1)
+  marked = figures.frame_rows([("a", video)], upscale=1, marked=[[1]])
+  differs = np.any(plain != marked, axis=-1)
+  columns = np.nonzero(differs.any(axis=0))[0]
+  assert differs.any() and columns.min() > plain.shape[1] - 3 * (8 + 4) - 4  # Frame 1 only.
+  assert columns.max() - columns.min() < 8 + 4 + 2
+
+
+def test_the_train_step_and_the_initialiser_see_the_keyframe_fields():
+  """Their programs read a partial copy of the config: one without the keyframe fields would
+  train the paper's conditioning (seen: an ablation variant trained without its keyframes)."""
+  config = _keyframe_config(keyframe_prob=0.5, leading_frames_prob=0.25, keyframe_mask=True)
+  program = programs.program_config(config, step_lib.PROGRAM_FIELDS)
+  assert conditioning.Keyframes.from_config(program) == conditioning.Keyframes.from_config(config)
+  paper = _keyframe_config()
+  assert state_lib.initialiser_key(config) != state_lib.initialiser_key(paper)
+  paper_rates = paper.copy_and_resolve_references()
+  paper_rates.conditioning.text_drop_prob = 0.5  # A rate only: the same initialiser.
+  assert state_lib.initialiser_key(paper_rates) == state_lib.initialiser_key(paper)

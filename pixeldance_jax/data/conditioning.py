@@ -51,11 +51,12 @@ class Keyframes:
 
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Keyframes":
+    """Raises for a config without the fields (a program's partial copy must carry them, and
+    a checkpoint's older config gets them from `sampling.pipeline.read_config`)."""
     cond = config.conditioning
-    found = cls(prob=cond.get("keyframe_prob", 0.0), max_count=cond.get("keyframe_max_count", 1),
-                leading_prob=cond.get("leading_frames_prob", 0.0),
-                max_leading=cond.get("max_leading_frames", 2),
-                mask=cond.get("keyframe_mask", False))
+    found = cls(prob=cond.keyframe_prob, max_count=cond.keyframe_max_count,
+                leading_prob=cond.leading_frames_prob, max_leading=cond.max_leading_frames,
+                mask=cond.keyframe_mask)
     for key, value in (("keyframe_prob", found.prob), ("leading_frames_prob", found.leading_prob)):
       if not 0.0 <= value <= 1.0:
         raise ValueError(f"config.conditioning.{key}={value!r} is a probability: give a value "
@@ -76,7 +77,7 @@ class Keyframes:
 
 
 def mask_channels(config: ml_collections.ConfigDict) -> int:
-  return 1 if config.conditioning.get("keyframe_mask", False) else 0
+  return 1 if config.conditioning.keyframe_mask else 0
 
 
 def with_mask(image_condition: Array, given: Array) -> Array:

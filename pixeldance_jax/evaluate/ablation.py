@@ -247,18 +247,19 @@ def _format(value: Any) -> str:
 def figure(results: dict[str, Any], examples: dict[str, dict[str, np.ndarray]],
            real: np.ndarray) -> np.ndarray:
   """One row of frames per (variant, mode) for held-out clip 0, then a bar chart per metric."""
-  rows = [("real held-out clip 0", real)]
+  rows, marked = [("real held-out clip 0", real)], [[]]
   bars: dict[str, dict[str, float | None]] = {heading: {} for _, heading in COLUMNS}
   for name, variant in results["variants"].items():
     for mode, row in variant["rows"].items():
       label = name if len(variant["rows"]) == 1 else f"{name} ({mode})"
       rows.append((label, examples[name][mode]))
+      marked.append(suite.VARIANTS[mode].given_frames(len(real)))
       for key, heading in COLUMNS:
         bars[heading][label] = row.get(key)
   settings = results["settings"]
-  title = (f"held-out clip 0 in each variant's mode (seed {settings['seed']}); metrics over "
-           f"{settings['num_videos']} held-out clips")
-  return figures.stack([figures.frame_rows(rows, upscale=3, title=title),
+  title = (f"held-out clip 0 in each variant's mode (seed {settings['seed']}; outlined: the "
+           f"frames given); metrics over {settings['num_videos']} held-out clips")
+  return figures.stack([figures.frame_rows(rows, upscale=3, title=title, marked=marked),
                         figures.bar_charts(bars)])
 
 

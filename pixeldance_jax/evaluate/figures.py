@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 _BACKGROUND = (255, 255, 255)
 _INK = (20, 20, 20)
 _BAR = (66, 110, 180)
+_MARK = (230, 120, 0)  # Outline of a frame that was given to the model.
 _GAP = 4
 _LINE = 16  # Pixels per line of text.
 
@@ -22,8 +23,9 @@ def _text_width(text: str) -> int:
 
 
 def frame_rows(rows: Sequence[tuple[str, np.ndarray]], upscale: int = 2,
-               title: str = "") -> np.ndarray:
+               title: str = "", marked: Sequence[Sequence[int]] | None = None) -> np.ndarray:
   """One row per (label, uint8 `[F, H, W, 3]`): the label, then the frames left to right.
+  `marked`: per row, the frames to outline (those given to the model).
 
   Returns:
     uint8 `[height, width, 3]`.
@@ -45,7 +47,11 @@ def frame_rows(rows: Sequence[tuple[str, np.ndarray]], upscale: int = 2,
     y = top + _GAP + row * (tile_h + _GAP)
     draw.text((_GAP, y + tile_h // 2 - _LINE // 2), label, fill=_INK, font=_font())
     for column, frame in enumerate(video):
-      image.paste(Image.fromarray(frame), (label_width + column * (frame.shape[1] + _GAP), y))
+      x = label_width + column * (frame.shape[1] + _GAP)
+      image.paste(Image.fromarray(frame), (x, y))
+      if marked is not None and column in marked[row]:
+        draw.rectangle((x - 2, y - 2, x + frame.shape[1] + 1, y + frame.shape[0] + 1),
+                       outline=_MARK, width=2)
   return np.asarray(image)
 
 

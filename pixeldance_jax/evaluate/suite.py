@@ -48,6 +48,18 @@ class Variant:
   clips: int = 1
   overlap: int = 1
 
+  def given_frames(self, frames: int) -> list[int]:
+    """The frames of its video (of clips of `frames`) this variant hands the model: the
+    first, middle and last frame it gives, and a long video's carried frames."""
+    given = ([0] if self.first_frame else []) + (
+        [middle_index(frames)] if self.middle_keyframe else [])
+    if self.clips > 1:
+      overlap = min(self.overlap, frames - 2)
+      given += list(range(frames - overlap, frames))
+    elif self.last_frame:
+      given.append(frames - 1)
+    return given
+
 
 VARIANTS = {
     "magic": Variant("text + first + last frame (tau = steps)", True, True, True),

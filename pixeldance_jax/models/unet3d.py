@@ -99,7 +99,7 @@ class UNetSpec:
                temporal_position_embedding=unet.temporal_position_embedding,
                pooled_text_embedding=unet.pooled_text_embedding,
                input_skip=_input_skip_mode(unet),
-               mask_channels=1 if config.conditioning.get("keyframe_mask", False) else 0,
+               mask_channels=1 if config.conditioning.keyframe_mask else 0,
                dropout=unet.dropout, temporal_conv_dropout=unet.temporal_conv_dropout,
                remat_policy=unet.remat_policy, dtype=jnp.dtype(unet.dtype),
                attention_impl=_attention_impl(unet), kernels=kernels)

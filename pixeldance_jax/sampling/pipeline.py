@@ -17,7 +17,9 @@ from pixeldance_jax.sampling import program
 
 # Fields newer than some checkpoints' saved configs, with the behaviour they had then.
 CONFIG_DEFAULTS = {"sample.sampler": "ddim", "sample.guidance_rescale": 0.0,
-                   "conditioning.keyframe_mask": False}
+                   "conditioning.keyframe_prob": 0.0, "conditioning.keyframe_max_count": 1,
+                   "conditioning.leading_frames_prob": 0.0,
+                   "conditioning.max_leading_frames": 2, "conditioning.keyframe_mask": False}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -143,11 +143,17 @@ def create_train_state(config: ml_collections.ConfigDict, mesh: Mesh, rng: Array
     frozen_config = config.copy_and_resolve_references()
     return jax.jit(lambda r: nn.meta.unbox(_init_state(r, frozen_config)),
                    out_shardings=shardings)
-  # The model never reads the conditioning section: variants that differ only there (the
-  # ablation's) share the initialiser.
-  key = programs.config_key(ml_collections.ConfigDict(
-      {k: v for k, v in config.items() if k != "conditioning"}))
-  return _INITIALISERS.get((key, mesh), build)(rng)
+  return _INITIALISERS.get((initialiser_key(config), mesh), build)(rng)
+
+
+def initialiser_key(config: ml_collections.ConfigDict) -> Any:
+  """What the model's initialiser depends on: all but the conditioning section, of which the
+  model reads only the keyframe mask (its conv_in's inputs). Variants that differ only in the
+  rest (the paper ablation's) share the initialiser."""
+  model_config = ml_collections.ConfigDict(
+      {k: v for k, v in config.items() if k != "conditioning"})
+  model_config.keyframe_mask = config.conditioning.keyframe_mask
+  return programs.config_key(model_config)
 
 
 def state_from_weights(config: ml_collections.ConfigDict, mesh: Mesh, params: Params,

@@ -300,7 +300,10 @@ _PROGRAMS = programs.ProgramCache()
 # optimiser's numbers and the conditioning's rates are not here: they are the traced
 # `hyperparameters` argument.
 PROGRAM_FIELDS = ("autoencoder", "conditioning.last_frame_candidates",
-                  "conditioning.noise_timestep", "diffusion", "text_encoder", "unet",
+                  "conditioning.noise_timestep", "conditioning.keyframe_prob",
+                  "conditioning.keyframe_max_count", "conditioning.leading_frames_prob",
+                  "conditioning.max_leading_frames", "conditioning.keyframe_mask",
+                  "diffusion", "text_encoder", "unet",
                   "logical_axis_rules", "lr_schedule", "ema_warmup", "grad_accum_steps",
                   "data.frames", "data.image_size", "data.cache_latents", "separate_update")
 
