@@ -213,11 +213,10 @@ def training_conditions(rng: Array, latents: Array, text: Array, null_text: Arra
   keyframes = Keyframes.from_config(config)
   if not (keyframes.drawn or keyframes.mask):
     return condition, text
-  # Their own stream (folded, not split): the paper's draws above stay as they are.
-  keyframe_rng = jax.random.fold_in(rng, 1)
   given = jnp.zeros((batch, frames), bool)
   if keyframes.drawn:
-    place_rng, noise_rng = jax.random.split(keyframe_rng)
+    # Their own stream (folded, not split): the paper's draws above stay as they are.
+    place_rng, noise_rng = jax.random.split(jax.random.fold_in(rng, 1))
     given = draw_keyframes(place_rng, batch, frames, keyframes)
     flat = latents.reshape((batch * frames,) + latents.shape[2:])
     noised = noise_condition(jax.random.split(noise_rng, batch * frames), flat, alpha_bar,

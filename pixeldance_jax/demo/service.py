@@ -331,9 +331,6 @@ class Demo:
             self._frame_path(request.last_frame, "last", folder))
     edges = request.last_frame_edges and request.last_frame is not None and (
         request.last_frame.kind != "sketch")
-    requests_lib.check_keyframe_positions(  # Before any keyframe is written.
-        self.pipeline.config, request.keyframes,
-        requests_lib.resolve_settings(self.pipeline.config, request.prompt, request.settings))
     keyframes = {index: self._frame_path(frame, index, folder)
                  for index, frame in request.keyframes.items()}
     made = requests_lib.make_request(self.pipeline, prompt=request.prompt, first_frame=first,
