@@ -165,7 +165,8 @@ def test_keyframe_and_continuation_variants_measure_their_own_fields(tmp_path):
   assert keyframe["videos"] == continued["videos"] == 2
   assert keyframe["keyframe_centroid_px"] is not None or keyframe["failed_fraction"] > 0
   assert "velocity_seam_px" in continued and continued["psnr_db"] is None
-  assert keyframe["velocity_seam_px"] is None
+  assert "velocity_change_px" in continued
+  assert keyframe["velocity_seam_px"] is None and keyframe["velocity_change_px"] is None
 
 
 @pytest.mark.slow

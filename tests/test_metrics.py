@@ -169,11 +169,17 @@ def test_middle_off_line_measures_a_detour_and_a_pause():
 
 def test_velocity_seam_is_the_jump_of_the_velocity_at_the_boundary():
   steady = _moving_square_video((0, 3), num_frames=6)
-  assert metrics.velocity_seam(steady, 3, _BACKGROUND) == pytest.approx(0.0)
-  # From frame 3 on the square moves down 2 px a frame instead of right 3.
+  assert metrics.velocity_seam(steady, 3, _BACKGROUND) == pytest.approx((0.0, 0.0))
+  # From frame 3 on the square moves down 2 px a frame instead of right 3, and at frame 5
+  # 1 px further down (a change of 1 px/frame, the only one away from the boundary).
   frames = [_frame_with_square(20, 20 + 3 * i) for i in range(3)]
-  frames += [_frame_with_square(20 + 2 * i, 26) for i in range(1, 4)]
+  frames += [_frame_with_square(20 + 2 * i, 26) for i in range(1, 3)]
+  frames.append(_frame_with_square(27, 26))
   turned = np.stack(frames)
-  assert metrics.velocity_seam(turned, 3, _BACKGROUND) == pytest.approx(math.hypot(2, 3))
+  seam, elsewhere = metrics.velocity_seam(turned, 3, _BACKGROUND)
+  assert seam == pytest.approx(math.hypot(2, 3))
+  assert elsewhere == pytest.approx((0 + 0 + 1) / 3)
+  np.testing.assert_allclose(metrics.velocity_changes(turned, _BACKGROUND),
+                             [0, math.hypot(2, 3), 0, 1], atol=1e-9)
   with pytest.raises(ValueError, match="boundary 1 needs two frames before it"):
     metrics.velocity_seam(turned, 1, _BACKGROUND)

@@ -86,7 +86,8 @@ COLUMNS = (("fvd", "FVD"), ("first_frame_centroid_px", "first-frame px"),
            ("empty_prompt_cosine", "empty-prompt cos"), ("psnr_db", "PSNR dB"),
            ("shape_iou", "shape IoU"), ("colour_error", "colour error"),
            ("keyframe_centroid_px", "keyframe px"), ("middle_centroid_px", "middle px"),
-           ("velocity_seam_px", "seam px/frame"))
+           ("velocity_seam_px", "seam px/frame"),
+           ("velocity_change_px", "elsewhere px/frame"))
 
 
 def variant_config(base: ml_collections.ConfigDict, name: str, data_dir: str,

@@ -204,13 +204,26 @@ def keyframe_distance(video: np.ndarray, keyframes: dict[int, np.ndarray],
                         for index, frame in keyframes.items()]))
 
 
+def velocity_changes(video: np.ndarray, background: VectorLike,
+                     threshold: float = 60.0) -> np.ndarray:
+  """`[frames - 2]`: entry i is |(c[i+2] - c[i+1]) - (c[i+1] - c[i])| for the shape's
+  centroids c, in px per frame (NaN where the shape is missing)."""
+  c = np.stack([centroid(frame, background, threshold) for frame in video])
+  return np.linalg.norm(c[2:] - 2 * c[1:-1] + c[:-2], axis=-1)
+
+
 def velocity_seam(video: np.ndarray, boundary: int, background: VectorLike,
-                  threshold: float = 60.0) -> float:
-  """How much the shape's velocity jumps where a long video's next clip starts: frame
-  `boundary` is the next clip's first new frame; |(c[b] - c[b-1]) - (c[b-1] - c[b-2])| in
-  px per frame (NaN where the shape is missing)."""
+                  threshold: float = 60.0) -> tuple[float, float]:
+  """How much the shape's velocity jumps where a long video's next clip starts, and how much it
+  changes from frame to frame elsewhere in the video (what the seam compares with).
+
+  Frame `boundary` is the next clip's first new frame; the seam is
+  |(c[b] - c[b-1]) - (c[b-1] - c[b-2])| in px per frame, the rest the mean of that at every
+  other frame (NaN where the shape is missing)."""
   if not 2 <= boundary < len(video):
     raise ValueError(f"boundary {boundary} needs two frames before it in a video of "
                      f"{len(video)}")
-  c = [centroid(video[boundary + offset], background, threshold) for offset in (-2, -1, 0)]
-  return float(np.linalg.norm((c[2] - c[1]) - (c[1] - c[0])))
+  changes = velocity_changes(video, background, threshold)
+  others = np.delete(changes, boundary - 2)
+  others = others[~np.isnan(others)]
+  return float(changes[boundary - 2]), float(others.mean()) if others.size else float("nan")

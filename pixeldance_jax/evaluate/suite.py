@@ -80,7 +80,9 @@ DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "pixeldance_
                                  "eval_stats")
 _CONDITIONING_FIELDS = ("last_frame_centroid_px", "first_frame_centroid_px",
                         "direction_cosine") + metrics.FIDELITY_FIELDS + (
-                            "keyframe_centroid_px", "middle_centroid_px", "velocity_seam_px")
+                            "keyframe_centroid_px", "middle_centroid_px", "velocity_seam_px",
+                            "velocity_change_px")
+_SEAM = _CONDITIONING_FIELDS.index("velocity_seam_px")  # A long video's fields start here.
 
 
 def middle_index(frames: int) -> int:
@@ -188,7 +190,7 @@ class SetStatistics:
       for i, value in enumerate(values):
         if not math.isnan(value):
           self.conditioning[2 * i:2 * i + 2] += (value, 1)
-      failed = (math.isnan(values[-1]) if "continued_from" in record
+      failed = (math.isnan(values[_SEAM]) if "continued_from" in record
                 else math.isnan(values[0]) or math.isnan(values[2]))
       self.conditioning[-2:] += (failed, 1)
 
@@ -218,12 +220,12 @@ class SetStatistics:
 def _conditioning_values(video: np.ndarray, record: dict[str, Any]) -> list[float]:
   """`_CONDITIONING_FIELDS` of one generated video against the real clip it was conditioned
   on (NaN: not measured). A long video (`record["continued_from"]`: the frame its second clip
-  starts at) has only its velocity seam."""
+  starts at) has only its velocity seam and the velocity's change elsewhere."""
   nan = float("nan")
   background, real = record["background"], record["video"]
   if "continued_from" in record:
-    return [nan] * (len(_CONDITIONING_FIELDS) - 1) + [
-        metrics.velocity_seam(video, record["continued_from"], background)]
+    return [nan] * _SEAM + list(metrics.velocity_seam(video, record["continued_from"],
+                                                      background))
   fidelity = metrics.fidelity(video, real, background)
   middle = middle_index(len(real))
   decided = ("centroids" in record and
@@ -235,7 +237,7 @@ def _conditioning_values(video: np.ndarray, record: dict[str, Any]) -> list[floa
           metrics.keyframe_distance(video, record.get("keyframes", {}), background),
           metrics.centroid_distance(video[middle], real[middle], background) if decided
           else nan,
-          nan]
+          nan, nan]
 
 
 def _cache_path(cache_dir: str, metric: str, set_description: str,
