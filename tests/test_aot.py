@@ -8,7 +8,7 @@ import pytest
 
 import helpers
 import processes
-from pixeldance_jax.aot import hlo, report, topology
+from pixeldance_jax.aot import hlo, plan, report, topology
 
 needs_libtpu = pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
                                   reason="libtpu not installed (pip install -e '.[tpu]')")
@@ -75,6 +75,9 @@ def test_collectives_read_from_hlo_text():
   combined = hlo.by_kind(found)["all-reduce"][0]
   assert [shape for _, shape in combined.arrays] == ["f32[16]", "f32[3,3,32,32]"]
   assert hlo.by_kind(found)["all-gather"][0].op_name == "jit(f)/dot"
+  # A combined all-reduce carries one array's metadata: not named as every array's origin.
+  assert plan.collective_origin(combined) == "one of 2 arrays in a combined all-reduce"
+  assert plan.collective_origin(hlo.by_kind(found)["all-gather"][0]) == "jit(f)/dot"
 
 
 _PROBE = """
@@ -151,10 +154,12 @@ def test_unit_test_train_step_compiles_for_a_tpu_slice(tmp_path):
   assert (report["chips"], report["hosts"], report["mesh"]["fsdp"]) == (4, 1, 4)
   assert report["device_kind"].startswith("TPU v5")
   assert set(report["programs"]) == {"train_step"}
-  plan = report["programs"]["train_step"]
-  assert not plan["fits"] and plan["total_bytes"] > plan["capacity_bytes"] == int(0.05 * 2**30)
-  assert plan["flops"] > 0 and plan["bytes_accessed"] > 0 and plan["compile_seconds"] > 0
-  assert plan["collectives"]["all-gather"]["count"] > 0  # fsdp gathers weights.
+  program = report["programs"]["train_step"]
+  assert not program["fits"]
+  assert program["total_bytes"] > program["capacity_bytes"] == int(0.05 * 2**30)
+  assert program["flops"] > 0 and program["bytes_accessed"] > 0
+  assert program["compile_seconds"] > 0
+  assert program["collectives"]["all-gather"]["count"] > 0  # fsdp gathers weights.
   assert "collectives in train_step" in result.stdout and "NO" in result.stdout
   sharding = report["sharding"]
   assert sharding["replicated"] == []

@@ -218,7 +218,7 @@ def sharding_findings(config: ml_collections.ConfigDict, mesh: Mesh, hlo_text: s
       other_shapes.add(tuple(leaf.shape))
   fsdp_shapes -= other_shapes
   found = hlo.collectives(hlo_text)
-  whole = [(size, f"{shape} ({collective.op_name or 'no op_name'})")
+  whole = [(size, f"{shape} ({collective_origin(collective)})")
            for collective in found if collective.kind == "all-reduce"
            for size, shape in collective.arrays if _dims(shape) in fsdp_shapes]
   all_reduced = [text for _, text in sorted(whole, reverse=True)]
@@ -253,6 +253,14 @@ def reduce_scatter_lowering(mesh: Mesh, axis: str = "fsdp") -> str:
   kinds = {collective.kind for collective in
            hlo.collectives(program.lower(partials).compile().as_text())}
   return "reduce-scatter" if "reduce-scatter" in kinds else ", ".join(sorted(kinds)) or "none"
+
+
+def collective_origin(collective: hlo.Collective) -> str:
+  """Where an all-reduced array came from: the op_name of a collective of one array; a
+  combined one's metadata is that of one of its arrays, so it is named as a combination."""
+  if len(collective.arrays) > 1:
+    return f"one of {len(collective.arrays)} arrays in a combined all-reduce"
+  return collective.op_name or "no op_name"
 
 
 def _dims(shape: str) -> tuple[int, ...]:
