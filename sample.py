@@ -11,14 +11,15 @@ Keyframes in the middle of the clip too (a model trained with keyframes follows 
       --keyframe=3:middle.png --last_frame=last.png
 
 A long video of N clips, each starting from the previous clip's last frame, or its last k
-frames with --overlap_frames=k (one --prompt for all clips, or one --prompt per clip):
+frames with --overlap_frames=k, drawing its last r again with --redraw_frames=r (one --prompt
+for all clips, or one --prompt per clip):
 
   python sample.py --workdir=/tmp/run --first_frame=first.png --num_clips=4 --prompt="..."
 
 A batch job, one JSON object a line (keys: prompt, first_frame, last_frame, last_frame_edges,
 keyframes ({"3": "middle.png"}), heldout_index, name, tau, seed, guidance_scale,
-guidance_rescale, steps, eta, sampler, timestep_spacing, num_clips, overlap_frames; flags give
-the defaults), one folder per line in --output_dir:
+guidance_rescale, steps, eta, sampler, timestep_spacing, num_clips, overlap_frames,
+redraw_frames; flags give the defaults), one folder per line in --output_dir:
 
   python sample.py --workdir=/tmp/run --prompts_file=jobs.jsonl --output_dir=out/
 
@@ -83,6 +84,10 @@ _OVERLAP = flags.DEFINE_integer("overlap_frames", None, "A long video's next cli
                                 "conditioned on the previous clip's last k frames (seen at "
                                 "every step), so its motion carries on. Default: 1 (the last "
                                 "frame alone).")
+_REDRAW = flags.DEFINE_integer("redraw_frames", None, "A long video's next clip draws the "
+                               "previous clip's last k frames again, conditioned on the "
+                               "--overlap_frames before them (a clip's final frames, sampled "
+                               "without a last frame, are its least certain). Default: 0.")
 
 _PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "JSONL batch job, one video a line "
                                     "(see the module help). Default: none (one video).")
@@ -100,7 +105,8 @@ def _settings() -> dict:
   return {"sampler": _SAMPLER.value, "steps": _STEPS.value, "timestep_spacing": _SPACING.value,
           "tau": _TAU.value, "guidance_scale": _GUIDANCE.value,
           "guidance_rescale": _RESCALE.value, "eta": _ETA.value, "seed": _SEED.value,
-          "num_clips": _NUM_CLIPS.value, "overlap_frames": _OVERLAP.value}
+          "num_clips": _NUM_CLIPS.value, "overlap_frames": _OVERLAP.value,
+          "redraw_frames": _REDRAW.value}
 
 
 def _run() -> list[str]:

@@ -40,7 +40,7 @@ pytestmark = pytest.mark.slow
 # The page's controls (element ids) that the issue asks for.
 CONTROLS = ("prompt", "first-heldout", "first-upload", "last-source", "last-heldout",
             "last-upload", "last-edges", "sketch", "tau", "guidance_scale", "steps", "sampler",
-            "seed", "num_clips", "overlap_frames", "add-keyframe", "generate")
+            "seed", "num_clips", "overlap_frames", "redraw_frames", "add-keyframe", "generate")
 
 
 @pytest.fixture(scope="module")

@@ -176,7 +176,9 @@ def test_keyframe_inputs_parse_and_are_refused_outside_the_middle():
       ({0: "a"}, {}, "keyframe 0 is outside 1..6: frame 0 is the first frame, 7 the last"),
       ({7: "a"}, {}, "keyframe 7 is outside 1..6"),
       ({2: "a"}, {"num_clips": 2, "overlap_frames": 3}, "0..2 carry the previous clip"),
-      ({}, {"overlap_frames": 7}, "overlap_frames=7 must be at most 6")):
+      ({}, {"overlap_frames": 7}, "overlap_frames=7 must be at most 6"),
+      ({}, {"overlap_frames": 3, "redraw_frames": 4},
+       "overlap_frames=3 \\+ redraw_frames=4 must be at most 6")):
     with pytest.raises(ValueError, match=message):
       requests_lib.check_keyframe_positions(config, positions, {**settings, **changes})
 
@@ -186,6 +188,8 @@ def test_the_frames_each_variant_gives_are_outlined_in_its_row():
   assert suite.VARIANTS["keyframe"].given_frames(8) == [0, 4, 7]
   assert suite.VARIANTS["continued_overlap"].given_frames(8) == [0, 5, 6, 7]
   assert suite.VARIANTS["continued_overlap"].given_frames(4) == [0, 2, 3]
+  assert suite.VARIANTS["continued_redraw"].given_frames(8) == [0, 4, 5, 6]
+  assert suite.VARIANTS["continued_redraw"].given_frames(4) == [0, 2, 3]  # No room to redraw.
   video = np.full((3, 8, 8, 3), 255, np.uint8)
   plain = figures.frame_rows([("a", video)], upscale=1)
   marked = figures.frame_rows([("a", video)], upscale=1, marked=[[1]])

@@ -157,6 +157,22 @@ def test_a_long_video_with_overlap_carries_the_last_frames_into_the_next_clip(pi
 
 
 @pytest.mark.slow
+def test_a_long_video_can_draw_each_clips_last_frames_again(pipeline):
+  """redraw_frames=1: clip 2 starts from the frame before clip 1's last, and its frames replace
+  clip 1's last in the video."""
+  prompts, first, _ = _frames(pipeline.config, 2)
+  frames = pipeline.config.data.frames
+  result = generate_lib.generate_long(pipeline, [[p, p] for p in prompts], first,
+                                      redraw_frames=1, seed=4)
+  assert result.video.shape[1] == 2 * frames - 2 and result.redraw_frames == 1
+  np.testing.assert_array_equal(result.first_frames[:, 1], result.clips[:, 0, -2])
+  np.testing.assert_array_equal(result.video[:, :frames - 1], result.clips[:, 0, :-1])
+  np.testing.assert_array_equal(result.video[:, frames - 1:], result.clips[:, 1, 1:])
+  with pytest.raises(ValueError, match="redraw_frames=2 must be in 0..1 with overlap_frames=1"):
+    generate_lib.generate_long(pipeline, [[p, p] for p in prompts], first, redraw_frames=2)
+
+
+@pytest.mark.slow
 def test_long_video_continues_from_each_clips_last_frame(pipeline):
   prompts, first, last = _frames(pipeline.config, 1)
   clip_prompts = [["a red square moves up", "a red square moves down", prompts[0]]]

@@ -70,7 +70,7 @@ VARIANTS = {
         {"conditioning.keyframe_prob": 0.5, "conditioning.keyframe_max_count": 2,
          "conditioning.leading_frames_prob": 0.25, "conditioning.max_leading_frames": 3,
          "conditioning.keyframe_mask": True},
-        ("magic", "keyframe", "continued", "continued_overlap"), ("", "")),
+        ("magic", "keyframe", "continued", "continued_overlap", "continued_redraw"), ("", "")),
 }
 # The paper's ablation: what runs unless --variants says otherwise.
 PAPER_VARIANTS = ("full", "no_text", "no_last_frame", "t2v")
@@ -78,7 +78,7 @@ PAPER_VARIANTS = ("full", "no_text", "no_last_frame", "t2v")
 EMPTY_PROMPT = {"basic": "no_text", "magic": "magic_no_text", "text_only": "unconditional",
                 "no_text": "no_text", "magic_no_text": "magic_no_text",
                 "unconditional": "unconditional", "keyframe": None, "continued": None,
-                "continued_overlap": None}
+                "continued_overlap": None, "continued_redraw": None}
 METRICS = ("fvd", "conditioning")
 # Columns of the table and the bar charts: (result key, heading).
 COLUMNS = (("fvd", "FVD"), ("first_frame_centroid_px", "first-frame px"),

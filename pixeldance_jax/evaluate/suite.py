@@ -38,8 +38,9 @@ METRICS = ("fvd", "fid", "clipsim", "conditioning")
 class Variant:
   """Which conditions a sampled variant gives the model (the held-out clip's caption, its first
   frame, its last frame and its middle frame (`middle_index`) for every sampler step), and
-  whether it is a long video of two clips continued with `overlap` frames (measured by the
-  velocity seam alone: the real clips are one clip long)."""
+  whether it is a long video of two clips continued with `overlap` frames, the first clip's
+  last `redraw` drawn again by the second (measured by the velocity seam alone: the real clips
+  are one clip long)."""
   description: str
   text: bool
   first_frame: bool
@@ -47,6 +48,7 @@ class Variant:
   middle_keyframe: bool = False
   clips: int = 1
   overlap: int = 1
+  redraw: int = 0
 
   def given_frames(self, frames: int) -> list[int]:
     """The frames of its video (of clips of `frames`) this variant hands the model: the
@@ -55,7 +57,8 @@ class Variant:
         [middle_index(frames)] if self.middle_keyframe else [])
     if self.clips > 1:
       overlap = min(self.overlap, frames - 2)
-      given += list(range(frames - overlap, frames))
+      kept = frames - min(self.redraw, frames - 2 - overlap)
+      given += list(range(kept - overlap, kept))
     elif self.last_frame:
       given.append(frames - 1)
     return given
@@ -75,6 +78,9 @@ VARIANTS = {
     "continued_overlap": Variant("2 clips, the second from the first's last 3 frames "
                                  "(at most frames - 2; text + first)", True, True, False,
                                  clips=2, overlap=3),
+    "continued_redraw": Variant("2 clips, the second from the 3 frames before the first's last, "
+                                "which it draws again (text + first)", True, True, False,
+                                clips=2, overlap=3, redraw=1),
 }
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "pixeldance_jax",
                                  "eval_stats")
@@ -325,12 +331,14 @@ def _generated_batches(pipeline: sampling_pipeline.Pipeline, clips: videos.HeldO
       generated = generate_lib.generate(pipeline, prompts, first, last, keyframes=keyframes,
                                         tau=tau, steps=steps, seed=seed + start)
     else:
+      frames = len(records[0]["video"])
+      overlap = min(spec.overlap, frames - 2)
+      redraw = min(spec.redraw, frames - 2 - overlap)
       generated = generate_lib.generate_long(
           pipeline, [[p] * spec.clips for p in prompts], first, last, keyframes=keyframes,
-          tau=tau, overlap_frames=min(spec.overlap, len(records[0]["video"]) - 2),
-          steps=steps, seed=seed + start).video
-      frames = len(records[0]["video"])
-      records = [dict(r, continued_from=frames) for r in records]
+          tau=tau, overlap_frames=overlap, redraw_frames=redraw, steps=steps,
+          seed=seed + start).video
+      records = [dict(r, continued_from=frames - redraw) for r in records]
     generated = generated[:valid]
     mine = slice(jax.process_index() * local, (jax.process_index() + 1) * local)
     yield generated[mine], [r["caption"] for r in records[:valid]][mine], records[:valid][mine]

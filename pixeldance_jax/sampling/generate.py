@@ -199,17 +199,19 @@ def generate(pipeline: Pipeline, prompts: Sequence[str], first_frames: np.ndarra
 @dataclasses.dataclass(frozen=True)
 class LongVideo:
   """N clips sampled one after another, each continuing from the end of the previous one."""
-  video: np.ndarray  # uint8 [b, k + N * (F - k), H, W, 3]: clip 1, then clips 2..N less their
-  # first k (overlap) frames, which redraw the previous clip's last k.
+  video: np.ndarray  # uint8 [b, k + N * (F - k) - (N - 1) * r, H, W, 3]: clip 1 less its last
+  # r (redrawn) frames, then clips 2..N less their first k (overlap) frames, which repeat the
+  # previous clip's frames, and, but for the final clip, their last r.
   clips: np.ndarray  # uint8 [b, N, F, H, W, 3]
   first_frames: np.ndarray  # uint8 [b, N, H, W, 3]: the first frame each clip was conditioned on.
   overlap_frames: int = 1
+  redraw_frames: int = 0
 
 
 def generate_long(pipeline: Pipeline, prompts: Sequence[Sequence[str]], first_frames: np.ndarray,
                   last_frames: np.ndarray | None = None, *, tau: Any = None,
                   keyframes: Sequence[Keyframes] | None = None, overlap_frames: int = 1,
-                  **settings: Any) -> LongVideo:
+                  redraw_frames: int = 0, **settings: Any) -> LongVideo:
   """Long videos by autoregression: clip k + 1 starts from clip k's last generated frames.
 
   Args:
@@ -221,6 +223,10 @@ def generate_long(pipeline: Pipeline, prompts: Sequence[Sequence[str]], first_fr
       frames 0..overlap_frames-1, seen at every step: 1 (the paper's way) carries where the
       shape is; 2 or more carry how it moves too (a model trained with
       config.conditioning.leading_frames_prob follows them).
+    redraw_frames: how many of a clip's last frames the next clip draws again instead of
+      keeping them: it is conditioned on the overlap_frames before them. Sampled without a
+      last frame, a clip's final frames are its least certain (the model was mostly given its
+      last frame in training); 0 keeps them (the paper's way).
     **settings: the other keyword arguments of `generate` (seed, guidance_scale, steps, ...).
   """
   num_clips = len(prompts[0])
@@ -230,6 +236,9 @@ def generate_long(pipeline: Pipeline, prompts: Sequence[Sequence[str]], first_fr
   if not 1 <= overlap_frames <= frames - 2:
     raise ValueError(f"overlap_frames={overlap_frames} must be in 1..{frames - 2} for clips of "
                      f"{frames} frames")
+  if not 0 <= redraw_frames <= frames - 2 - overlap_frames:
+    raise ValueError(f"redraw_frames={redraw_frames} must be in 0..{frames - 2 - overlap_frames}"
+                     f" with overlap_frames={overlap_frames} for clips of {frames} frames")
   keyframes = [dict(example) for example in keyframes] if keyframes else [{}] * len(prompts)
   if num_clips > 1 and any(index < overlap_frames for example in keyframes for index in example):
     raise ValueError(f"a long video's final clip holds the carried frames at 0.."
@@ -250,11 +259,16 @@ def generate_long(pipeline: Pipeline, prompts: Sequence[Sequence[str]], first_fr
                    time.perf_counter() - start)
     clips.append(clip)
     conditions.append(first)
-    tail = clip[:, frames - overlap_frames:]
+    kept = frames - redraw_frames  # The next clip draws frames kept.. again.
+    tail = clip[:, kept - overlap_frames:kept]
     first = tail[:, 0]
     carried = [{position: tail[row, position] for position in range(1, overlap_frames)}
                for row in range(len(clip))]
-  # A later clip's first overlap_frames frames redraw the previous clip's last: drop them.
-  video = np.concatenate([clips[0]] + [clip[:, overlap_frames:] for clip in clips[1:]], axis=1)
-  return LongVideo(video=video, clips=np.stack(clips, axis=1),
-                   first_frames=np.stack(conditions, axis=1), overlap_frames=overlap_frames)
+  # A later clip's first overlap_frames frames repeat the previous clip's (held): drop them, and
+  # a clip's last redraw_frames, which the next clip draws again.
+  parts = [clip[:, (overlap_frames if index else 0):
+                (frames if index == num_clips - 1 else frames - redraw_frames)]
+           for index, clip in enumerate(clips)]
+  return LongVideo(video=np.concatenate(parts, axis=1), clips=np.stack(clips, axis=1),
+                   first_frames=np.stack(conditions, axis=1), overlap_frames=overlap_frames,
+                   redraw_frames=redraw_frames)

@@ -43,7 +43,7 @@ class Request:
     how their frames reach the program (so a video does not depend on its batch)."""
     s = self.settings
     return (s["steps"], s["sampler"], s["timestep_spacing"], s["num_clips"],
-            s["overlap_frames"], bool(self.keyframes))
+            s["overlap_frames"], s["redraw_frames"], bool(self.keyframes))
 
 
 def resolve_settings(config: ml_collections.ConfigDict, prompt: str | Sequence[str] | None,
@@ -128,8 +128,9 @@ def _mode(last_frame: Any, edges: bool, keyframes: Mapping[int, Any], settings: 
     mode += f" + keyframes at {', '.join(map(str, keyframes))}"
   if settings["num_clips"] == 1:
     return mode
-  overlap = settings["overlap_frames"]
+  overlap, redraw = settings["overlap_frames"], settings["redraw_frames"]
   carried = f", {overlap} frames carried" if overlap > 1 else ""
+  carried += f", the last {redraw} redrawn" if redraw else ""
   return f"long video ({settings['num_clips']} clips{carried}, {mode} ending)"
 
 
@@ -141,6 +142,10 @@ def check_keyframe_positions(config: ml_collections.ConfigDict, keyframes: Mappi
   if overlap > frames - 2:
     raise ValueError(f"overlap_frames={overlap} must be at most {frames - 2} for this model's "
                      f"{frames}-frame clips")
+  redraw = settings["redraw_frames"]
+  if overlap + redraw > frames - 2:
+    raise ValueError(f"overlap_frames={overlap} + redraw_frames={redraw} must be at most "
+                     f"{frames - 2} for this model's {frames}-frame clips")
   low = overlap if settings["num_clips"] > 1 else 1
   for index in keyframes:
     if not low <= index <= frames - 2:
@@ -303,6 +308,7 @@ def run_requests(pipeline: Pipeline, requests: Sequence[Request], batch_size: in
         tau=[0 if r.last_frame is None and not r.keyframes else r.settings["tau"]
              for r in batch],
         keyframes=[r.keyframes for r in batch], overlap_frames=settings["overlap_frames"],
+        redraw_frames=settings["redraw_frames"],
         **{key: [r.settings[key] for r in batch]
            for key in ("seed", "guidance_scale", "guidance_rescale", "eta")},
         steps=settings["steps"], sampler=settings["sampler"],

@@ -11,12 +11,12 @@ from pixeldance_jax.diffusion import samplers
 
 # Settings a request may give; the rest come from the CLI flags, then config.sample.
 SETTINGS = ("tau", "guidance_scale", "guidance_rescale", "steps", "eta", "sampler",
-            "timestep_spacing", "seed", "num_clips", "overlap_frames")
+            "timestep_spacing", "seed", "num_clips", "overlap_frames", "redraw_frames")
 
 # The type of each setting: values from JSON or flags are converted, and must convert.
 SETTING_TYPES = {"tau": int, "guidance_scale": float, "guidance_rescale": float, "steps": int,
                  "eta": float, "sampler": str, "timestep_spacing": str, "seed": int,
-                 "num_clips": int, "overlap_frames": int}
+                 "num_clips": int, "overlap_frames": int, "redraw_frames": int}
 
 
 def default_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -25,7 +25,7 @@ def default_settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
           "guidance_rescale": sample_config.guidance_rescale, "steps": sample_config.num_steps,
           "eta": sample_config.eta, "sampler": sample_config.sampler,
           "timestep_spacing": sample_config.timestep_spacing, "seed": 0, "num_clips": 1,
-          "overlap_frames": 1}
+          "overlap_frames": 1, "redraw_frames": 0}
 
 
 def convert_setting(name: str, value: Any) -> Any:
@@ -57,6 +57,7 @@ _RANGES = {
     "steps": (lambda v: v >= 1, ">= 1"),
     "num_clips": (lambda v: v >= 1, ">= 1"),
     "overlap_frames": (lambda v: v >= 1, ">= 1 (a long video's frames carried into the next clip)"),
+    "redraw_frames": (lambda v: v >= 0, ">= 0 (a clip's last frames the next clip draws again)"),
     "sampler": (lambda v: v in samplers.SAMPLERS, f"one of {sorted(samplers.SAMPLERS)}"),
     "timestep_spacing": (lambda v: v in samplers.TIMESTEP_SPACINGS,
                          f"one of {list(samplers.TIMESTEP_SPACINGS)}"),
@@ -66,7 +67,8 @@ _RANGES = {
 def check_settings(settings: Mapping[str, Any], num_train_timesteps: int | None = None) -> None:
   """Raises a one-line ValueError for a setting out of range: a non-finite guidance scale or
   eta, a rescale outside [0, 1], eta or tau < 0, a seed or tau beyond int32, steps < 1 or
-  > num_train_timesteps, an unknown sampler or spacing, num_clips or overlap_frames < 1.
+  > num_train_timesteps, an unknown sampler or spacing, num_clips or overlap_frames < 1,
+  redraw_frames < 0.
 
   Settings that are absent or None are not checked, nor the upper bound of steps without
   `num_train_timesteps`: the CLI checks its flags this way before reading a checkpoint.
