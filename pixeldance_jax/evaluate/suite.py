@@ -78,9 +78,9 @@ VARIANTS = {
     "continued_overlap": Variant("2 clips, the second from the first's last 3 frames "
                                  "(at most frames - 2; text + first)", True, True, False,
                                  clips=2, overlap=3),
-    "continued_redraw": Variant("2 clips, the second from the 3 frames before the first's last, "
-                                "which it draws again (text + first)", True, True, False,
-                                clips=2, overlap=3, redraw=1),
+    "continued_redraw": Variant("2 clips, the second from the 3 frames before the first's last "
+                                "2, which it draws again (text + first)", True, True, False,
+                                clips=2, overlap=3, redraw=2),
 }
 DEFAULT_CACHE_DIR = os.path.join(os.path.expanduser("~"), ".cache", "pixeldance_jax",
                                  "eval_stats")

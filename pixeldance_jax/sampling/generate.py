@@ -225,8 +225,8 @@ def generate_long(pipeline: Pipeline, prompts: Sequence[Sequence[str]], first_fr
       config.conditioning.leading_frames_prob follows them).
     redraw_frames: how many of a clip's last frames the next clip draws again instead of
       keeping them: it is conditioned on the overlap_frames before them. Sampled without a
-      last frame, a clip's final frames are its least certain (the model was mostly given its
-      last frame in training); 0 keeps them (the paper's way).
+      last frame, a clip's final frames are its least certain (the farthest from the given
+      frames, the last with neighbours on one side only); 0 keeps them (the paper's way).
     **settings: the other keyword arguments of `generate` (seed, guidance_scale, steps, ...).
   """
   num_clips = len(prompts[0])
