@@ -56,12 +56,17 @@ class Variant:
     given = ([0] if self.first_frame else []) + (
         [middle_index(frames)] if self.middle_keyframe else [])
     if self.clips > 1:
-      overlap = min(self.overlap, frames - 2)
-      kept = frames - min(self.redraw, frames - 2 - overlap)
-      given += list(range(kept - overlap, kept))
+      overlap, redraw = self.continuation(frames)
+      given += list(range(frames - redraw - overlap, frames - redraw))
     elif self.last_frame:
       given.append(frames - 1)
     return given
+
+  def continuation(self, frames: int) -> tuple[int, int]:
+    """(overlap_frames, redraw_frames) of a long video of clips of `frames`, as far as a clip
+    has room for them (`generate_long`'s bounds)."""
+    overlap = min(self.overlap, frames - 2)
+    return overlap, min(self.redraw, frames - 2 - overlap)
 
 
 VARIANTS = {
@@ -332,8 +337,7 @@ def _generated_batches(pipeline: sampling_pipeline.Pipeline, clips: videos.HeldO
                                         tau=tau, steps=steps, seed=seed + start)
     else:
       frames = len(records[0]["video"])
-      overlap = min(spec.overlap, frames - 2)
-      redraw = min(spec.redraw, frames - 2 - overlap)
+      overlap, redraw = spec.continuation(frames)
       generated = generate_lib.generate_long(
           pipeline, [[p] * spec.clips for p in prompts], first, last, keyframes=keyframes,
           tau=tau, overlap_frames=overlap, redraw_frames=redraw, steps=steps,
