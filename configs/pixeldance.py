@@ -92,6 +92,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Add inputs times a gain set by the time embedding to the output: "none", "conditions"
   # (c_image) or "all" (the noisy latent too).
   unet.input_skip = "none"
+  # Hidden width of a head that reads the last features beside the raw inputs; 0: none.
+  unet.refiner_channels = 0
   unet.dropout = 0.0  # In the ResNets.
   unet.temporal_conv_dropout = 0.1  # Before temporal convs 2-4 (ModelScope's value).
   # Activation recomputation per layer (ResNet, temporal conv, transformers): "none", "full" or a

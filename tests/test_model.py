@@ -99,6 +99,41 @@ def test_input_skip_starts_at_zero_and_adds_each_input_times_its_gain(setup):
       apply(gains), without + sample[..., :channels] + 2 * sample[..., channels:], atol=1e-5)
 
 
+def test_refiner_starts_at_zero_and_reads_the_raw_inputs(setup):
+  """`unet.refiner_channels`: a head beside conv_out whose last conv starts at zero, so the
+  model begins as the one without it; once trained it reads z_t and c_image directly."""
+  config, _, _ = setup
+  config = config.copy_and_resolve_references()
+  config.unet.refiner_channels = 16
+  model = pixeldance.make_model(config)
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0),
+                                             *pixeldance.dummy_inputs(config)))
+  unet = params["params"]["unet"]
+  latent = config.autoencoder.latent_channels
+  assert unet["refiner_conv1"]["kernel"].shape == (
+      3, 3, config.unet.block_out_channels[0] + 2 * latent, 16)
+  assert unet["refiner_conv2"]["kernel"].shape == (3, 3, 16, latent)
+  assert not np.any(unet["refiner_conv2"]["kernel"])
+  config.unet.refiner_channels = -1
+  with pytest.raises(ValueError, match="refiner_channels=-1"):
+    unet3d.UNetSpec.from_config(config)
+  config.unet.refiner_channels = 0
+  without = pixeldance.make_model(config)
+  sample, timesteps, context = _inputs(config)
+
+  def denoise(m, p, x):
+    return np.asarray(m.apply(p, x, timesteps, context, True, method=m.denoise))
+  np.testing.assert_allclose(denoise(model, params, sample), denoise(without, params, sample),
+                             atol=1e-5)
+  kernel = jnp.full_like(unet["refiner_conv2"]["kernel"], 0.01)
+  trained = {"params": dict(params["params"], unet=dict(
+      unet, refiner_conv2=dict(unet["refiner_conv2"], kernel=kernel)))}
+  changed = sample.at[:, :, 0, 0, 0].add(1.0)  # One raw input value at one corner.
+  out, out_changed = denoise(model, trained, sample), denoise(model, trained, changed)
+  assert np.abs(out - denoise(without, trained, sample)).max() > 1e-4
+  assert np.abs(out_changed - out)[:, :, :2, :2].max() > 1e-4
+
+
 def test_conditions_skip_gains_c_image_alone():
   """`unet.input_skip="conditions"` (the layer the test above places in the U-Net): gains for
   c_image's channels only, so z_t's noise never reaches the output through it."""

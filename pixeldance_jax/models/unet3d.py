@@ -64,6 +64,7 @@ class UNetSpec:
   temporal_position_embedding: bool = False
   pooled_text_embedding: bool = False
   input_skip: str = "none"  # One of INPUT_SKIPS: which inputs `_input_skip` adds to the output.
+  refiner_channels: int = 0  # Width of `_refine`'s hidden layer; 0: no refiner.
   # Inputs after the noisy latent and c_image: the keyframe mask (conditioning.keyframe_mask).
   mask_channels: int = 0
   dropout: float = 0.0  # In the ResNets.
@@ -83,6 +84,9 @@ class UNetSpec:
     kernels = unet.get("kernels", "auto")  # Configs saved before the field read as "auto".
     if kernels not in layers.KERNELS:
       raise ValueError(f"config.unet.kernels={kernels!r}; expected one of {layers.KERNELS}.")
+    if unet.get("refiner_channels", 0) < 0:
+      raise ValueError(f"config.unet.refiner_channels={unet.refiner_channels} must be >= 0 "
+                       "(0: no refiner).")
     if unet.remat_policy not in REMAT_POLICIES:
       raise ValueError(f"config.unet.remat_policy={unet.remat_policy!r}; expected one of "
                        f"{REMAT_POLICIES}.")
@@ -99,6 +103,7 @@ class UNetSpec:
                temporal_position_embedding=unet.temporal_position_embedding,
                pooled_text_embedding=unet.pooled_text_embedding,
                input_skip=_input_skip_mode(unet),
+               refiner_channels=unet.get("refiner_channels", 0),
                mask_channels=1 if config.conditioning.keyframe_mask else 0,
                dropout=unet.dropout, temporal_conv_dropout=unet.temporal_conv_dropout,
                remat_policy=unet.remat_policy, dtype=jnp.dtype(unet.dtype),
@@ -283,11 +288,26 @@ class UNet3D(nn.Module):
 
     h = layers.group_norm(spec.norm_num_groups, "conv_norm_out", spec.norm_eps, silu=True)(h)
     h = h.astype(spec.dtype)
+    features = h
     h = layers.conv(spec.out_channels, (3, 3), spec.dtype, "conv_out")(h)
+    if spec.refiner_channels:
+      h = h + _refine(spec, features, _to_images(sample.astype(spec.dtype)), inputs.temb)
     out = _to_video(h, frames).reshape(batch, frames, *h.shape[1:]).astype(jnp.float32)
     if spec.input_skip != "none":
       out = out + _input_skip(spec, sample, temb)
     return out
+
+
+def _refine(spec: UNetSpec, features: Array, sample: Array, temb: Array) -> Array:
+  """A two-conv head on the U-Net's last features beside its raw inputs (z_t, c_image), zero
+  at init: each latent value is decided with the inputs' own values at hand, which otherwise
+  reach the output only through conv_in's first-level width."""
+  h = layers.conv(spec.refiner_channels, (3, 3), spec.dtype, "refiner_conv1")(
+      jnp.concatenate([features, sample], axis=-1))
+  h = h + layers.dense(spec.refiner_channels, ("embed", "conv_out"), spec.dtype,
+                       "refiner_time_emb_proj")(nn.silu(temb))[:, None, None, :]
+  return layers.conv(spec.out_channels, (3, 3), spec.dtype, "refiner_conv2", zero_init=True)(
+      nn.silu(h))
 
 
 def _input_skip_mode(unet: ml_collections.ConfigDict) -> str:
