@@ -19,9 +19,10 @@ from configs import unit_test
 from pixeldance_jax.io import video_files
 from pixeldance_jax.data import moving_shapes
 from pixeldance_jax.data import loaders
-from pixeldance_jax.evaluate import denoising, features, frechet, suite, videos
+from pixeldance_jax.evaluate import denoising, features, frames, frechet, suite, videos
 from pixeldance_jax.evaluate.networks import i3d
 from pixeldance_jax.parallel import mesh as mesh_lib
+from pixeldance_jax.sampling import pipeline as sampling_pipeline
 
 # The four variants the evaluation CLI offers by default (the other two only change inputs).
 _EVALUATED = ("magic", "basic", "no_text", "text_only")
@@ -282,3 +283,41 @@ def test_one_step_reconstructions_per_timestep(tmp_path):
   with pytest.raises(ValueError, match="outside"):
     denoising.measure(pipeline, loaders.data_dir(config, str(tmp_path)), num_videos=1,
                       timesteps=(1000,))
+
+
+def test_fidelity_frame_by_frame_sets_the_given_frames_apart(tmp_path, monkeypatch):
+  """A stand-in sampler returns the real clips with the shape erased from frame 1 and shifted
+  one pixel right in frame 2: frame 0 scores perfectly, frame 1 has no shape (no colour, no
+  centroid), frame 2 is one pixel off, and the middle and whole-clip rows average them."""
+  config = unit_test.get_config()
+  data_dir = loaders.data_dir(config, str(tmp_path))
+  clips = videos.HeldOutClips(config, data_dir, count=3)
+  records = [clips.record(i) for i in range(3)]
+  calls = []
+
+  def fake_generate(pipeline, prompts, first, last, **settings):
+    calls.append(settings)
+    matched = [next(r for r in records if np.array_equal(r["video"][0], f)) for f in first]
+    out = np.stack([r["video"] for r in matched])
+    out[:, 1] = np.stack([r["background"] for r in matched])[:, None, None]
+    out[:, 2] = np.roll(out[:, 2], 1, axis=2)  # These clips' shapes are clear of the right edge.
+    return out
+
+  monkeypatch.setattr(frames.generate_lib, "generate", fake_generate)
+  pipeline = sampling_pipeline.make_pipeline(config, {}, {}, _mesh(), weights="stand-in",
+                                             generate_fn=fake_generate)
+  results = frames.measure(pipeline, data_dir, num_videos=3, batch_size=2, eta=1.0)
+  assert len(calls) == 2 and calls[0]["eta"] == 1.0 and calls[0]["tau"] == calls[0]["steps"]
+  assert results["sampler"]["eta"] == 1.0 and results["num_videos"] == 3
+  rows = results["frames"]
+  assert rows["0"]["shape_iou"] == 1.0 and rows["0"]["centroid_px"] == 0.0
+  assert rows["0"]["colour_error"] == 0.0 and rows["0"]["shape_frames"] == 1.0
+  assert rows["1"]["shape_iou"] == 0.0 and rows["1"]["shape_frames"] == 0.0
+  assert rows["1"]["colour_error"] is None and rows["1"]["centroid_px"] is None
+  assert rows["2"]["centroid_px"] == pytest.approx(1.0) and 0 < rows["2"]["shape_iou"] < 1
+  assert rows["2"]["shape_pixels"] == rows["2"]["real_shape_pixels"]
+  frame_count = config.data.frames
+  assert rows["middle"]["shape_frames"] == pytest.approx((frame_count - 3) / (frame_count - 2))
+  assert rows["all"]["shape_iou"] == pytest.approx(np.mean(
+      [rows[str(f)]["shape_iou"] for f in range(frame_count)]))
+  assert "| between the given ones |" in frames.markdown(results)
