@@ -24,9 +24,9 @@ import numpy as np
 from absl import app, flags
 
 from pixeldance_jax.cli import console
-from pixeldance_jax.data import conditioning, loaders, tokenizer
+from pixeldance_jax.data import conditioning, tokenizer
 from pixeldance_jax.diffusion import losses, schedules
-from pixeldance_jax.evaluate import metrics, suite, videos
+from pixeldance_jax.evaluate import metrics, suite, trained_run
 from pixeldance_jax.models import autoencoder as autoencoder_lib
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import sharding
@@ -95,10 +95,8 @@ def measure(pipeline: sampling_pipeline.Pipeline, data_dir: str, *, num_videos: 
   bad = [t for t in timesteps if not 0 <= t < train_timesteps]
   if bad:
     raise ValueError(f"timesteps {bad} are outside [0, {train_timesteps})")
-  if "background" not in (clips := videos.HeldOutClips(config, data_dir, count=num_videos)
-                          ).record(0):
-    raise ValueError("the fidelity metrics need the moving-shapes dataset (its background "
-                     "colour); this run's dataset has none")
+  clips = trained_run.moving_shape_clips(config, data_dir, num_videos,
+                                         "one-step reconstruction")
   alpha_bar = schedules.alphas_cumprod(config.diffusion)
   reconstruct = _reconstruct_fn(pipeline)
   text = config.text_encoder
@@ -132,24 +130,15 @@ def markdown(results: dict[str, Any]) -> str:
   lines = ["| timestep | noise std | loss | PSNR dB | shape IoU | colour error | "
            "frame 0 PSNR dB |", "|---:|---:|---:|---:|---:|---:|---:|"]
   for t, row in results["timesteps"].items():
-    cells = [_format(row[key]) for key in ("noise_std",) + _FIELDS]
+    cells = [trained_run.format_cell(row[key]) for key in ("noise_std",) + _FIELDS]
     lines.append(f"| {t} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
-
-
-def _format(value: float | None) -> str:
-  return "" if value is None else f"{value:.4g}"
 
 
 def _define_flags() -> dict[str, Any]:
   """The command line's flags (defined only when run as a program)."""
   return {
-      "workdir": flags.DEFINE_string("workdir", None, "Training workdir (its checkpoint and "
-                                     "its dataset's held-out clips)."),
-      "step": flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step. Default: the "
-                                   "latest."),
-      "raw_weights": flags.DEFINE_bool("raw_weights", False, "The raw weights instead of the "
-                                       "EMA's."),
+      **trained_run.define_flags(),
       "num_videos": flags.DEFINE_integer("num_videos", 16, "Held-out clips."),
       "timesteps": flags.DEFINE_list("timesteps", [str(t) for t in DEFAULT_TIMESTEPS],
                                      "Noise levels (training timesteps) to reconstruct from."),
@@ -165,9 +154,7 @@ def main(argv: list[str], holders: dict[str, Any]) -> None:
   except ValueError as error:
     raise app.UsageError(f"--timesteps: {error}") from error
   try:
-    pipeline = sampling_pipeline.load_pipeline(values["workdir"], values["step"],
-                                               use_ema=not values["raw_weights"])
-    data_dir = loaders.data_dir(pipeline.config, values["workdir"])
+    pipeline, data_dir = trained_run.load(values)
     results = measure(pipeline, data_dir, num_videos=values["num_videos"], timesteps=timesteps,
                       batch_size=values["batch_size"], seed=values["seed"])
   except (FileNotFoundError, ValueError) as error:

@@ -20,8 +20,7 @@ import numpy as np
 from absl import app, flags
 
 from pixeldance_jax.cli import console
-from pixeldance_jax.data import loaders
-from pixeldance_jax.evaluate import metrics, suite, videos
+from pixeldance_jax.evaluate import metrics, suite, trained_run
 from pixeldance_jax.sampling import generate as generate_lib
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
 
@@ -71,10 +70,7 @@ def measure(pipeline: sampling_pipeline.Pipeline, data_dir: str, *, num_videos: 
   if not config.conditioning.use_first_frame or not config.conditioning.use_last_frame:
     raise ValueError("magic mode needs a model trained with first and last frames "
                      "(config.conditioning.use_first_frame and use_last_frame)")
-  clips = videos.HeldOutClips(config, data_dir, count=num_videos)
-  if "background" not in clips.record(0):
-    raise ValueError("the fidelity metrics need the moving-shapes dataset (its background "
-                     "colour); this run's dataset has none")
+  clips = trained_run.moving_shape_clips(config, data_dir, num_videos, "fidelity frame by frame")
   steps = steps or config.sample.num_steps
   start_time, values = time.time(), []
   for start in range(0, num_videos, batch_size):
@@ -102,25 +98,16 @@ def markdown(results: dict[str, Any]) -> str:
   lines = ["| frame | PSNR dB | shape IoU | colour error | centroid px | shape pixels | "
            "real shape pixels | frames with a shape |", "|---|" + "---:|" * 7]
   for name, row in results["frames"].items():
-    cells = [_format(row[key]) for key in FIELDS + ("shape_frames",)]
+    cells = [trained_run.format_cell(row[key]) for key in FIELDS + ("shape_frames",)]
     label = {"middle": "between the given ones", "all": "all"}.get(name, name)
     lines.append(f"| {label} | " + " | ".join(cells) + " |")
   return "\n".join(lines)
 
 
-def _format(value: float | None) -> str:
-  return "" if value is None else f"{value:.4g}"
-
-
 def _define_flags() -> dict[str, Any]:
   """The command line's flags (defined only when run as a program)."""
   return {
-      "workdir": flags.DEFINE_string("workdir", None, "Training workdir (its checkpoint and "
-                                     "its dataset's held-out clips)."),
-      "step": flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step. Default: the "
-                                   "latest."),
-      "raw_weights": flags.DEFINE_bool("raw_weights", False, "The raw weights instead of the "
-                                       "EMA's."),
+      **trained_run.define_flags(),
       "num_videos": flags.DEFINE_integer("num_videos", 16, "Held-out clips."),
       "batch_size": flags.DEFINE_integer("batch_size", 8, "Clips per sampler call."),
       "steps": flags.DEFINE_integer("steps", None, "Sampler steps. Default: "
@@ -137,9 +124,7 @@ def main(argv: list[str], holders: dict[str, Any]) -> None:
   if values["batch_size"] < 1 or values["num_videos"] < 1:
     raise app.UsageError("--batch_size and --num_videos must be at least 1")
   try:
-    pipeline = sampling_pipeline.load_pipeline(values["workdir"], values["step"],
-                                               use_ema=not values["raw_weights"])
-    data_dir = loaders.data_dir(pipeline.config, values["workdir"])
+    pipeline, data_dir = trained_run.load(values)
     results = measure(pipeline, data_dir, num_videos=values["num_videos"],
                       batch_size=values["batch_size"], steps=values["steps"],
                       eta=values["eta"], guidance_scale=values["guidance_scale"],

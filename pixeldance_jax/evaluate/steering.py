@@ -31,8 +31,7 @@ from absl import flags
 from pixeldance_jax.cli import console
 from pixeldance_jax.io import video_files
 from pixeldance_jax.data import moving_shapes
-from pixeldance_jax.data import loaders
-from pixeldance_jax.evaluate import figures, metrics, suite, videos
+from pixeldance_jax.evaluate import figures, metrics, suite, trained_run
 from pixeldance_jax.sampling import generate as generate_lib
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
 
@@ -62,9 +61,7 @@ def measure(pipeline: sampling_pipeline.Pipeline, data_dir: str, *, num_videos: 
             seed: int = 0, progress: bool = True) -> tuple[dict[str, Any], np.ndarray]:
   """The steering metrics over `num_videos` held-out clips, and the figure of the first clip."""
   started = time.time()
-  clips = videos.HeldOutClips(pipeline.config, data_dir, 0, num_videos)
-  if "background" not in clips.record(0):
-    raise ValueError("steering needs the moving-shapes dataset (captions name the motion)")
+  clips = trained_run.moving_shape_clips(pipeline.config, data_dir, num_videos, "steering")
   cosines, empty_cosines, failed = [], [], 0
   moved = {speed: [] for speed in speeds}
   ordered = []
@@ -151,11 +148,7 @@ def write(results: dict[str, Any], figure: np.ndarray, workdir: str) -> list[str
 def _define_flags() -> dict[str, Any]:
   """The command line's flags (defined only when run as a program)."""
   return {
-      "workdir": flags.DEFINE_string("workdir", None, "Training workdir (its latest "
-                                     "checkpoint's EMA weights, and its dataset's held-out "
-                                     "clips)."),
-      "step": flags.DEFINE_integer("checkpoint_step", None, "Checkpoint step. Default: the "
-                                   "latest."),
+      **trained_run.define_flags(raw_weights=False),
       "num_videos": flags.DEFINE_integer("num_videos", 16, "Held-out first frames; each is "
                                          "sampled with every prompt (17 videos per frame)."),
       "steps": flags.DEFINE_integer("steps", None, "Sampler steps. Default: "
@@ -167,8 +160,7 @@ def _define_flags() -> dict[str, Any]:
 def main(argv: list[str], holders: dict[str, Any]) -> None:
   values = console.flag_values(argv, holders, required=("workdir",))
   try:
-    pipeline = sampling_pipeline.load_pipeline(values["workdir"], values["step"])
-    data_dir = loaders.data_dir(pipeline.config, values["workdir"])
+    pipeline, data_dir = trained_run.load(values)
     results, figure = measure(pipeline, data_dir, num_videos=values["num_videos"],
                               steps=values["steps"], seed=values["seed"])
   except (FileNotFoundError, ValueError) as error:
