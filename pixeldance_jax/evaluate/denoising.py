@@ -12,7 +12,6 @@ capacity.
 """
 
 import math
-import os
 import sys
 import time
 from typing import Any, Sequence
@@ -26,7 +25,7 @@ from absl import app, flags
 from pixeldance_jax.cli import console
 from pixeldance_jax.data import conditioning, tokenizer
 from pixeldance_jax.diffusion import losses, schedules
-from pixeldance_jax.evaluate import metrics, suite, trained_run
+from pixeldance_jax.evaluate import metrics, trained_run
 from pixeldance_jax.models import autoencoder as autoencoder_lib
 from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import sharding
@@ -159,10 +158,7 @@ def main(argv: list[str], holders: dict[str, Any]) -> None:
                       batch_size=values["batch_size"], seed=values["seed"])
   except (FileNotFoundError, ValueError) as error:
     sys.exit(f"pixeldance_jax.evaluate.denoising: error: {error}")
-  paths = suite.write_results(results, os.path.join(
-      values["workdir"], "eval", f"denoising-{results['step']}.json"), markdown(results))
-  print(markdown(results))
-  print(f"({results['seconds']:.0f} s); wrote {' '.join(paths)}")
+  trained_run.report(results, values["workdir"], "denoising", markdown(results))
 
 
 if __name__ == "__main__":

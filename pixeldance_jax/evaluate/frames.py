@@ -11,7 +11,6 @@ The sampler's settings can be changed for the measurement, without retraining.
 """
 
 import math
-import os
 import sys
 import time
 from typing import Any
@@ -20,7 +19,7 @@ import numpy as np
 from absl import app, flags
 
 from pixeldance_jax.cli import console
-from pixeldance_jax.evaluate import metrics, suite, trained_run
+from pixeldance_jax.evaluate import metrics, trained_run
 from pixeldance_jax.sampling import generate as generate_lib
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
 
@@ -131,10 +130,7 @@ def main(argv: list[str], holders: dict[str, Any]) -> None:
                       seed=values["seed"])
   except (FileNotFoundError, ValueError) as error:
     sys.exit(f"pixeldance_jax.evaluate.frames: error: {error}")
-  paths = suite.write_results(results, os.path.join(
-      values["workdir"], "eval", f"frames-{results['step']}.json"), markdown(results))
-  print(markdown(results))
-  print(f"({results['seconds']:.0f} s); wrote {' '.join(paths)}")
+  trained_run.report(results, values["workdir"], "frames", markdown(results))
 
 
 if __name__ == "__main__":

@@ -1,13 +1,14 @@
 """What the commands that measure one trained run share (`evaluate.denoising`, `.frames`,
 `.steering`): its flags, loading its checkpoint, and its held-out moving-shape clips."""
 
+import os
 from typing import Any, Mapping
 
 import ml_collections
 from absl import flags
 
 from pixeldance_jax.data import loaders
-from pixeldance_jax.evaluate import videos
+from pixeldance_jax.evaluate import suite, videos
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
 
 # The flags below belong to the command that asks for them (its --helpshort lists them).
@@ -51,3 +52,12 @@ def moving_shape_clips(config: ml_collections.ConfigDict, data_dir: str, count: 
 def format_cell(value: float | None) -> str:
   """A table cell: four significant digits, empty for None (JSON's stand-in for NaN)."""
   return "" if value is None else f"{value:.4g}"
+
+
+def report(results: dict[str, Any], workdir: str, name: str, table: str) -> None:
+  """Writes `results` to `<workdir>/eval/<name>-<step>.json` with `table` beside it (.md; an
+  existing file is kept, `suite.write_results`) and prints the table."""
+  paths = suite.write_results(results, os.path.join(workdir, "eval",
+                                                    f"{name}-{results['step']}.json"), table)
+  print(table)
+  print(f"({results['seconds']:.0f} s); wrote {' '.join(paths)}")
