@@ -41,13 +41,15 @@ def frame_figures(frame: np.ndarray, real: np.ndarray, background: Any) -> dict[
 
 
 def summarise(values: list[list[dict[str, float]]]) -> dict[str, dict[str, float | None]]:
-  """Per frame position (`"0"` ...), over the frames between the given ones (`"middle"`) and
-  over all frames (`"all"`), each field's mean over the values that are not NaN (None if all
+  """Per frame position (`"0"` ...), over the frames between the given ones (`"middle"`, in
+  clips of more than two frames) and over all frames (`"all"`), each field's mean over the values that are not NaN (None if all
   are), from `values[clip][frame]`. A frame without a shape scores no colour or centroid, so
   `shape_frames` says in how many of the frames the generated one had one."""
   frames = len(values[0])
   groups = {str(f): [f] for f in range(frames)}
-  groups.update(middle=list(range(1, frames - 1)), all=list(range(frames)))
+  if frames > 2:
+    groups["middle"] = list(range(1, frames - 1))
+  groups["all"] = list(range(frames))
   rows = {}
   for name, positions in groups.items():
     cells = [clip[f] for clip in values for f in positions]
