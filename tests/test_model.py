@@ -121,8 +121,9 @@ def test_refiner_starts_at_zero_and_reads_the_raw_inputs(setup):
   without = pixeldance.make_model(config)
   sample, timesteps, context = _inputs(config)
 
+  @functools.partial(jax.jit, static_argnums=0)
   def denoise(m, p, x):
-    return np.asarray(m.apply(p, x, timesteps, context, True, method=m.denoise))
+    return m.apply(p, x, timesteps, context, True, method=m.denoise)
   np.testing.assert_allclose(denoise(model, params, sample), denoise(without, params, sample),
                              atol=1e-5)
   kernel = jnp.full_like(unet["refiner_conv2"]["kernel"], 0.01)
