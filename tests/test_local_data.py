@@ -497,6 +497,21 @@ def test_one_bad_input_costs_only_itself(workers):
       assert result == f"{name} read" and skip is None
 
 
+
+def test_a_task_given_to_a_pool_that_already_broke_fails_as_its_others():
+  """A worker can die between two results; the next submit then finds the pool broken. That
+  task fails like the ones in flight (and is run again with them), not the whole build."""
+  executor = build_report._executor(1)  # pylint: disable=protected-access
+  try:
+    with pytest.raises(build_report.process.BrokenProcessPool):
+      executor.submit(os._exit, 1).result()  # pylint: disable=protected-access
+    task = (crash_inputs.read, ("a.mp4",))
+    late = build_report._submit(executor, task)  # pylint: disable=protected-access
+    with pytest.raises(build_report.process.BrokenProcessPool):
+      late.result(timeout=10)
+  finally:
+    executor.shutdown(wait=True, cancel_futures=True)
+
 # --- Listings of untidy collections -----------------------------------------------------------
 
 

@@ -90,7 +90,7 @@ def _pool_map(tasks: Iterator[tuple[Callable, tuple]], workers: int
   try:
     while True:
       while len(in_flight) < 2 * workers and (task := next(tasks, None)) is not None:
-        in_flight.append((task, executor.submit(_run, task)))
+        in_flight.append((task, _submit(executor, task)))
       if not in_flight:
         return
       task, future = in_flight.popleft()
@@ -105,6 +105,19 @@ def _pool_map(tasks: Iterator[tuple[Callable, tuple]], workers: int
         executor = _executor(workers)
   finally:
     executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _submit(executor: futures.ProcessPoolExecutor, task: tuple[Callable, tuple]
+            ) -> futures.Future:
+  """`executor.submit(_run, task)`. A pool that broke since the last result (a worker died
+  meanwhile) refuses new tasks: the task gets a future that fails as the pool's others do, so
+  it is run again with them."""
+  try:
+    return executor.submit(_run, task)
+  except process.BrokenProcessPool as error:
+    failed: futures.Future = futures.Future()
+    failed.set_exception(error)
+    return failed
 
 
 def _run_alone(task: tuple[Callable, tuple]) -> tuple[Any, tuple[str, str] | None]:
