@@ -497,7 +497,6 @@ def test_one_bad_input_costs_only_itself(workers):
       assert result == f"{name} read" and skip is None
 
 
-
 def test_a_task_given_to_a_pool_that_already_broke_fails_as_its_others():
   """A worker can die between two results; the next submit then finds the pool broken. That
   task fails like the ones in flight (and is run again with them), not the whole build."""
