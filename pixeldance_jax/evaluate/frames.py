@@ -10,7 +10,6 @@ The sampler's settings can be changed for the measurement, without retraining.
     python -m pixeldance_jax.evaluate.frames --workdir=workdirs/tiny --num_videos=16
 """
 
-import math
 import sys
 import time
 from typing import Any
@@ -42,8 +41,8 @@ def frame_figures(frame: np.ndarray, real: np.ndarray, background: Any) -> dict[
 
 def summarise(values: list[list[dict[str, float]]]) -> dict[str, dict[str, float | None]]:
   """Per frame position (`"0"` ...), over the frames between the given ones (`"middle"`, in
-  clips of more than two frames) and over all frames (`"all"`), each field's mean over the values that are not NaN (None if all
-  are), from `values[clip][frame]`. A frame without a shape scores no colour or centroid, so
+  clips of more than two frames) and over all frames (`"all"`), each field's
+  `trained_run.finite_mean`, from `values[clip][frame]`. A frame without a shape scores no colour or centroid, so
   `shape_frames` says in how many of the frames the generated one had one."""
   frames = len(values[0])
   groups = {str(f): [f] for f in range(frames)}
@@ -53,10 +52,7 @@ def summarise(values: list[list[dict[str, float]]]) -> dict[str, dict[str, float
   rows = {}
   for name, positions in groups.items():
     cells = [clip[f] for clip in values for f in positions]
-    row: dict[str, float | None] = {}
-    for field in FIELDS:
-      kept = [c[field] for c in cells if not math.isnan(c[field])]
-      row[field] = float(np.mean(kept)) if kept else None
+    row = {field: trained_run.finite_mean([c[field] for c in cells]) for field in FIELDS}
     row["shape_frames"] = float(np.mean([c["shape_pixels"] > 0 for c in cells]))
     rows[name] = row
   return rows

@@ -50,11 +50,6 @@ def prompts_for(caption: str, directions: Sequence[str],
           for direction in directions for speed in speeds]
 
 
-def _mean(values: Sequence[float]) -> float | None:
-  finite = [v for v in values if not math.isnan(v)]
-  return float(np.mean(finite)) if finite else None  # JSON has no NaN.
-
-
 def measure(pipeline: sampling_pipeline.Pipeline, data_dir: str, *, num_videos: int = 16,
             directions: Sequence[str] = tuple(moving_shapes.DIRECTIONS),
             speeds: Sequence[str] = tuple(moving_shapes.SPEEDS), steps: int | None = None,
@@ -98,10 +93,11 @@ def measure(pipeline: sampling_pipeline.Pipeline, data_dir: str, *, num_videos: 
       "step": pipeline.step, "weights": pipeline.weights, "num_videos": num_videos,
       "prompts_per_video": len(grid) + 1, "steps": steps or pipeline.config.sample.num_steps,
       "seed": seed,
-      "direction_cosine": _mean(cosines),
-      "empty_prompt_cosine": _mean(empty_cosines),
+      "direction_cosine": trained_run.finite_mean(cosines),
+      "empty_prompt_cosine": trained_run.finite_mean(empty_cosines),
       "failed_fraction": failed / max(len(cosines), 1),
-      "displacement_px": {speed: _mean(values) for speed, values in moved.items()},
+      "displacement_px": {speed: trained_run.finite_mean(values)
+                          for speed, values in moved.items()},
       # What the data moves the shape over a clip (along an axis; diagonals x sqrt(2)).
       "data_displacement_px": {
           speed: float(np.abs(moving_shapes.velocity(data_spec, "right", speed)).max()

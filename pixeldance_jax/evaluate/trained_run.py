@@ -1,10 +1,12 @@
 """What the commands that measure one trained run share (`evaluate.denoising`, `.frames`,
 `.steering`): its flags, loading its checkpoint, and its held-out moving-shape clips."""
 
+import math
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import ml_collections
+import numpy as np
 from absl import flags
 
 from pixeldance_jax.data import loaders
@@ -47,6 +49,12 @@ def moving_shape_clips(config: ml_collections.ConfigDict, data_dir: str, count: 
     raise ValueError(f"{needs} needs the moving-shapes dataset (its background colour and "
                      "captions); this run's dataset is not it")
   return clips
+
+
+def finite_mean(values: Sequence[float]) -> float | None:
+  """The mean of the values that are not NaN; None if none is (JSON has no NaN)."""
+  finite = [v for v in values if not math.isnan(v)]
+  return float(np.mean(finite)) if finite else None
 
 
 def format_cell(value: float | None) -> str:

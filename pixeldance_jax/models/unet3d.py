@@ -273,8 +273,8 @@ class UNet3D(nn.Module):
                      context=jnp.repeat(context.astype(spec.dtype), frames, axis=0),
                      frames=frames, use_temporal=use_temporal, deterministic=deterministic)
 
-    h = layers.conv(spec.block_out_channels[0], (3, 3), spec.dtype, "conv_in")(
-        _to_images(sample.astype(spec.dtype)))
+    images = _to_images(sample.astype(spec.dtype))
+    h = layers.conv(spec.block_out_channels[0], (3, 3), spec.dtype, "conv_in")(images)
     if use_temporal:
       h = _temporal_attention(spec, "transformer_in", h, frames, spec.transformer_in_heads)
 
@@ -291,7 +291,7 @@ class UNet3D(nn.Module):
     features = h
     h = layers.conv(spec.out_channels, (3, 3), spec.dtype, "conv_out")(h)
     if spec.refiner_channels:
-      h = h + _refine(spec, features, _to_images(sample.astype(spec.dtype)), inputs.temb)
+      h = h + _refine(spec, features, images, inputs.temb)
     out = _to_video(h, frames).reshape(batch, frames, *h.shape[1:]).astype(jnp.float32)
     if spec.input_skip != "none":
       out = out + _input_skip(spec, sample, temb)
