@@ -12,7 +12,6 @@ capacity.
 """
 
 import math
-import sys
 import time
 from typing import Any, Sequence
 
@@ -152,12 +151,9 @@ def main(argv: list[str], holders: dict[str, Any]) -> None:
     timesteps = [int(t) for t in values["timesteps"]]
   except ValueError as error:
     raise app.UsageError(f"--timesteps: {error}") from error
-  try:
-    pipeline, data_dir = trained_run.load(values)
-    results = measure(pipeline, data_dir, num_videos=values["num_videos"], timesteps=timesteps,
-                      batch_size=values["batch_size"], seed=values["seed"])
-  except (FileNotFoundError, ValueError) as error:
-    sys.exit(f"pixeldance_jax.evaluate.denoising: error: {error}")
+  results = trained_run.measure_or_exit(values, "denoising", lambda pipeline, data_dir: measure(
+      pipeline, data_dir, num_videos=values["num_videos"], timesteps=timesteps,
+      batch_size=values["batch_size"], seed=values["seed"]))
   trained_run.report(results, values["workdir"], "denoising", markdown(results))
 
 

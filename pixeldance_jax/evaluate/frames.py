@@ -10,7 +10,6 @@ The sampler's settings can be changed for the measurement, without retraining.
     python -m pixeldance_jax.evaluate.frames --workdir=workdirs/tiny --num_videos=16
 """
 
-import sys
 import time
 from typing import Any
 
@@ -120,14 +119,10 @@ def main(argv: list[str], holders: dict[str, Any]) -> None:
   values = console.flag_values(argv, holders, required=("workdir",))
   if values["batch_size"] < 1 or values["num_videos"] < 1:
     raise app.UsageError("--batch_size and --num_videos must be at least 1")
-  try:
-    pipeline, data_dir = trained_run.load(values)
-    results = measure(pipeline, data_dir, num_videos=values["num_videos"],
-                      batch_size=values["batch_size"], steps=values["steps"],
-                      eta=values["eta"], guidance_scale=values["guidance_scale"],
-                      seed=values["seed"])
-  except (FileNotFoundError, ValueError) as error:
-    sys.exit(f"pixeldance_jax.evaluate.frames: error: {error}")
+  results = trained_run.measure_or_exit(values, "frames", lambda pipeline, data_dir: measure(
+      pipeline, data_dir, num_videos=values["num_videos"], batch_size=values["batch_size"],
+      steps=values["steps"], eta=values["eta"], guidance_scale=values["guidance_scale"],
+      seed=values["seed"]))
   trained_run.report(results, values["workdir"], "frames", markdown(results))
 
 

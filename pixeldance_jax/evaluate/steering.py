@@ -20,7 +20,6 @@ Writes <workdir>/eval/steering-<step>.json, .md and .png (never overwriting).
 
 import math
 import os
-import sys
 import time
 from typing import Any, Sequence
 
@@ -155,12 +154,10 @@ def _define_flags() -> dict[str, Any]:
 
 def main(argv: list[str], holders: dict[str, Any]) -> None:
   values = console.flag_values(argv, holders, required=("workdir",))
-  try:
-    pipeline, data_dir = trained_run.load(values)
-    results, figure = measure(pipeline, data_dir, num_videos=values["num_videos"],
-                              steps=values["steps"], seed=values["seed"])
-  except (FileNotFoundError, ValueError) as error:
-    sys.exit(f"pixeldance_jax.evaluate.steering: error: {error}")
+  results, figure = trained_run.measure_or_exit(
+      values, "steering", lambda pipeline, data_dir: measure(
+          pipeline, data_dir, num_videos=values["num_videos"], steps=values["steps"],
+          seed=values["seed"]))
   paths = write(results, figure, values["workdir"])
   print(markdown(results))
   print(f"({results['seconds']:.0f} s); wrote {' '.join(paths)}")

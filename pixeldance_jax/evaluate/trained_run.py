@@ -3,7 +3,8 @@
 
 import math
 import os
-from typing import Any, Mapping, Sequence
+import sys
+from typing import Any, Callable, Mapping, Sequence
 
 import ml_collections
 import numpy as np
@@ -38,6 +39,16 @@ def load(values: Mapping[str, Any]) -> tuple[sampling_pipeline.Pipeline, str]:
   pipeline = sampling_pipeline.load_pipeline(values["workdir"], values["step"],
                                              use_ema=not values.get("raw_weights", False))
   return pipeline, loaders.data_dir(pipeline.config, values["workdir"])
+
+
+def measure_or_exit(values: Mapping[str, Any], command: str,
+                    measure: Callable[[sampling_pipeline.Pipeline, str], Any]) -> Any:
+  """`measure(pipeline, data_dir)` on the run `load` finds; a missing checkpoint or unusable
+  run exits with the error, named after `command` (`pixeldance_jax.evaluate.<command>`)."""
+  try:
+    return measure(*load(values))
+  except (FileNotFoundError, ValueError) as error:
+    sys.exit(f"pixeldance_jax.evaluate.{command}: error: {error}")
 
 
 def moving_shape_clips(config: ml_collections.ConfigDict, data_dir: str, count: int,
