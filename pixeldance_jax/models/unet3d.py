@@ -291,21 +291,22 @@ class UNet3D(nn.Module):
     features = h
     h = layers.conv(spec.out_channels, (3, 3), spec.dtype, "conv_out")(h)
     if spec.refiner_channels:
-      h = h + _refine(spec, features, images, inputs.temb)
+      h = h + _refine(spec, features, images)
     out = _to_video(h, frames).reshape(batch, frames, *h.shape[1:]).astype(jnp.float32)
     if spec.input_skip != "none":
       out = out + _input_skip(spec, sample, temb)
     return out
 
 
-def _refine(spec: UNetSpec, features: Array, sample: Array, temb: Array) -> Array:
+def _refine(spec: UNetSpec, features: Array, sample: Array) -> Array:
   """A two-conv head on the U-Net's last features beside its raw inputs (z_t, c_image), zero
   at init: each latent value is decided with the inputs' own values at hand, which otherwise
-  reach the output only through conv_in's first-level width."""
+  reach the output only through conv_in's first-level width.
+
+  It takes no time embedding: that embedding carries the pooled text, and a bias from it here
+  kept the tiny model from learning the text's direction at all (docs/results.md)."""
   h = layers.conv(spec.refiner_channels, (3, 3), spec.dtype, "refiner_conv1")(
       jnp.concatenate([features, sample], axis=-1))
-  h = h + layers.dense(spec.refiner_channels, ("embed", "conv_out"), spec.dtype,
-                       "refiner_time_emb_proj")(nn.silu(temb))[:, None, None, :]
   return layers.conv(spec.out_channels, (3, 3), spec.dtype, "refiner_conv2", zero_init=True)(
       nn.silu(h))
 
