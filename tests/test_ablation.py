@@ -131,6 +131,15 @@ def test_unknown_variant_is_named(tmp_path):
     ablation.run(_config(), str(tmp_path), variants=["full", "no_frames"])
 
 
+def test_the_table_leaves_out_columns_no_variant_measured():
+  row = {key: None for key, _ in ablation.COLUMNS}
+  results = {"variants": {"full": {"rows": {"magic": dict(row, fvd=512.0, shape_iou=0.7)}}},
+             "floor": {"fvd": 60.0}}
+  header, _, full, floor = ablation.table(results).splitlines()
+  assert header.endswith("| FVD | shape IoU |") and full.endswith("| 512.0 | 0.700 |")
+  assert floor.endswith("| 60.0 | |")
+
+
 @pytest.mark.slow
 def test_a_model_trained_without_text_samples_the_empty_prompt():
   config = _config()

@@ -222,15 +222,23 @@ def _examples(workdir: str, settings: Settings, step: int) -> dict[str, np.ndarr
     return dict(loaded)
 
 
+def _columns(results: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+  """COLUMNS that some row measured (the keyframe columns only where a mode gives keyframes)."""
+  rows = [row for variant in results["variants"].values() for row in variant["rows"].values()]
+  return tuple((key, heading) for key, heading in COLUMNS
+               if any(row.get(key) is not None for row in rows))
+
+
 def table(results: dict[str, Any]) -> str:
   """The ablation as markdown: one row per (variant, mode), the paper's figures beside."""
-  headings = [heading for _, heading in COLUMNS]
+  columns = _columns(results)
+  headings = [heading for _, heading in columns]
   lines = ["| variant | sampled with | paper FID | paper FVD | " + " | ".join(headings) + " |",
            "|---|---|---:|---:|" + "---:|" * len(headings)]
   for name, variant in results["variants"].items():
     for index, (mode, row) in enumerate(variant["rows"].items()):
       paper = VARIANTS[name].paper if index == len(variant["rows"]) - 1 else ("", "")
-      cells = [_format(row.get(key)) for key, _ in COLUMNS]
+      cells = [_format(row.get(key)) for key, _ in columns]
       lines.append(f"| {VARIANTS[name].description} | {suite.VARIANTS[mode].description} | "
                    f"{paper[0]} | {paper[1]} | " + " | ".join(cells) + " |")
   if results.get("floor"):
@@ -249,13 +257,14 @@ def figure(results: dict[str, Any], examples: dict[str, dict[str, np.ndarray]],
            real: np.ndarray) -> np.ndarray:
   """One row of frames per (variant, mode) for held-out clip 0, then a bar chart per metric."""
   rows, marked = [("real held-out clip 0", real)], [[]]
-  bars: dict[str, dict[str, float | None]] = {heading: {} for _, heading in COLUMNS}
+  columns = _columns(results)
+  bars: dict[str, dict[str, float | None]] = {heading: {} for _, heading in columns}
   for name, variant in results["variants"].items():
     for mode, row in variant["rows"].items():
       label = name if len(variant["rows"]) == 1 else f"{name} ({mode})"
       rows.append((label, examples[name][mode]))
       marked.append(suite.VARIANTS[mode].given_frames(len(real)))
-      for key, heading in COLUMNS:
+      for key, heading in columns:
         bars[heading][label] = row.get(key)
   settings = results["settings"]
   title = (f"held-out clip 0 in each variant's mode (seed {settings['seed']}; outlined: the "
