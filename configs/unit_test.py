@@ -24,6 +24,11 @@ def get_config():
   unet.cross_attention_dim = 32
 
   config.conditioning.last_frame_warmup_steps = 0  # Last frames from the first step.
+  # The paper's conditioning and no input skip, which the paper config trains with: the
+  # candidate draw and the condition noise run (tests of the skip set it themselves).
+  config.conditioning.last_frame_candidates = 3
+  config.conditioning.noise_timestep = 100
+  config.unet.input_skip = "none"
 
   config.batch_size = 4
   config.num_train_steps = 4
