@@ -65,8 +65,8 @@ def get_config():
   # eta 0.75: the last frame gives the motion away); with it 0.97, and the last frame is still
   # met to 1.3 px.
   config.conditioning.last_frame_warmup_steps = 1000
-  # The last frame is the clip's last, and both given frames are exact: a given frame then says
-  # exactly what the clip shows, which the shape's IoU, colour and PSNR follow.
+  # The given last frame is the clip's last (what a user gives), and the given frames carry no
+  # condition noise, so the input skip can copy them into place.
   config.conditioning.last_frame_candidates = 1
   config.conditioning.noise_timestep = 0
 
