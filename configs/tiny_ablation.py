@@ -8,8 +8,8 @@ variants' FVDs within the real-vs-real floor of each other. Here every variant t
 2000 steps with the same recipe (the learning-rate schedule stretches to the new length; the
 last-frame warmup stays 1000 steps) and is compared on 128 held-out clips, which halves the
 floor. On the README's 2-core CPU, one variant per core with two side by side, each trains in
-24 to 30 minutes; sampling 128 clips takes 6 to 8 minutes per mode on one core, and the full
-model is sampled in four (two modes, each again with the empty prompt).
+24 to 30 minutes; evaluating the full model (two modes, each again with the empty prompt) takes
+15 minutes on one core, each other variant 6 to 8.
 """
 
 from configs import tiny
