@@ -254,6 +254,20 @@ def _tags(workdir) -> set[str]:
   return {value.tag for event in _events(workdir) for value in event.summary.value}
 
 
+def test_the_logger_writes_every_step_by_the_time_training_returns(tmp_path):
+  """tensorboardX queues events for a writer thread and its `flush` does not wait for the
+  queue: `close` (the trainer's last act) must, or the last steps can be missing on disk."""
+  config = unit_test.get_config()
+  config.num_train_steps = 300
+  logger = metrics_logger.MetricsLogger(str(tmp_path), config)
+  for step in range(1, config.num_train_steps + 1):
+    logger.log(step, {f"metric_{i}": float(step) for i in range(20)} | {"loss": float(step)})
+  logger.close()
+  logged = sorted(event.step for event in _events(tmp_path)
+                  if any(value.tag == "train/loss" for value in event.summary.value))
+  assert logged == list(range(1, config.num_train_steps + 1))
+
+
 def test_joint_image_training_interleaves_image_steps_and_resumes(tmp_path):
   """Every 2nd step is an image batch (temporal layers off); both iterators are checkpointed;
   the periodic sample lands as a gif."""

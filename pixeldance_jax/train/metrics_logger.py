@@ -160,6 +160,14 @@ class MetricsLogger:
     self.writer.file_writer.add_summary(summary, step)
     self.writer.flush()
 
+  def close(self) -> None:
+    """Writes every event still queued and closes the file. tensorboardX's `flush` only
+    flushes what its writer thread has already taken from the queue, so without this the last
+    steps' events may be missing when training returns."""
+    if self.writer is not None:
+      self.writer.close()
+      self.writer = None
+
   def compiling(self, name: str) -> None:
     logging.info("compiling %s (the first step waits for it)", name)
 

@@ -181,6 +181,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     # Also on failure: the checkpoints already begun (asynchronously) must land.
     manager.wait_until_finished()
     preemption.close()
+    logger.close()
 
   # --- Finish ---
   if first_step > config.num_train_steps:
