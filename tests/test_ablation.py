@@ -140,6 +140,16 @@ def test_the_table_leaves_out_columns_no_variant_measured():
   assert floor.endswith("| 60.0 | |")
 
 
+def test_the_table_names_the_empty_prompt_for_the_variant_without_text():
+  row = {key: None for key, _ in ablation.COLUMNS}
+  results = {"variants": {name: {"rows": {mode: dict(row, fvd=1.0)
+                                          for mode in ablation.VARIANTS[name].modes}}
+                          for name in ("full", "no_text")}}
+  _, _, _, full_magic, no_text = ablation.table(results).splitlines()
+  assert "| text + first + last frame (tau = steps) |" in full_magic
+  assert "| first + last frame, empty prompt (tau = steps) |" in no_text
+
+
 @pytest.mark.slow
 def test_a_model_trained_without_text_samples_the_empty_prompt():
   config = _config()

@@ -239,12 +239,20 @@ def table(results: dict[str, Any]) -> str:
     for index, (mode, row) in enumerate(variant["rows"].items()):
       paper = VARIANTS[name].paper if index == len(variant["rows"]) - 1 else ("", "")
       cells = [_format(row.get(key)) for key, _ in columns]
-      lines.append(f"| {VARIANTS[name].description} | {suite.VARIANTS[mode].description} | "
+      lines.append(f"| {VARIANTS[name].description} | {_sampled_with(name, mode)} | "
                    f"{paper[0]} | {paper[1]} | " + " | ".join(cells) + " |")
   if results.get("floor"):
     lines.append("| real vs disjoint real clips (the floor) | | | | "
                  f"{_format(results['floor'].get('fvd'))} |" + " |" * (len(headings) - 1))
   return "\n".join(lines)
+
+
+def _sampled_with(name: str, mode: str) -> str:
+  """The inputs of variant `name` in `mode`: a variant trained without text samples every
+  prompt as the empty one (generate.generate), so its row names the empty-prompt mode."""
+  if VARIANTS[name].overrides.get("conditioning.use_text", True) is False:
+    mode = EMPTY_PROMPT[mode] or mode
+  return suite.VARIANTS[mode].description
 
 
 def _format(value: Any) -> str:
