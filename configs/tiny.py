@@ -47,7 +47,7 @@ def get_config():
   unet.temporal_conv_dropout = 0.0
   unet.pooled_text_embedding = True  # A global path for the text, beside cross-attention.
   # The given frames reach the output directly, so the U-Net need not redraw the shape from its
-  # 8x8 tokens (docs/results.md, "Fidelity").
+  # 8x8 tokens (docs/fidelity.md).
   unet.input_skip = "conditions"
 
   config.diffusion.beta_schedule = "linear"

@@ -304,7 +304,7 @@ def _refine(spec: UNetSpec, features: Array, sample: Array) -> Array:
   reach the output only through conv_in's first-level width.
 
   It takes no time embedding: that embedding carries the pooled text, and a bias from it here
-  kept the tiny model from learning the text's direction at all (docs/results.md)."""
+  kept the tiny model from learning the text's direction at all (docs/fidelity.md)."""
   h = layers.conv(spec.refiner_channels, (3, 3), spec.dtype, "refiner_conv1")(
       jnp.concatenate([features, sample], axis=-1))
   return layers.conv(spec.out_channels, (3, 3), spec.dtype, "refiner_conv2", zero_init=True)(
