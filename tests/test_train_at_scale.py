@@ -263,9 +263,7 @@ def test_the_logger_writes_every_step_by_the_time_training_returns(tmp_path):
   for step in range(1, config.num_train_steps + 1):
     logger.log(step, {f"metric_{i}": float(step) for i in range(20)} | {"loss": float(step)})
   logger.close()
-  logged = sorted(event.step for event in _events(tmp_path)
-                  if any(value.tag == "train/loss" for value in event.summary.value))
-  assert logged == list(range(1, config.num_train_steps + 1))
+  assert sorted(_scalars(tmp_path, "train/loss")) == list(range(1, config.num_train_steps + 1))
 
 
 def test_joint_image_training_interleaves_image_steps_and_resumes(tmp_path):
