@@ -7,19 +7,17 @@ import logging
 import os
 import pathlib
 import signal
-import struct
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from tensorboardX.proto import event_pb2
 
 from configs import unit_test
 from pixeldance_jax.data import loaders
 from pixeldance_jax.parallel import mesh as mesh_lib
-from pixeldance_jax.io import checkpoints
+from pixeldance_jax.io import checkpoints, tensorboard_files
 from pixeldance_jax.train import metrics_logger, trainer
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
@@ -142,13 +140,7 @@ def test_two_processes_give_the_evaluation_statistics_of_one(statistics):
 
 
 def _scalars(workdir, tag: str) -> dict[int, float]:
-  """{step: value} of one scalar in the TensorBoard event files (TFRecords of Event protos)."""
-  found = {}
-  for event in _events(workdir):
-    for value in event.summary.value:
-      if value.tag == tag:
-        found[event.step] = value.simple_value
-  return found
+  return tensorboard_files.scalars(str(workdir / "tensorboard"), tag)
 
 
 def _initial_state(config) -> state_lib.TrainState:
@@ -237,21 +229,9 @@ def test_two_processes_train_like_one_and_a_different_topology_resumes(tmp_path,
   assert checkpoints.make_manager(str(tmp_path), read_only=True).all_steps() == [2, 4]
 
 
-def _events(workdir) -> list[event_pb2.Event]:
-  """The events of the TensorBoard event files (TFRecords of Event protos) under workdir."""
-  events = []
-  for path in (workdir / "tensorboard").glob("events*"):
-    data = path.read_bytes()
-    offset = 0
-    while offset < len(data):
-      length = struct.unpack("<Q", data[offset:offset + 8])[0]
-      events.append(event_pb2.Event.FromString(data[offset + 12:offset + 12 + length]))
-      offset += 12 + length + 4
-  return events
-
-
 def _tags(workdir) -> set[str]:
-  return {value.tag for event in _events(workdir) for value in event.summary.value}
+  return {value.tag for event in tensorboard_files.read_events(str(workdir / "tensorboard"))
+          for value in event.summary.value}
 
 
 def test_the_logger_writes_every_step_by_the_time_training_returns(tmp_path):

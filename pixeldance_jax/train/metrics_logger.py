@@ -4,34 +4,14 @@ as a console progress line and TensorBoard scalars (process 0)."""
 import os
 import time
 
-import sys
-
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
 
+from pixeldance_jax.io import tensorboard_files
 from pixeldance_jax.train import step as step_lib
 from pixeldance_jax.train import throughput
-
-
-def _import_tensorboardx():
-  """tensorboardX imports torch, where it is installed, only to accept torch tensors, which
-  slows every training start; it is imported with torch hidden (unless torch is loaded)."""
-  hide = "torch" not in sys.modules
-  if hide:
-    sys.modules["torch"] = None  # `import torch` raises ImportError: tensorboardX goes on.
-  try:
-    import tensorboardX  # pylint: disable=import-outside-toplevel
-    from tensorboardX.proto import summary_pb2  # pylint: disable=import-outside-toplevel
-  finally:
-    if hide:
-      del sys.modules["torch"]
-  return tensorboardX.SummaryWriter, summary_pb2
-
-
-SummaryWriter, summary_pb2 = _import_tensorboardx()
-
 
 
 class PendingMetrics:
@@ -106,7 +86,8 @@ class MetricsLogger:
     self.peak_flops = throughput.peak_flops_per_device(jax.devices()[0],
                                                        config.peak_flops_per_device)
     self.tensorboard_dir = os.path.join(workdir, "tensorboard")
-    self.writer = SummaryWriter(self.tensorboard_dir) if jax.process_index() == 0 else None
+    self.writer = (tensorboard_files.SummaryWriter(self.tensorboard_dir)
+                   if jax.process_index() == 0 else None)
     self.last_time, self.last_step = time.time(), None
 
   def log(self, step: int, metrics: dict[str, float], flops_per_device: float = 0.0) -> None:
@@ -154,9 +135,10 @@ class MetricsLogger:
     """An animated gif in TensorBoard's images tab."""
     if self.writer is None:
       return
-    image = summary_pb2.Summary.Image(height=height, width=width, colorspace=3,
-                                      encoded_image_string=gif)
-    summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=tag, image=image)])
+    protos = tensorboard_files.summary_pb2
+    image = protos.Summary.Image(height=height, width=width, colorspace=3,
+                                 encoded_image_string=gif)
+    summary = protos.Summary(value=[protos.Summary.Value(tag=tag, image=image)])
     self.writer.file_writer.add_summary(summary, step)
     self.writer.flush()
 
