@@ -47,6 +47,14 @@ def test_training_minutes_count_the_run_that_went_on_after_a_resume(resumed_run)
   assert minutes == pytest.approx({50: 25 / 60, 100: 125 / 60, 150: 175 / 60})
 
 
+def test_a_paused_interval_counts_at_the_median_rate(tmp_path):
+  """A process stopped for a while logs one interval at a tiny rate: training did not run."""
+  _log_rates(tmp_path, {50: 1.0, 100: 1.0, 150: 0.01, 200: 0.5}, start_time=0.0)
+  assert curve.stalled_steps(str(tmp_path)) == [150]
+  # The median of 1, 1, 0.01 and 0.5 is 0.75.
+  assert curve.training_minutes(str(tmp_path))[200] == pytest.approx((100 + 50 / 0.75 + 100) / 60)
+
+
 def test_the_curve_has_a_row_per_first_evaluation_with_its_training_minutes(resumed_run):
   rows = curve.curve(str(resumed_run))
   assert [row["step"] for row in rows] == [100, 120, 150, 900]

@@ -31,20 +31,36 @@ METRICS = {"fvd": "FVD", "psnr_db": "PSNR dB", "shape_iou": "shape IoU",
            "colour_error": "colour error", "first_frame_psnr_db": "frame 0 PSNR dB",
            "last_frame_centroid_px": "last-frame px"}
 _EVALUATION_FILE = re.compile(r"^(\d+)\.json$")
+STALL = 10  # A logged rate this many times below the run's median is a stall, not training.
 
 
 def training_minutes(tensorboard_dir: str) -> dict[int, float]:
   """`{step: minutes of training up to it}` at every step the run logged a rate at. A step
-  logged twice (training resumed from an earlier checkpoint) counts the run that went on."""
+  logged twice (training resumed from an earlier checkpoint) counts the run that went on. An
+  interval slower than 1/STALL of the run's median rate (a process paused, a machine suspended)
+  counts at the median rate."""
+  rates = _rates(tensorboard_dir)
+  median = float(np.median(list(rates.values())))
+  minutes, total, previous = {}, 0.0, 0
+  for step, rate in rates.items():
+    total += (step - previous) / (median if rate < median / STALL else rate) / 60
+    minutes[step], previous = total, step
+  return minutes
+
+
+def stalled_steps(tensorboard_dir: str) -> list[int]:
+  """The logged steps whose interval `training_minutes` counted at the median rate."""
+  rates = _rates(tensorboard_dir)
+  median = float(np.median(list(rates.values())))
+  return [step for step, rate in rates.items() if rate < median / STALL]
+
+
+def _rates(tensorboard_dir: str) -> dict[int, float]:
   rates = tensorboard_files.scalars(tensorboard_dir, "train/steps_per_sec")
   if not rates:
     raise FileNotFoundError(f"no train/steps_per_sec in {tensorboard_dir}: not a training "
                             "run's TensorBoard folder, or it has not logged a step yet")
-  minutes, total, previous = {}, 0.0, 0
-  for step, rate in rates.items():
-    total += (step - previous) / rate / 60
-    minutes[step], previous = total, step
-  return minutes
+  return rates
 
 
 def evaluations(eval_dir: str, variant: str) -> dict[int, dict[str, Any]]:
@@ -159,6 +175,12 @@ def main(argv: list[str], holders: dict[str, Any]) -> None:
   except (FileNotFoundError, ValueError) as error:
     sys.exit(f"pixeldance_jax.evaluate.curve: error: {error}")
   print(markdown(curves, values["metrics"]))
+  for name, workdir in zip(curves, values["workdirs"]):
+    stalled = stalled_steps(os.path.join(workdir, "tensorboard"))
+    if stalled:
+      print(f"{name}: counted at the median rate, as pauses (under 1/{STALL} of it): the "
+            f"logged interval{'s' if len(stalled) > 1 else ''} ending at step "
+            f"{', '.join(map(str, stalled))}")
   if values["out"]:
     video_files.save_image(picture(curves, values["metrics"], targets), values["out"])
     print(f"wrote {values['out']}")
