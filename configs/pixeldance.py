@@ -114,6 +114,8 @@ def get_config() -> ml_collections.ConfigDict:
   diff.beta_start = 0.00085
   diff.beta_end = 0.012
   diff.prediction_type = "epsilon"  # or "v_prediction", or "sample" (z_0).
+  # > 0: Min-SNR-gamma loss weighting (Hang et al., 2023; 5 in the paper); 0: unweighted.
+  diff.min_snr_gamma = 0.0
 
   # --- PixelDance conditioning (training) --------------------------------
   config.conditioning = cond = ml_collections.ConfigDict()

@@ -61,6 +61,28 @@ def test_the_skip_parameterisation_is_the_clean_latents_loss_with_z_t_passed_thr
   np.testing.assert_array_equal(losses.weight("sample", alpha_bar, t), 1.0)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "sample", "sample_skip"])
+def test_min_snr_weighting_is_the_clean_latents_error_times_the_capped_snr(prediction_type):
+  """Min-SNR-gamma: whatever the model predicts, the weighted loss is min(SNR, gamma) times the
+  squared error of the z_0 its output implies (Hang et al., 2023, eq. 7)."""
+  alpha_bar = jnp.asarray(schedules.alphas_cumprod(_diffusion_config()))
+  clean = jax.random.normal(jax.random.key(0), (4, 5))
+  noise = jax.random.normal(jax.random.key(1), (4, 5))
+  output = jax.random.normal(jax.random.key(2), (4, 5))  # Any model output.
+  t = jnp.array([0, 100, 500, 999])
+  noisy = schedules.add_noise(alpha_bar, clean, noise, t)
+  _, x0 = schedules.split_prediction(output, noisy, alpha_bar[t][:, None], prediction_type)
+  snr = alpha_bar[t] / (1 - alpha_bar[t])
+  loss = losses.per_example_loss(prediction_type, output, alpha_bar, clean, noise, t,
+                                 min_snr_gamma=5.0)
+  np.testing.assert_allclose(loss, jnp.minimum(snr, 5.0) * losses.per_example_mse(x0, clean),
+                             rtol=2e-3)
+  np.testing.assert_array_equal(
+      losses.per_example_loss(prediction_type, output, alpha_bar, clean, noise, t),
+      losses.per_example_mse(output, losses.target(prediction_type, alpha_bar, clean, noise, t))
+      * losses.weight(prediction_type, alpha_bar, t))
+
+
 @pytest.mark.parametrize("spacing,first,last", [("trailing", 999, 39), ("leading", 960, 0),
                                                 ("linspace", 999, 0)])
 def test_sampling_timesteps(spacing, first, last):

@@ -217,7 +217,9 @@ def test_config_checks_name_each_bad_choice_before_any_work(tmp_path):
   config.lr_schedule = "linear"
   config.batch_size = 3
   config.grad_accum_steps = 2
-  with pytest.raises(ValueError, match="lr_schedule='linear'.*\n.*batch_size=3 is not divisible"):
+  config.diffusion.min_snr_gamma = -5.0
+  with pytest.raises(ValueError, match="lr_schedule='linear'.*\n.*batch_size=3 is not divisible"
+                     ".*\n.*min_snr_gamma=-5.0 must be >= 0"):
     trainer.train_and_evaluate(config, str(tmp_path))
 
 

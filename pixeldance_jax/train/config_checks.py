@@ -60,7 +60,7 @@ _VALIDATORS: tuple[Callable[[ml_collections.ConfigDict], Any], ...] = (
 
 
 def _numbers(config: ml_collections.ConfigDict) -> list[str]:
-  """Batch arithmetic that would fail at the first step."""
+  """Batch arithmetic that would fail at the first step, and numbers out of their range."""
   errors = []
   if config.batch_size % config.grad_accum_steps:
     errors.append(f"config.batch_size={config.batch_size} is not divisible by "
@@ -68,6 +68,9 @@ def _numbers(config: ml_collections.ConfigDict) -> list[str]:
   for key in ("num_train_steps", "log_every_steps", "checkpoint_every_steps"):
     if _get(config, key) < 1:
       errors.append(f"config.{key}={_get(config, key)} must be at least 1.")
+  if config.diffusion.get("min_snr_gamma", 0.0) < 0:
+    errors.append(f"config.diffusion.min_snr_gamma={config.diffusion.min_snr_gamma} must be "
+                  ">= 0 (0: no Min-SNR weighting).")
   return errors
 
 
