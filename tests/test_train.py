@@ -270,6 +270,23 @@ def test_resuming_with_another_model_is_refused_before_the_data_is_built(tmp_pat
   assert str(tmp_path) in message and not (tmp_path / "data").exists()
 
 
+def test_a_checkpoint_from_before_a_model_key_was_added_resumes_with_its_old_value(tmp_path):
+  """A key added to the model's sections since a checkpoint was written is read at the value
+  that reproduces that checkpoint (`ADDED_KEYS`): the same model resumes, another is refused."""
+  config = unit_test.get_config()
+  older = config.copy_and_resolve_references()
+  for key in checkpoints.ADDED_KEYS:
+    section, name = key.split(".")
+    del older[section][name]
+  manager = _workdir_with_checkpoint(tmp_path, older)
+  assert checkpoints.restore_config(manager, 1).diffusion.min_snr_gamma == 0.0
+  assert not [d for d in checkpoints.check_resume_config(manager, 1, config)
+              if d[0].split(".")[0] in checkpoints.MODEL_SECTIONS]
+  config.diffusion.min_snr_gamma = 5.0
+  with pytest.raises(ValueError, match="diffusion.min_snr_gamma: checkpoint 0.0, config 5.0"):
+    checkpoints.check_resume_config(manager, 1, config)
+
+
 def test_init_from_weights_of_another_dtype_or_shape_is_refused(tmp_path):
   config = unit_test.get_config()
   abstract, _ = state_lib.abstract_state(config, mesh_lib.make_mesh(config.mesh))

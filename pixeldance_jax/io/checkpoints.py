@@ -71,10 +71,27 @@ def latest_step(manager: ocp.CheckpointManager, workdir: str) -> int:
   return step
 
 
+# Keys added to the model's config sections after checkpoints had been written without them,
+# each with the value that reproduces what such a checkpoint was trained with.
+ADDED_KEYS = {
+    "diffusion.min_snr_gamma": 0.0,
+    "text_encoder.use_penultimate_layer": False,
+    "unet.input_skip": "none",
+    "unet.kernels": "auto",
+    "unet.refiner_channels": 0,
+}
+
+
 def restore_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
-  """The config a checkpoint was trained with."""
+  """The config a checkpoint was trained with, a key added since (`ADDED_KEYS`) at its value
+  for the checkpoint, so that resuming and sampling see the config whole."""
   restored = _restore(manager, step, {"config": ocp.args.JsonRestore()})
-  return ml_collections.ConfigDict(restored["config"])
+  config = restored["config"]
+  for key, value in ADDED_KEYS.items():
+    section, name = key.split(".")
+    if section in config and name not in config[section]:
+      config[section][name] = value
+  return ml_collections.ConfigDict(config)
 
 
 def find_config(workdir: str, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
