@@ -40,19 +40,17 @@ def training_minutes(tensorboard_dir: str) -> dict[int, float]:
   interval slower than 1/STALL of the run's median rate (a process paused, a machine suspended)
   counts at the median rate."""
   rates = _rates(tensorboard_dir)
-  median = float(np.median(list(rates.values())))
+  median, stalled = _median_and_stalls(rates)
   minutes, total, previous = {}, 0.0, 0
   for step, rate in rates.items():
-    total += (step - previous) / (median if rate < median / STALL else rate) / 60
+    total += (step - previous) / (median if step in stalled else rate) / 60
     minutes[step], previous = total, step
   return minutes
 
 
 def stalled_steps(tensorboard_dir: str) -> list[int]:
   """The logged steps whose interval `training_minutes` counted at the median rate."""
-  rates = _rates(tensorboard_dir)
-  median = float(np.median(list(rates.values())))
-  return [step for step, rate in rates.items() if rate < median / STALL]
+  return sorted(_median_and_stalls(_rates(tensorboard_dir))[1])
 
 
 def _rates(tensorboard_dir: str) -> dict[int, float]:
@@ -61,6 +59,11 @@ def _rates(tensorboard_dir: str) -> dict[int, float]:
     raise FileNotFoundError(f"no train/steps_per_sec in {tensorboard_dir}: not a training "
                             "run's TensorBoard folder, or it has not logged a step yet")
   return rates
+
+
+def _median_and_stalls(rates: dict[int, float]) -> tuple[float, set[int]]:
+  median = float(np.median(list(rates.values())))
+  return median, {step for step, rate in rates.items() if rate < median / STALL}
 
 
 def evaluations(eval_dir: str, variant: str) -> dict[int, dict[str, Any]]:
