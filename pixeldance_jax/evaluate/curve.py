@@ -1,23 +1,22 @@
 """Evaluation figures against training time: a run's periodic evaluations beside the minutes
 of training that led to each, as a table and, with `--out`, a picture of one chart per metric.
 
-The evaluations are the run's `eval/<step>.json` (written in the run when
-`config.eval_every_steps` is set, or by `python -m pixeldance_jax.evaluate` afterwards). The
-minutes add up the step rates the run logged to TensorBoard (`train/steps_per_sec`), which leave
-out compiles, evaluations and the time between a stop and its resume: minutes of training at
-the speed the run had, on whatever shared the machine with it.
+Both come from what the run logged to TensorBoard: the evaluations it made in training
+(`eval/<variant>/<metric>`, every `config.eval_every_steps`) and its step rates
+(`train/steps_per_sec`), which leave out compiles, evaluations and the time between a stop and
+its resume. After a resume from an earlier checkpoint, what the abandoned run had logged past
+that checkpoint is dropped. The minutes are training at the speed the run had, on whatever
+shared the machine with it.
 
     python -m pixeldance_jax.evaluate.curve --workdir=workdirs/tiny_long \
       --workdir=workdirs/tiny_long_refiner --out=curve.png
 """
 
-import json
 import math
 import os
-import re
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from absl import flags
@@ -30,35 +29,27 @@ from pixeldance_jax.io import tensorboard_files, video_files
 METRICS = {"fvd": "FVD", "psnr_db": "PSNR dB", "shape_iou": "shape IoU",
            "colour_error": "colour error", "first_frame_psnr_db": "frame 0 PSNR dB",
            "last_frame_centroid_px": "last-frame px"}
-_EVALUATION_FILE = re.compile(r"^(\d+)\.json$")
 STALL = 10  # A logged rate this many times below the run's median is a stall, not training.
 
 
-def training_minutes(tensorboard_dir: str) -> dict[int, float]:
-  """`{step: minutes of training up to it}` at every step the run logged a rate at. A step
-  logged twice (training resumed from an earlier checkpoint) counts the run that went on. An
-  interval slower than 1/STALL of the run's median rate (a process paused, a machine suspended)
-  counts at the median rate."""
-  rates = _rates(tensorboard_dir)
+class Curve(NamedTuple):
+  """A run's evaluations, one row per evaluated step (`step`, `minutes` of training or None
+  past the last logged rate, and the figures), and the logged steps whose interval was a stall
+  (counted at the median rate)."""
+  rows: list[dict[str, Any]]
+  stalled_steps: list[int]
+
+
+def training_minutes(rates: dict[int, float]) -> dict[int, float]:
+  """`{step: minutes of training up to it}` from `{step: steps per second since the previous
+  logged step}`. An interval slower than 1/STALL of the median rate (a process paused, a
+  machine suspended) counts at the median rate."""
   median, stalled = _median_and_stalls(rates)
   minutes, total, previous = {}, 0.0, 0
-  for step, rate in rates.items():
+  for step, rate in sorted(rates.items()):
     total += (step - previous) / (median if step in stalled else rate) / 60
     minutes[step], previous = total, step
   return minutes
-
-
-def stalled_steps(tensorboard_dir: str) -> list[int]:
-  """The logged steps whose interval `training_minutes` counted at the median rate."""
-  return sorted(_median_and_stalls(_rates(tensorboard_dir))[1])
-
-
-def _rates(tensorboard_dir: str) -> dict[int, float]:
-  rates = tensorboard_files.scalars(tensorboard_dir, "train/steps_per_sec")
-  if not rates:
-    raise FileNotFoundError(f"no train/steps_per_sec in {tensorboard_dir}: not a training "
-                            "run's TensorBoard folder, or it has not logged a step yet")
-  return rates
 
 
 def _median_and_stalls(rates: dict[int, float]) -> tuple[float, set[int]]:
@@ -66,41 +57,30 @@ def _median_and_stalls(rates: dict[int, float]) -> tuple[float, set[int]]:
   return median, {step for step, rate in rates.items() if rate < median / STALL}
 
 
-def evaluations(eval_dir: str, variant: str) -> dict[int, dict[str, Any]]:
-  """`{step: figures}` of `variant` from every `<step>.json` in `eval_dir` that evaluated it.
-  (A second evaluation of a step is written beside the first, `<step>-2.json`, and not read:
-  the first is the run's own.)"""
-  if not os.path.isdir(eval_dir):
-    raise FileNotFoundError(f"no evaluations in {eval_dir}: train with "
-                            "--config.eval_every_steps=N, or run python -m pixeldance_jax.evaluate")
-  found = {}
-  for name in os.listdir(eval_dir):
-    match = _EVALUATION_FILE.match(name)
-    if match:
-      with open(os.path.join(eval_dir, name)) as f:
-        results = json.load(f)
-      if variant in results.get("variants", {}):
-        found[int(match.group(1))] = results["variants"][variant]
-  return dict(sorted(found.items()))
-
-
-def curve(workdir: str, variant: str = "magic") -> list[dict[str, Any]]:
-  """One row per evaluation of `variant` in `workdir`, by step: `step`, `minutes` (None for a
-  step outside the logged ones) and the evaluation's figures."""
+def curve(workdir: str, variant: str = "magic") -> Curve:
+  """The evaluations of `variant` that training logged in `workdir`, with their minutes."""
   if not os.path.isdir(workdir):
     raise FileNotFoundError(f"workdir {workdir} does not exist")
-  found = evaluations(os.path.join(workdir, "eval"), variant)
-  if not found:
-    raise FileNotFoundError(f"no evaluation of the {variant!r} variant in "
-                            f"{os.path.join(workdir, 'eval')}")
-  minutes = training_minutes(os.path.join(workdir, "tensorboard"))
-  logged = np.array(list(minutes), float)
+  folder = os.path.join(workdir, "tensorboard")
+  logged = tensorboard_files.all_scalars(folder)
+  rates = logged.get("train/steps_per_sec")
+  if not rates:
+    raise FileNotFoundError(f"no train/steps_per_sec in {folder}: not a training run's "
+                            "TensorBoard folder, or it has not logged a step yet")
+  prefix = f"eval/{variant}/"
+  evaluated = {tag[len(prefix):]: values for tag, values in logged.items()
+               if tag.startswith(prefix)}
+  if not evaluated:
+    raise FileNotFoundError(f"no evaluation of the {variant!r} variant in {folder}: train "
+                            "with --config.eval_every_steps=N")
+  minutes = training_minutes(rates)
+  steps, totals = [0, *minutes], [0.0, *minutes.values()]
   rows = []
-  for step, figures_at_step in found.items():
-    inside = logged[0] <= step <= logged[-1]
-    at = float(np.interp(step, logged, list(minutes.values()))) if inside else None
-    rows.append({"step": step, "minutes": at, **figures_at_step})
-  return rows
+  for step in sorted(set().union(*evaluated.values())):
+    at = float(np.interp(step, steps, totals)) if step <= steps[-1] else None
+    rows.append({"step": step, "minutes": at,
+                 **{name: values.get(step) for name, values in evaluated.items()}})
+  return Curve(rows, sorted(_median_and_stalls(rates)[1]))
 
 
 def markdown(curves: dict[str, list[dict[str, Any]]], metrics: Sequence[str]) -> str:
@@ -173,13 +153,14 @@ def main(argv: list[str], holders: dict[str, Any]) -> None:
   values = console.flag_values(argv, holders, required=("workdirs",))
   try:
     targets = parse_targets(values["targets"], values["metrics"])
-    curves = {name: curve(workdir, values["variant"])
-              for name, workdir in zip(run_names(values["workdirs"]), values["workdirs"])}
+    runs = {name: curve(workdir, values["variant"])
+            for name, workdir in zip(run_names(values["workdirs"]), values["workdirs"])}
   except (FileNotFoundError, ValueError) as error:
     sys.exit(f"pixeldance_jax.evaluate.curve: error: {error}")
+  curves = {name: run.rows for name, run in runs.items()}
   print(markdown(curves, values["metrics"]))
-  for name, workdir in zip(curves, values["workdirs"]):
-    stalled = stalled_steps(os.path.join(workdir, "tensorboard"))
+  for name, run in runs.items():
+    stalled = run.stalled_steps
     if stalled:
       print(f"{name}: counted at the median rate, as pauses (under 1/{STALL} of it): the "
             f"logged interval{'s' if len(stalled) > 1 else ''} ending at step "

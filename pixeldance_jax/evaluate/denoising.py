@@ -66,7 +66,7 @@ def _reconstruct_fn(pipeline: sampling_pipeline.Pipeline):
     prediction = model.apply(variables, jnp.concatenate([noisy, image_condition], -1),
                              timesteps, context, method=pixeldance.PixelDance.denoise)
     loss = losses.per_example_loss(prediction_type, prediction, alpha_bar, clean, noise,
-                                   timesteps)
+                                   timesteps, config.diffusion.min_snr_gamma)
     _, estimate = schedules.split_prediction(prediction, noisy, alpha_bar[timestep],
                                              prediction_type)
     if config.sample.clip_denoised:

@@ -114,6 +114,7 @@ def line_charts(charts: dict[str, dict[str, Sequence[tuple[float, float]]]], x_l
   colours = {label: _LINES[i % len(_LINES)] for i, label in enumerate(labels)}
   points = [p for chart in charts.values() for line in chart.values() for p in line]
   x_high = max([x for x, _ in points] + [1e-9])
+  # The widest y label sets the margin ("0" stands in where there are no values).
   y_texts = [f"{y:.3g}" for y in [y for _, y in points] + list(targets.values()) + [0.0]]
   margin = max(_text_width(text) for text in y_texts) + 2 * _GAP
   chart_width = margin + plot_width + 2 * _GAP

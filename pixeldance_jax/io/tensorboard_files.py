@@ -32,7 +32,7 @@ _HEADER = 12  # The length (8 bytes) and its CRC (4).
 _FOOTER = 4  # The proto's CRC.
 
 
-def read_events(folder: str) -> list:
+def read_events(folder: str) -> list["event_pb2.Event"]:
   """Every `Event` of the files `events*` in `folder`, in the order they were written (by wall
   time; a file's own order among equal times). A record cut short at a file's end (a writer
   killed mid-write) is left out."""
@@ -51,12 +51,25 @@ def read_events(folder: str) -> list:
   return sorted(events, key=lambda event: event.wall_time)
 
 
-def scalars(folder: str, tag: str) -> dict[int, float]:
-  """`{step: value}` of one scalar tag, by step. A step logged twice (a run resumed from a
-  checkpoint before its last logged step) keeps the value written last."""
-  found = {}
+def all_scalars(folder: str) -> dict[str, dict[int, float]]:
+  """`{tag: {step: value}}` of every scalar in `folder`, by step, as the run that went on
+  logged it: a step at or below one already logged under a tag means training resumed from an
+  earlier checkpoint, and drops what the abandoned run had logged under it from that step on
+  (as TensorBoard purges orphaned data)."""
+  found: dict[str, dict[int, float]] = {}
+  last: dict[str, int] = {}  # The step each tag was last logged at.
   for event in read_events(folder):
     for value in event.summary.value:
-      if value.tag == tag:
-        found[event.step] = value.simple_value
-  return dict(sorted(found.items()))
+      if value.WhichOneof("value") != "simple_value":
+        continue
+      steps = found.setdefault(value.tag, {})
+      if event.step <= last.get(value.tag, -1):
+        found[value.tag] = steps = {step: kept for step, kept in steps.items()
+                                    if step < event.step}
+      steps[event.step], last[value.tag] = value.simple_value, event.step
+  return {tag: dict(sorted(steps.items())) for tag, steps in found.items()}
+
+
+def scalars(folder: str, tag: str) -> dict[int, float]:
+  """`{step: value}` of one scalar tag (`all_scalars`)."""
+  return all_scalars(folder).get(tag, {})

@@ -68,7 +68,7 @@ def _numbers(config: ml_collections.ConfigDict) -> list[str]:
   for key in ("num_train_steps", "log_every_steps", "checkpoint_every_steps"):
     if _get(config, key) < 1:
       errors.append(f"config.{key}={_get(config, key)} must be at least 1.")
-  if config.diffusion.get("min_snr_gamma", 0.0) < 0:
+  if config.diffusion.min_snr_gamma < 0:
     errors.append(f"config.diffusion.min_snr_gamma={config.diffusion.min_snr_gamma} must be "
                   ">= 0 (0: no Min-SNR weighting).")
   return errors

@@ -76,7 +76,7 @@ def denoising_loss(params, model, latents: Array, image_condition: Array, contex
                            method=pixeldance.PixelDance.denoise, rngs={"dropout": dropout_rng})
   per_example = losses.per_example_loss(config.diffusion.prediction_type, prediction, alpha_bar,
                                         latents, noise, timesteps,
-                                        config.diffusion.get("min_snr_gamma", 0.0))
+                                        config.diffusion.min_snr_gamma)
   return per_example.mean(), {"loss": per_example.mean(),
                               **timestep_buckets(per_example, timesteps, config)}
 
