@@ -117,7 +117,8 @@ def line_charts(charts: dict[str, dict[str, Sequence[tuple[float, float]]]], x_l
   # The widest y label sets the margin ("0" stands in where there are no values).
   y_texts = [f"{y:.3g}" for y in [y for _, y in points] + list(targets.values()) + [0.0]]
   margin = max(_text_width(text) for text in y_texts) + 2 * _GAP
-  chart_width = margin + plot_width + 2 * _GAP
+  # Room on the right for half the x axis's end label, which is centred on the axis's end.
+  chart_width = margin + plot_width + _text_width(f"{x_high:.3g}") // 2 + 2 * _GAP
   chart_height = _LINE + _GAP + plot_height + 2 * _LINE + _GAP
   rows = math.ceil(len(charts) / per_row)
   image = Image.new("RGB", (max(min(len(charts), per_row) * chart_width, _key_width(labels)),
