@@ -1,17 +1,22 @@
 """Train step, checkpoints, resume and failure handling on the unit-test config."""
 
+import importlib
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
+import configs
 import helpers
 from configs import unit_test
 from pixeldance_jax.data import loaders
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.io import checkpoints
 from pixeldance_jax.runtime import errors
+from pixeldance_jax.train import config_checks
 from pixeldance_jax.train import trainer
 from pixeldance_jax.train import state as state_lib
 from pixeldance_jax.train import step as step_lib
@@ -222,6 +227,12 @@ def test_config_checks_name_each_bad_choice_before_any_work(tmp_path):
                      ".*\n.*min_snr_gamma=-5.0 must be >= 0"):
     trainer.train_and_evaluate(config, str(tmp_path))
 
+
+@pytest.mark.parametrize("name", sorted(path.stem for path in pathlib.Path(
+    configs.__file__).parent.glob("*.py") if path.stem != "__init__"))
+def test_every_shipped_config_passes_the_config_checks(name):
+  config = importlib.import_module(f"configs.{name}").get_config()
+  config_checks.check(config, fresh_start=False)  # The paper's KL autoencoder needs init_from.
 
 
 def _workdir_with_checkpoint(tmp_path, config):
