@@ -44,7 +44,7 @@ def _header(config: ml_collections.ConfigDict, tpu_slice: topology.Slice, device
           "per_chip": config.batch_size / mesh_lib.batch_devices(mesh),
           "unet_dtype": str(config.unet.dtype), "remat_policy": config.unet.remat_policy,
           "attention_impl": config.unet.attention_impl,
-          "kernels": config.unet.get("kernels", "auto"), "jax": jax.__version__}
+          "kernels": config.unet.kernels, "jax": jax.__version__}
 
 
 def _release_memory() -> None:

@@ -55,8 +55,7 @@ class TextEncoderSpec:
       raise ValueError(
           f"config.unet.cross_attention_dim ({config.unet.cross_attention_dim}) must equal "
           f"config.text_encoder.hidden_size ({text.hidden_size}).")
-    # Configs written before the option existed mean the last layer.
-    use_penultimate_layer = text.get("use_penultimate_layer", False)
+    use_penultimate_layer = text.use_penultimate_layer
     if use_penultimate_layer and text.num_layers < 2:
       raise ValueError("config.text_encoder.use_penultimate_layer needs num_layers >= 2, got "
                        f"{text.num_layers}.")

@@ -81,10 +81,10 @@ class UNetSpec:
       raise ValueError(
           f"config.unet.attention_levels has {len(unet.attention_levels)} entries but "
           f"block_out_channels has {len(unet.block_out_channels)}; give one per level.")
-    kernels = unet.get("kernels", "auto")  # Configs saved before the field read as "auto".
+    kernels = unet.kernels
     if kernels not in layers.KERNELS:
       raise ValueError(f"config.unet.kernels={kernels!r}; expected one of {layers.KERNELS}.")
-    if unet.get("refiner_channels", 0) < 0:
+    if unet.refiner_channels < 0:
       raise ValueError(f"config.unet.refiner_channels={unet.refiner_channels} must be >= 0 "
                        "(0: no refiner).")
     if unet.remat_policy not in REMAT_POLICIES:
@@ -103,7 +103,7 @@ class UNetSpec:
                temporal_position_embedding=unet.temporal_position_embedding,
                pooled_text_embedding=unet.pooled_text_embedding,
                input_skip=_input_skip_mode(unet),
-               refiner_channels=unet.get("refiner_channels", 0),
+               refiner_channels=unet.refiner_channels,
                mask_channels=1 if config.conditioning.keyframe_mask else 0,
                dropout=unet.dropout, temporal_conv_dropout=unet.temporal_conv_dropout,
                remat_policy=unet.remat_policy, dtype=jnp.dtype(unet.dtype),
@@ -313,8 +313,8 @@ def _refine(spec: UNetSpec, features: Array, sample: Array) -> Array:
 
 def _input_skip_mode(unet: ml_collections.ConfigDict) -> str:
   """`unet.input_skip` as one of INPUT_SKIPS; configs saved before it was a string hold a bool
-  (True: "all") or nothing."""
-  mode = unet.get("input_skip", "none")
+  (True: "all")."""
+  mode = unet.input_skip
   if isinstance(mode, bool):
     mode = "all" if mode else "none"
   if mode not in INPUT_SKIPS:
