@@ -4,13 +4,15 @@ import copy
 import dataclasses
 import json
 import os
+import shutil
+import time
 
 import numpy as np
 import pytest
 
 import helpers
 from configs import unit_test
-from pixeldance_jax.io import checkpoints
+from pixeldance_jax.io import checkpoints, tensorboard_files
 from pixeldance_jax.data import moving_shapes
 from pixeldance_jax.data import loaders
 from pixeldance_jax.evaluate import ablation, features, metrics, steering, suite
@@ -68,6 +70,7 @@ def test_table_and_json_have_every_metric_for_every_variant(ablated):
   for name, variant in written["variants"].items():
     assert list(variant["rows"]) == list(ablation.VARIANTS[name].modes)
     assert variant["step"] == 2
+    assert variant["train_minutes"] > 0  # From the step rates the run logged.
     for row in variant["rows"].values():
       assert row["videos"] == 2
       for key, _ in ablation.COLUMNS:
@@ -96,6 +99,27 @@ def test_a_second_run_trains_and_samples_nothing(ablated, monkeypatch):
   again = ablation.run(base, workdir, **settings)
   assert [os.path.getmtime(path) for path in records] == before
   assert again["variants"] == results["variants"]
+
+
+@pytest.mark.slow
+def test_training_minutes_add_up_every_run_that_trained_a_variant(ablated, tmp_path):
+  """A run killed outright (nothing saved on the way out) still logged its step rates; the
+  minutes add up what each run logged, less what the resumed run trained again."""
+  base, workdir, _, _ = ablated
+  variant_dir = tmp_path / "full"
+  shutil.copytree(os.path.join(workdir, "full"), variant_dir)
+  folder = str(variant_dir / "tensorboard")
+  # After the fixture's run, one killed after step 2 and resumed from the step-1 checkpoint:
+  # steps 1 and 2 at 0.5 steps/s, then step 2 again at 0.25 steps/s, replacing the first's.
+  later = time.time() + 1000
+  for rates, start in (({1: 0.5, 2: 0.5}, later), ({2: 0.25}, later + 1000)):
+    writer = tensorboard_files.SummaryWriter(folder, filename_suffix=f".{start:.0f}")
+    for i, (step, rate) in enumerate(rates.items()):
+      writer.add_scalar("train/steps_per_sec", rate, step, walltime=start + i)
+    writer.close()
+  config = ablation.variant_config(base, "full", os.path.join(workdir, "data"), 2)
+  assert ablation.train_variant(config, str(variant_dir)) == {
+      "step": 2, "train_minutes": round((1 / 0.5 + 1 / 0.25) / 60, 2)}
 
 
 @pytest.mark.slow

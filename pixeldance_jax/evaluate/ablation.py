@@ -34,10 +34,10 @@ import numpy as np
 from absl import flags, logging
 from ml_collections import config_flags
 
-from pixeldance_jax.io import checkpoints, video_files
+from pixeldance_jax.io import checkpoints, tensorboard_files, video_files
 from pixeldance_jax.cli import console
 from pixeldance_jax.data import loaders
-from pixeldance_jax.evaluate import figures, suite, videos
+from pixeldance_jax.evaluate import curve, figures, suite, videos
 from pixeldance_jax.sampling import pipeline as sampling_pipeline
 from pixeldance_jax.train import trainer
 
@@ -154,21 +154,19 @@ class Settings:
 
 
 def train_variant(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes, or skips) one variant; returns {"step", "train_minutes"}, the minutes
-  summed over the runs that trained it."""
-  record_path = os.path.join(workdir, "ablation_train.json")
-  record = _read_json(record_path) or {"train_minutes": 0.0}
+  """Trains (or resumes, or skips) one variant; returns {"step", "train_minutes"}: the minutes
+  of training steps from the rates the run logged (`curve.training_minutes`), which count
+  every run that trained it, a killed one included, and leave out compiles and stops."""
   step = _trained_step(workdir, config)
   if step != config.num_train_steps:
-    started = time.time()
     trainer.train_and_evaluate(config, workdir)
-    record["train_minutes"] = round(record["train_minutes"] + (time.time() - started) / 60, 2)
     step = _trained_step(workdir, config)
-    _write_json(record_path, dict(record, step=step))
     if step != config.num_train_steps:  # Preempted (SIGTERM): the trainer saved and returned.
       raise Preempted(f"{workdir}: training stopped at step {step} of "
                       f"{config.num_train_steps}; rerun the same command to resume.")
-  return dict(record, step=step)
+  rates = tensorboard_files.scalars(os.path.join(workdir, "tensorboard"), "train/steps_per_sec")
+  minutes = curve.training_minutes(rates)[max(rates)] if rates else None
+  return {"step": step, "train_minutes": None if minutes is None else round(minutes, 2)}
 
 
 def evaluate_variant(name: str, workdir: str, step: int, settings: Settings,

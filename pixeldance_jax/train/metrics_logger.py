@@ -90,6 +90,11 @@ class MetricsLogger:
                    if jax.process_index() == 0 else None)
     self.last_time, self.last_step = time.time(), None
 
+  def start(self, step: int) -> None:
+    """Starts the rate clock at `step`, the run's first, which is about to execute (a step
+    that compiles restarts it after the compile)."""
+    self.last_time, self.last_step = time.time(), step - 1
+
   def log(self, step: int, metrics: dict[str, float], flops_per_device: float = 0.0) -> None:
     """Adds the rates since the last call (steps/s, clips/s, TFLOP/s, MFU) and writes."""
     now = time.time()

@@ -158,6 +158,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   first_step, last_saved = int(state.step) + 1, manager.latest_step()
 
   # --- Loop ---
+  logger.start(first_step)
   try:
     for step in range(first_step, config.num_train_steps + 1):
       name, batch = iterators.next_batch(config, data, step, mesh)
