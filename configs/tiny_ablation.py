@@ -8,9 +8,9 @@ adds the refiner head (docs/fidelity.md) and trains for 20000 steps, where the r
 a 30000-step schedule met every fidelity target (docs/results.md; at 15000 FVD was still 3%
 above); the learning-rate schedule stretches to the new length and the last-frame warmup stays
 1000 steps. Variants are compared on 128 held-out clips, which lowers the FVD floor. On the
-README's 2-core CPU each variant trains in about 3.5 hours on one core; `--variants=` runs a subset, so two
-processes (one core each, `taskset`) can share the four, and a last run over all of them skips
-what is done and writes the table.
+README's 2-core CPU each variant trains in about 3.5 hours on one core; `--variants=` runs a
+subset, so two processes (one core each, `taskset`) can share the four, and a last run over
+all of them skips what is done and writes the table.
 """
 
 from configs import tiny
