@@ -269,15 +269,6 @@ def test_batch_sharded_over_eight_devices_samples_the_same_videos():
   assert findings["max_abs_difference"] <= 1 and findings["fraction_differing"] < 1e-3, findings
 
 
-def test_configs_older_than_the_sampler_and_keyframe_fields_get_the_old_behaviour():
-  config = unit_test.get_config()
-  del config.sample["sampler"], config.sample["guidance_rescale"]
-  del config.conditioning["keyframe_mask"]
-  filled = pipeline_lib._with_defaults(config)
-  assert filled.sample.sampler == "ddim" and filled.sample.guidance_rescale == 0.0
-  assert filled.conditioning.keyframe_mask is False
-
-
 # --- Settings and destinations: refused in one line, before any weights are read -------------
 
 

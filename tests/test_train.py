@@ -281,16 +281,19 @@ def test_resuming_with_another_model_is_refused_before_the_data_is_built(tmp_pat
   assert str(tmp_path) in message and not (tmp_path / "data").exists()
 
 
-def test_a_checkpoint_from_before_a_model_key_was_added_resumes_with_its_old_value(tmp_path):
-  """A key added to the model's sections since a checkpoint was written is read at the value
-  that reproduces that checkpoint (`ADDED_KEYS`): the same model resumes, another is refused."""
+def test_a_checkpoint_from_before_a_key_was_added_resumes_with_its_old_value(tmp_path):
+  """A key added to the config since a checkpoint was written is read at the value that
+  reproduces that checkpoint (`ADDED_KEYS`): the same model resumes, another is refused."""
   config = unit_test.get_config()
   older = config.copy_and_resolve_references()
   for key in checkpoints.ADDED_KEYS:
     section, name = key.split(".")
     del older[section][name]
   manager = _workdir_with_checkpoint(tmp_path, older)
-  assert checkpoints.restore_config(manager, 1).diffusion.min_snr_gamma == 0.0
+  restored = checkpoints.restore_config(manager, 1)
+  for key, value in checkpoints.ADDED_KEYS.items():
+    section, name = key.split(".")
+    assert restored[section][name] == value, key
   assert not [d for d in checkpoints.check_resume_config(manager, 1, config)
               if d[0].split(".")[0] in checkpoints.MODEL_SECTIONS]
   config.diffusion.min_snr_gamma = 5.0

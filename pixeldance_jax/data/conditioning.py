@@ -52,7 +52,7 @@ class Keyframes:
   @classmethod
   def from_config(cls, config: ml_collections.ConfigDict) -> "Keyframes":
     """Raises for a config without the fields (a program's partial copy must carry them, and
-    a checkpoint's older config gets them from `sampling.pipeline.read_config`)."""
+    a checkpoint's older config gets them from `io.checkpoints.ADDED_KEYS`)."""
     cond = config.conditioning
     found = cls(prob=cond.keyframe_prob, max_count=cond.keyframe_max_count,
                 leading_prob=cond.leading_frames_prob, max_leading=cond.max_leading_frames,

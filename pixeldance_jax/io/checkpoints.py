@@ -71,10 +71,17 @@ def latest_step(manager: ocp.CheckpointManager, workdir: str) -> int:
   return step
 
 
-# Keys added to the model's config sections after checkpoints had been written without them,
-# each with the value that reproduces what such a checkpoint was trained with.
+# Config keys added after checkpoints had been written without them, each with the value that
+# reproduces what such a checkpoint was trained (or sampled) with.
 ADDED_KEYS = {
+    "conditioning.keyframe_mask": False,
+    "conditioning.keyframe_max_count": 1,
+    "conditioning.keyframe_prob": 0.0,
+    "conditioning.leading_frames_prob": 0.0,
+    "conditioning.max_leading_frames": 2,
     "diffusion.min_snr_gamma": 0.0,
+    "sample.guidance_rescale": 0.0,
+    "sample.sampler": "ddim",
     "text_encoder.use_penultimate_layer": False,
     "unet.input_skip": "none",
     "unet.kernels": "auto",

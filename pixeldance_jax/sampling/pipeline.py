@@ -15,12 +15,6 @@ from pixeldance_jax.models import pixeldance
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import program
 
-# Fields newer than some checkpoints' saved configs, with the behaviour they had then.
-CONFIG_DEFAULTS = {"sample.sampler": "ddim", "sample.guidance_rescale": 0.0,
-                   "conditioning.keyframe_prob": 0.0, "conditioning.keyframe_max_count": 1,
-                   "conditioning.leading_frames_prob": 0.0,
-                   "conditioning.max_leading_frames": 2, "conditioning.keyframe_mask": False}
-
 
 @dataclasses.dataclass(frozen=True)
 class Pipeline:
@@ -46,24 +40,10 @@ def make_pipeline(config: ml_collections.ConfigDict, params: Any, frozen: Any,
                   generate_fn=generate_fn, mesh=mesh, weights=weights, workdir=workdir)
 
 
-def _with_defaults(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  missing = {key: value for key, value in CONFIG_DEFAULTS.items()
-             if key.split(".")[1] not in config[key.split(".")[0]]}
-  if missing:
-    logging.info("The checkpoint's config predates the fields %s; using %s.", sorted(missing),
-                 missing)
-    config = config.copy_and_resolve_references()
-    for key, value in missing.items():
-      part, name = key.split(".")
-      config[part][name] = value
-  return config
-
-
 def read_config(workdir: str, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
   """(step, config) of the latest (or the given) checkpoint of `workdir`, without its weights:
   what the inputs can be checked against before anything large is read."""
-  step, config = checkpoints.find_config(workdir, step)
-  return step, _with_defaults(config)
+  return checkpoints.find_config(workdir, step)
 
 
 def _abstract_weights(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, step: int,
