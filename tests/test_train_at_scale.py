@@ -253,7 +253,7 @@ def test_joint_image_training_interleaves_image_steps_and_resumes(tmp_path):
   config.update_from_flattened_dict(ONE_LEVEL_UNET)
   config.data.image_every_k_steps = 2
   config.data.image_batch_size = 4
-  config.log_every_steps = 1  # Rates need two logged steps in one run.
+  config.log_every_steps = 1
   config.sample_every_steps = 4
   config.num_train_steps = 2
   trainer.train_and_evaluate(config, str(tmp_path))

@@ -155,8 +155,9 @@ class Settings:
 
 def train_variant(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (or resumes, or skips) one variant; returns {"step", "train_minutes"}: the minutes
-  of training steps from the rates the run logged (`curve.training_minutes`), which count
-  every run that trained it, a killed one included, and leave out compiles and stops."""
+  of training steps from the rates its runs logged (`curve.training_minutes`), a killed run's
+  included, a step trained again after a resume counted once, compiles left out and a stall
+  counted at the median rate."""
   step = _trained_step(workdir, config)
   if step != config.num_train_steps:
     trainer.train_and_evaluate(config, workdir)

@@ -3,6 +3,7 @@ as a console progress line and TensorBoard scalars (process 0)."""
 
 import os
 import time
+from typing import Any
 
 import jax
 import ml_collections
@@ -90,9 +91,10 @@ class MetricsLogger:
                    if jax.process_index() == 0 else None)
     self.last_time, self.last_step = time.time(), None
 
-  def start(self, step: int) -> None:
-    """Starts the rate clock at `step`, the run's first, which is about to execute (a step
-    that compiles restarts it after the compile)."""
+  def start(self, step: int, state: Any) -> None:
+    """Starts the rate clock at `step`, the run's first, once `state` (its initialisation or
+    restore may still be running) is ready; a step that compiles restarts the clock after."""
+    jax.block_until_ready(state)
     self.last_time, self.last_step = time.time(), step - 1
 
   def log(self, step: int, metrics: dict[str, float], flops_per_device: float = 0.0) -> None:

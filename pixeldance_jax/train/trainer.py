@@ -158,10 +158,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   first_step, last_saved = int(state.step) + 1, manager.latest_step()
 
   # --- Loop ---
-  logger.start(first_step)
   try:
     for step in range(first_step, config.num_train_steps + 1):
       name, batch = iterators.next_batch(config, data, step, mesh)
+      if step == first_step:  # The rates leave out the restore and the loader's start-up.
+        logger.start(step, state)
       state, metrics = _run_step(steps[name], name, step, state, batch, train_rng, logger)
       pending.add(step, name, metrics)
       is_last, preempted = step == config.num_train_steps, preemption.reached(step)
