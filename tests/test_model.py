@@ -162,7 +162,7 @@ def test_conditions_skip_gains_c_image_alone():
                                                                           "conditions")])
 def test_input_skip_of_older_configs_reads_as_a_mode(value, mode):
   """Configs saved when the field was a bool keep their model (one saved before the field
-existed gets "none" from `checkpoints.ADDED_KEYS`)."""
+  existed gets "none" from `checkpoints.ADDED_KEYS`)."""
   def spec(**unet):
     saved = unit_test.get_config().to_dict()
     saved["unet"].update(unet)
