@@ -246,6 +246,22 @@ def test_the_logger_writes_every_step_by_the_time_training_returns(tmp_path):
   assert sorted(_scalars(tmp_path, "train/loss")) == list(range(1, config.num_train_steps + 1))
 
 
+def test_the_rates_leave_out_what_is_not_training(tmp_path, monkeypatch):
+  """The clock starts at the first step and skips what a preview or an evaluation took."""
+  clock = [1000.0]
+  monkeypatch.setattr(metrics_logger.time, "time", lambda: clock[0])
+  logger = metrics_logger.MetricsLogger(str(tmp_path), unit_test.get_config())
+  clock[0] += 50  # Restoring and the loader's start-up: before the clock starts.
+  logger.start(1, {})
+  clock[0] += 10  # Steps 1-10.
+  logger.log(10, {"loss": 1.0})
+  clock[0] += 30  # Steps 11-20 and a 20 s preview.
+  logger.leave_out(20)
+  logger.log(20, {"loss": 1.0})
+  logger.close()
+  assert _scalars(tmp_path, "train/steps_per_sec") == {10: 1.0, 20: 1.0}
+
+
 def test_joint_image_training_interleaves_image_steps_and_resumes(tmp_path):
   """Every 2nd step is an image batch (temporal layers off); both iterators are checkpointed;
   the periodic sample lands as a gif."""

@@ -52,7 +52,8 @@ class PeriodicEvaluation:
         progress=False)
     seconds = time.time() - started
     scalars = suite.scalars(results)
-    logger.log_scalars(scalars, step, seconds)
+    logger.leave_out(seconds)
+    logger.log_scalars(scalars, step)
     if jax.process_index() == 0:
       paths = suite.write_results(results, os.path.join(self.folder, f"{step}.json"))
       figures = "  ".join(f"{tag[len('eval/'):]} {value:.4g}" for tag, value in scalars.items()

@@ -128,10 +128,13 @@ class MetricsLogger:
       parts.append(f"eta {_eta((self.total_steps - step) / rate)}")
     return "  ".join(parts)
 
-  def log_scalars(self, scalars: dict[str, float], step: int, seconds: float = 0.0) -> None:
-    """Scalars under their own tags (e.g. `eval/magic/fvd`). `seconds` spent producing them is
-    left out of the next training rates."""
+  def leave_out(self, seconds: float) -> None:
+    """`seconds` spent since the last log on something other than training (a preview, an
+    evaluation) are left out of the next rate."""
     self.last_time += seconds
+
+  def log_scalars(self, scalars: dict[str, float], step: int) -> None:
+    """Scalars under their own tags (e.g. `eval/magic/fvd`)."""
     if self.writer is None:
       return
     for tag, value in scalars.items():

@@ -3,6 +3,7 @@
 `<workdir>/samples/step_<N>.gif` and TensorBoard's images tab."""
 
 import os
+import time
 
 import jax
 import ml_collections
@@ -31,6 +32,7 @@ class Preview:
                logger: metrics_logger.MetricsLogger) -> None:
     if not self.every or step % self.every:
       return
+    started = time.time()
     if self.clip is None:
       self.clip = loaders.load_test_clips(self.config, self.directory, 1)[0]
       self.generate_fn = program.make_generate_fn(self.config, self.mesh)
@@ -46,3 +48,4 @@ class Preview:
       with open(path, "rb") as f:
         logger.log_gif("samples/heldout", f.read(), frames.shape[1], frames.shape[2], step)
       logging.info("step %d: preview sample %s", step, path)
+    logger.leave_out(time.time() - started)
