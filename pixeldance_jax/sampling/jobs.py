@@ -8,6 +8,7 @@ from typing import Any
 
 from absl import logging
 
+from pixeldance_jax.io import checkpoints
 from pixeldance_jax.parallel import mesh as mesh_lib
 from pixeldance_jax.sampling import outputs
 from pixeldance_jax.sampling import pipeline as pipeline_lib
@@ -41,7 +42,7 @@ def sample(workdir: str, *, output: str, checkpoint_step: int | None = None,
   settings_lib.check_settings(settings)
   _check_counts(upscale=upscale)
   outputs.check_writable(output)
-  step, config = pipeline_lib.read_config(workdir, checkpoint_step)
+  step, config = checkpoints.find_config(workdir, checkpoint_step)
   settings = requests_lib.resolve_settings(config, request_args.get("prompt"), settings)
   requests_lib.check_keyframe_positions(  # With steps <= T, before any weights are read.
       config, requests_lib.parse_keyframes(request_args.get("keyframes")), settings)
@@ -62,7 +63,7 @@ def sample_prompts_file(workdir: str, *, prompts_file: str, output_dir: str,
   settings_lib.check_settings(defaults)
   _check_counts(batch_size=batch_size, upscale=upscale)
   outputs.check_writable(output_dir, folder=True)
-  step, config = pipeline_lib.read_config(workdir, checkpoint_step)
+  step, config = checkpoints.find_config(workdir, checkpoint_step)
   names = requests_lib.check_prompts_file(config, prompts_file, **defaults)
   duplicates = [name for name, count in collections.Counter(names).items() if count > 1]
   if duplicates:

@@ -40,12 +40,6 @@ def make_pipeline(config: ml_collections.ConfigDict, params: Any, frozen: Any,
                   generate_fn=generate_fn, mesh=mesh, weights=weights, workdir=workdir)
 
 
-def read_config(workdir: str, step: int | None = None) -> tuple[int, ml_collections.ConfigDict]:
-  """(step, config) of the latest (or the given) checkpoint of `workdir`, without its weights:
-  what the inputs can be checked against before anything large is read."""
-  return checkpoints.find_config(workdir, step)
-
-
 def _abstract_weights(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh, step: int,
                       workdir: str) -> tuple[Any, Any]:
   try:
@@ -62,7 +56,7 @@ def load_pipeline(workdir: str, step: int | None = None, use_ema: bool = True) -
 
   `workdir` is a training workdir or a converted checkpoint (python -m pixeldance_jax.convert).
   """
-  step, config = read_config(workdir, step)
+  step, config = checkpoints.find_config(workdir, step)
   mesh = mesh_lib.make_mesh(config.mesh)
   abstract_params, abstract_frozen = _abstract_weights(config, mesh, step, workdir)
   params, frozen, weights = checkpoints.restore_weights(workdir, step, abstract_params,
